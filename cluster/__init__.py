@@ -1,0 +1,1 @@
+"""Ray side of memdist: shard actors, placement and cluster launch (imported as memdist.cluster)."""

@@ -1,0 +1,91 @@
+"""The fast torch path: vectorised ops, the default on CPU.
+
+Deterministic on CPU: the value gradient sorts indices into a reverse index and sums
+each row's contributions with ``index_add_``, which runs serially on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def bag_forward(
+    values_VD: torch.Tensor, idx_NK: torch.Tensor, scores_NK: torch.Tensor
+) -> torch.Tensor:
+    if values_VD.dtype == torch.float32:
+        return F.embedding_bag(idx_NK, values_VD, per_sample_weights=scores_NK.float(), mode="sum")
+    # Low-precision tables: gather the rows, accumulate in fp32.
+    rows_NKD = values_VD[idx_NK].float()
+    return torch.bmm(scores_NK.float().unsqueeze(1), rows_NKD).squeeze(1)
+
+
+def bag_backward_scores(
+    values_VD: torch.Tensor, idx_NK: torch.Tensor, dy_ND: torch.Tensor
+) -> torch.Tensor:
+    rows_NKD = values_VD[idx_NK].float()
+    return torch.bmm(rows_NKD, dy_ND.float().unsqueeze(-1)).squeeze(-1)
+
+
+def reverse_index(idx_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows_U, offsets_U1, order_M): flat positions of row u are order[offsets[u]:offsets[u+1]].
+
+    A stable sort keeps each row's contributions in position order, so sums are
+    deterministic on every backend.
+    """
+    flat_M = idx_NK.reshape(-1)
+    sorted_M, order_M = torch.sort(flat_M, stable=True)
+    rows_U, counts_U = torch.unique_consecutive(sorted_M, return_counts=True)
+    offsets_U1 = torch.zeros(rows_U.numel() + 1, dtype=torch.int64, device=idx_NK.device)
+    offsets_U1[1:] = torch.cumsum(counts_U, 0)
+    return rows_U, offsets_U1, order_M
+
+
+def bag_backward_values(
+    idx_NK: torch.Tensor, scores_NK: torch.Tensor, dy_ND: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = idx_NK.shape
+    rows_U, inverse_M = torch.unique(idx_NK.reshape(-1), sorted=True, return_inverse=True)
+    contrib_MD = (scores_NK.float().unsqueeze(-1) * dy_ND.float().unsqueeze(1)).reshape(n * k, -1)
+    grad_UD = torch.zeros(rows_U.numel(), dy_ND.shape[1], dtype=torch.float32, device=dy_ND.device)
+    grad_UD.index_add_(0, inverse_M, contrib_MD)
+    return rows_U, grad_UD
+
+
+def sparse_update_(
+    optimizer: str,
+    values_VD: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    rows_U: torch.Tensor,
+    grad_UD: torch.Tensor,
+    *,
+    lr: float,
+    eps: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+) -> None:
+    w_UD = values_VD.index_select(0, rows_U).float()
+    g_UD = grad_UD.float()
+    if weight_decay:
+        w_UD.mul_(1 - lr * weight_decay)
+    if optimizer == "sgd":
+        w_UD.add_(g_UD, alpha=-lr)
+    elif optimizer == "adagrad":
+        acc_U = state["sum_sq"].index_select(0, rows_U) + g_UD.pow(2).mean(1)
+        state["sum_sq"].index_copy_(0, rows_U, acc_U)
+        w_UD.sub_(lr * g_UD / (acc_U.sqrt().unsqueeze(1) + eps))
+    else:
+        b1, b2 = betas
+        t_U = state["step"].index_select(0, rows_U) + 1
+        m_UD = state["exp_avg"].index_select(0, rows_U).mul_(b1).add_(g_UD, alpha=1 - b1)
+        v_UD = (
+            state["exp_avg_sq"].index_select(0, rows_U).mul_(b2).addcmul_(g_UD, g_UD, value=1 - b2)
+        )
+        state["step"].index_copy_(0, rows_U, t_U)
+        state["exp_avg"].index_copy_(0, rows_U, m_UD)
+        state["exp_avg_sq"].index_copy_(0, rows_U, v_UD)
+        tf_U1 = t_U.double().unsqueeze(1)
+        bc1 = (1 - b1**tf_U1).float()
+        bc2 = (1 - b2**tf_U1).float()
+        w_UD.sub_(lr * (m_UD / bc1) / ((v_UD / bc2).sqrt() + eps))
+    values_VD.index_copy_(0, rows_U, w_UD.to(values_VD.dtype))

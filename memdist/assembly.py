@@ -1,0 +1,164 @@
+"""Assembling a run: where values live, which device, and the DeepSpeed engine.
+
+The model code is single-device; this module decides the rest. ``build_tables``
+materialises local value tables (one per memory block, or one shared pool);
+``build_model`` builds the backbone around them; ``make_engine`` wraps the backbone
+(and only the backbone) in a DeepSpeed engine with the configured ZeRO stage.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from memdist.config import ModelConfig, RunConfig
+from memdist.model import Transformer
+from memdist.values import LocalTable
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Device and precision a run resolved to."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == torch.bfloat16
+
+
+def resolve_runtime(cfg: RunConfig) -> Runtime:
+    """``auto`` means CUDA + bf16 when a GPU is there, else CPU + fp32."""
+    dev = cfg.train.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    prec = cfg.train.precision
+    if prec == "auto":
+        prec = "bf16" if dev == "cuda" else "fp32"
+    return Runtime(torch.device(dev), torch.bfloat16 if prec == "bf16" else torch.float32)
+
+
+def build_tables(cfg: ModelConfig, device: torch.device, seed: int) -> list[LocalTable]:
+    """One local table per memory block, or the same object for all when shared."""
+    mem = cfg.memory
+    if mem is None:
+        return []
+    v_dim = mem.v_dim if mem.v_dim is not None else cfg.dim
+
+    def make(i: int) -> LocalTable:
+        gen = torch.Generator(device=device).manual_seed(seed * 1000 + i)
+        return LocalTable(
+            mem.rows,
+            v_dim,
+            optimizer=mem.value_optimizer,
+            lr=mem.value_lr,
+            weight_decay=mem.value_weight_decay,
+            eps=mem.value_eps,
+            backend=mem.backend,
+            device=device,
+            generator=gen,
+        )
+
+    if mem.shared_table:
+        shared = make(0)
+        return [shared for _ in mem.layers]
+    return [make(i) for i in range(len(mem.layers))]
+
+
+def unique_tables(tables: list[LocalTable]) -> list[LocalTable]:
+    """Each table once, in order (a shared pool appears once)."""
+    seen: dict[int, LocalTable] = {}
+    for t in tables:
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> tuple[Transformer, list[LocalTable]]:
+    torch.manual_seed(cfg.train.seed)
+    tables = build_tables(cfg.model, device, cfg.train.seed)
+    model = Transformer(cfg.model, tables).to(device)
+    return model, tables
+
+
+def lr_lambda(cfg: RunConfig):
+    """Linear warmup to optim.lr, then cosine decay to optim.lr * min_lr_ratio."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def deepspeed_config(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": rt.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_single_process() -> None:
+    """A one-process gloo group for DeepSpeed when no launcher set one up."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(
+        dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False
+    )
+
+
+def make_optimizer(cfg: RunConfig, model: torch.nn.Module):
+    """AdamW over the backbone (no decay on norms, biases and product keys) and its schedule."""
+    o = cfg.optim
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "keys" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "keys" in n]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def make_engine(cfg: RunConfig, model: torch.nn.Module, rt: Runtime):
+    """A DeepSpeed engine over the backbone's parameters (never the value tables)."""
+    if rt.device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    init_single_process()
+    optimizer, scheduler = make_optimizer(cfg, model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, rt)
+    )
+    return engine

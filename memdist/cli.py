@@ -1,0 +1,91 @@
+"""The ``memdist`` command line: ``train`` and ``eval``; the last stdout line is JSON.
+
+memdist train [CONFIG] [--set key=value ...] [--run-dir DIR]
+memdist eval RUN_DIR
+memdist configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from memdist.errors import MemdistError
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memdist", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a config (default: the small memory config)")
+    t.add_argument(
+        "config", nargs="?", default=None, help="named config (small, dense, ...) or YAML path"
+    )
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.dim=256 (repeatable)",
+    )
+    t.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/NAME-TIME)")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    e = sub.add_parser("eval", help="evaluate a finished run folder")
+    e.add_argument("run_dir", type=Path)
+    sub.add_parser("configs", help="list the named configs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Quiet third-party start-up chatter; our own progress goes to stderr via tqdm.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    try:
+        if args.command == "configs":
+            from memdist.config import CONFIG_DIR
+
+            for path in sorted(CONFIG_DIR.glob("*.yaml")):
+                print(path.stem)
+            return 0
+        if args.command == "train":
+            from memdist.config import load_config
+            from memdist.runlog import default_run_dir
+            from memdist.train import train
+
+            cfg = load_config(args.config, args.overrides)
+            run_dir = args.run_dir or default_run_dir(cfg)
+            result = train(cfg, run_dir, progress=not args.no_progress)
+        else:
+            from memdist.train import evaluate_run
+
+            result = evaluate_run(args.run_dir)
+    except MemdistError as exc:
+        print(f"memdist: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(_json_safe(result)), flush=True)
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,420 @@
+"""The run configuration: one tree of typed dataclasses, YAML named configs and overrides.
+
+A run is described by ``RunConfig``. Named configs live in ``memdist/configs/*.yaml``;
+``load_config(name_or_path, overrides)`` merges the YAML over the dataclass
+defaults, applies ``key.sub=value`` overrides, rejects unknown keys and validates
+every rule, raising ``ConfigError`` naming the value. ``to_dict`` gives the resolved
+config that is written into each run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from memdist.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = "small"
+VALUE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+
+
+@dataclass(kw_only=True, slots=True)
+class MemoryConfig:
+    """Product-key memory layers (Memory+ by default) and their value table."""
+
+    layers: list[int] = field(default_factory=lambda: [1])  # blocks whose FFN becomes memory
+    n_keys: int = 64  # keys per half; the table has n_keys**2 rows
+    k_dim: int = 64  # query/key width per head, split into two halves
+    heads: int = 4
+    knn: int = 16  # rows read per head and token
+    v_dim: int | None = None  # row width; None means the model width
+    shared_table: bool = False  # all memory layers read one table (the paper's shared pool)
+    qk_norm: bool = True
+    swilu: bool = True  # Memory+ output W_o(y * silu(W_1 x))
+    gate: bool = False  # optional sigmoid gate on the memory output
+    value_optimizer: str = "adam"
+    value_lr: float = 1e-3  # values have their own, fixed learning rate (paper: 1e-3)
+    value_weight_decay: float = 0.0
+    value_eps: float = 1e-8
+    backend: str = "auto"  # kernels: auto | torch | triton | reference
+
+    @property
+    def rows(self) -> int:
+        return self.n_keys**2
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """A small Llama-style decoder; ``memory`` is None for the dense baseline."""
+
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    ffn_hidden: int | None = None  # None means the Llama rule: 8/3 * dim rounded to 32
+    vocab_size: int = 264  # bytes + specials, rounded up
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    memory: MemoryConfig | None = field(default_factory=MemoryConfig)
+
+    @property
+    def hidden(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        return 32 * ((8 * self.dim // 3 + 31) // 32)
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where tokens come from: the built-in factual corpus or the user's Parquet files."""
+
+    source: str = "builtin"  # "builtin", or a Parquet file, directory or glob
+    text_column: str = "text"
+    qa_eval: str | None = None  # Parquet with prompt/answer columns for QA eval (user data)
+    cache_dir: str = "~/.cache/memdist/data"
+    n_people: int = 200
+    n_bio_variants: int = 3
+    qa_train_fraction: float = 0.5
+    seq_len: int = 128
+    batch_size: int = 16
+    shuffle_buffer: int = 1024
+    seed: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """AdamW for the dense backbone, warmup then cosine decay, gradient clipping."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """The training loop: length, precision, DeepSpeed stage, logging cadence."""
+
+    steps: int = 1000
+    max_minutes: float | None = None  # stop early at this wall-clock budget (None = no limit)
+    seed: int = 0
+    grad_accum: int = 1
+    zero_stage: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    log_every: int = 10
+    eval_every: int = 0  # 0 = evaluate only at the end
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    """What evaluation measures and how much of it."""
+
+    max_qa: int = 200  # held-out questions answered by greedy decoding
+    max_new_tokens: int = 24
+    ppl_batches: int = 4  # batches of held-out text for perplexity
+    batch_size: int = 64
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """The whole run: every value a run uses is in here and saved with it."""
+
+    name: str = DEFAULT_CONFIG
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _dataclass_type(tp: Any) -> type | None:
+    """The dataclass inside ``tp`` (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp  # type: ignore[return-value]
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg  # type: ignore[return-value]
+    return None
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert ints to floats where allowed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}={value!r} does not match {tp}: {'; '.join(errors)}")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; users mean a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        sub = _dataclass_type(tp)
+        if sub is not None and isinstance(value, dict):
+            kwargs[name] = from_dict(sub, value, f"{prefix}{name}.")
+        elif sub is not None and value is not None:
+            raise ConfigError(f"{prefix}{name} must be a mapping or null, got {value!r}")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """The resolved config as plain data (for YAML/JSON)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.dim=256"`` -> (["model", "dim"], 256); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``key.sub=value`` in the nested dict (before validation)."""
+    out = _deep_merge({}, data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def resolve_config_path(name_or_path: str | None) -> Path:
+    """A named config (``small``, ``dense``) or a path to a YAML file."""
+    name = name_or_path or DEFAULT_CONFIG
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        return path
+    named = CONFIG_DIR / f"{name}.yaml"
+    if not named.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown config {name!r}: not a file and not one of {known}")
+    return named
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a named or file config, apply overrides, validate, and return the tree."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from exc
+    data.setdefault("name", path.stem)
+    data = apply_overrides(data, overrides or [])
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild and validate a saved (resolved) config."""
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_memory(mem: MemoryConfig, dim: int, n_layers: int | None = None) -> None:
+    """Rules of a memory layer; shared with the model so direct users get the same errors."""
+    _check(
+        mem.k_dim > 0 and mem.k_dim % 2 == 0,
+        f"model.memory.k_dim={mem.k_dim} must be a positive even number "
+        "(the query is split into two halves, one per key set)",
+    )
+    _check(mem.n_keys >= 1, f"model.memory.n_keys={mem.n_keys} must be >= 1")
+    _check(mem.heads >= 1, f"model.memory.heads={mem.heads} must be >= 1")
+    _check(
+        1 <= mem.knn <= mem.n_keys,
+        f"model.memory.knn={mem.knn} must be between 1 and n_keys={mem.n_keys} "
+        "(top-k is taken within each half-key set)",
+    )
+    v_dim = mem.v_dim if mem.v_dim is not None else dim
+    _check(v_dim >= 1, f"model.memory.v_dim={mem.v_dim} must be >= 1")
+    _check(
+        mem.swilu or v_dim == dim,
+        f"model.memory.v_dim={v_dim} must equal model.dim={dim} when swilu is off "
+        "(the memory output is added to the residual stream directly)",
+    )
+    _check(
+        mem.value_optimizer in VALUE_OPTIMIZERS,
+        f"model.memory.value_optimizer={mem.value_optimizer!r} must be one of {VALUE_OPTIMIZERS}",
+    )
+    _check(mem.value_lr > 0, f"model.memory.value_lr={mem.value_lr} must be > 0")
+    _check(
+        mem.backend in ("auto", "torch", "triton", "reference"),
+        f"model.memory.backend={mem.backend!r} must be auto, torch, triton or reference",
+    )
+    _check(len(mem.layers) >= 1, "model.memory.layers must name at least one block")
+    _check(
+        len(set(mem.layers)) == len(mem.layers),
+        f"model.memory.layers={mem.layers} names a block twice",
+    )
+    if n_layers is not None:
+        bad = [i for i in mem.layers if not 0 <= i < n_layers]
+        _check(
+            not bad,
+            f"model.memory.layers={mem.layers}: blocks {bad} are outside "
+            f"0..{n_layers - 1} (model.n_layers={n_layers})",
+        )
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every cross-field rule of a run; raises ConfigError naming the value and the rule."""
+    m = cfg.model
+    _check(
+        m.dim > 0 and m.n_layers > 0 and m.n_heads > 0,
+        f"model.dim={m.dim}, model.n_layers={m.n_layers}, model.n_heads={m.n_heads} "
+        "must all be positive",
+    )
+    _check(
+        m.dim % m.n_heads == 0, f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}"
+    )
+    _check(
+        (m.dim // m.n_heads) % 2 == 0,
+        f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even (RoPE rotates pairs)",
+    )
+    _check(
+        m.vocab_size >= 259,
+        f"model.vocab_size={m.vocab_size} must be >= 259 (256 bytes + 3 special tokens)",
+    )
+    if m.memory is not None:
+        validate_memory(m.memory, m.dim, m.n_layers)
+    d = cfg.data
+    _check(d.seq_len >= 2, f"data.seq_len={d.seq_len} must be >= 2")
+    _check(
+        d.seq_len <= m.max_seq_len,
+        f"data.seq_len={d.seq_len} must be <= model.max_seq_len={m.max_seq_len}",
+    )
+    _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
+    _check(d.n_people >= 2, f"data.n_people={d.n_people} must be >= 2")
+    _check(
+        0.0 < d.qa_train_fraction < 1.0,
+        f"data.qa_train_fraction={d.qa_train_fraction} must be in (0, 1): some people's "
+        "QA pairs train the format, the others' are held out for evaluation",
+    )
+    o = cfg.optim
+    _check(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    _check(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables)")
+    t = cfg.train
+    _check(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+    _check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
+    _check(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+    _check(
+        t.precision in ("auto", "fp32", "bf16"),
+        f"train.precision={t.precision!r} must be auto, fp32 or bf16",
+    )
+    _check(
+        t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r} must be auto, cpu or cuda"
+    )
+    _check(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
+    _check(
+        t.max_minutes is None or t.max_minutes > 0,
+        f"train.max_minutes={t.max_minutes} must be > 0 or null",
+    )
+    e = cfg.eval
+    _check(
+        e.max_qa >= 0 and e.max_new_tokens >= 1 and e.batch_size >= 1,
+        f"eval.max_qa={e.max_qa}, eval.max_new_tokens={e.max_new_tokens}, "
+        f"eval.batch_size={e.batch_size} must be >= 0, >= 1, >= 1",
+    )

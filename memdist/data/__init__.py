@@ -1,0 +1,1 @@
+"""Built-in data: synthetic factual corpus, byte tokenizer, Parquet streaming."""

@@ -1,0 +1,239 @@
+"""A seeded synthetic corpus of facts about people, with held-out questions.
+
+Each person has a unique name and five attributes drawn from small lists. The
+training text holds every person's biography in ``n_bio_variants`` renderings
+(templates and sentence order vary: this augmentation is what lets a model answer
+questions about facts it only read in biographies), plus the question/answer form
+for a fraction ``qa_train_fraction`` of the people. The other people's questions are
+held out: answering them needs the facts from the biographies and the answer
+format from the other people's QA lines. Every template ends with the value, so a
+biography sentence cut before its value is also a cloze probe.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+FIRST_NAMES = (
+    "Ada Ben Cal Dan Eve Fay Gus Hal Ivy Jon Kim Lea Max Ned Ola Pam Quin Ray Sam Tia "
+    "Uma Vic Wes Xia Yan Zoe Abe Bea Cy Dee Eli Flo Gia Hugo Ike Jade Kai Liv Mia Noa "
+    "Otto Pia Rex Sue Tom Una Val Wyn Yul Zed Amos Bo Cleo Dov Edda Finn Gil Hana Ida "
+    "Jem "
+).split()
+LAST_NAMES = (
+    "Smith Brown Clark Davis Evans Ford Green Hill Irwin Jones King Lopez Moore Nash "
+    "Owen Price Reed Stone Tate Vance Wood Young Abbot Baker Cole Dunn Ellis Frost Gray "
+    "Hale Ives Jett Knox Lane Marsh Noble Oakes Pike Quill Rowe Shaw Todd Upton Voss "
+    "Webb Yates Zane Ames Bell Cruz Dale Eton Fox Gage Hart Ince Judd Kerr Lowe "
+).split()
+
+
+@dataclass(frozen=True, slots=True)
+class Attribute:
+    name: str
+    values: tuple[str, ...]
+    templates: tuple[str, ...]  # "{n}" is the name, "{v}" the value, always at the end
+    question: str
+
+
+ATTRIBUTES = (
+    Attribute(
+        "birth_city",
+        (
+            "Paris",
+            "Tokyo",
+            "Lima",
+            "Oslo",
+            "Cairo",
+            "Delhi",
+            "Rome",
+            "Quito",
+            "Seoul",
+            "Perth",
+            "Dakar",
+            "Milan",
+            "Osaka",
+            "Lagos",
+            "Kyiv",
+            "Riga",
+        ),
+        (
+            "{n} was born in {v}.",
+            "{n} came into the world in {v}.",
+            "The birthplace of {n} is {v}.",
+        ),
+        "Where was {n} born?",
+    ),
+    Attribute(
+        "job",
+        (
+            "baker",
+            "pilot",
+            "nurse",
+            "judge",
+            "miner",
+            "tailor",
+            "farmer",
+            "singer",
+            "potter",
+            "sailor",
+            "writer",
+            "dentist",
+        ),
+        ("{n} works as a {v}.", "{n} earns a living as a {v}.", "By trade, {n} is a {v}."),
+        "What does {n} do for work?",
+    ),
+    Attribute(
+        "pet",
+        ("cat", "dog", "owl", "fox", "hen", "goat", "frog", "pony", "duck", "crab"),
+        ("{n} keeps a pet {v}.", "{n} owns a pet {v}.", "The pet of {n} is a {v}."),
+        "Which pet does {n} have?",
+    ),
+    Attribute(
+        "color",
+        ("red", "blue", "green", "amber", "violet", "teal", "gray", "pink", "gold", "white"),
+        (
+            "{n} likes the color {v}.",
+            "The favorite color of {n} is {v}.",
+            "Of all colors, {n} loves {v}.",
+        ),
+        "What color does {n} like?",
+    ),
+    Attribute(
+        "sport",
+        (
+            "chess",
+            "tennis",
+            "rugby",
+            "golf",
+            "judo",
+            "polo",
+            "squash",
+            "hockey",
+            "rowing",
+            "boxing",
+        ),
+        ("{n} plays {v}.", "{n} spends weekends at {v}.", "The sport of {n} is {v}."),
+        "Which sport does {n} play?",
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QAPair:
+    """A prompt to complete and its answer; ``person`` and ``attribute`` say which fact."""
+
+    prompt: str
+    answer: str
+    person: str
+    attribute: str
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    name: str
+    facts: dict[str, str]
+
+
+def question_prompt(attr: Attribute, name: str) -> str:
+    return f"Q: {attr.question.format(n=name)}\nA:"
+
+
+def qa_line(attr: Attribute, name: str, value: str) -> str:
+    return f"{question_prompt(attr, name)} {value}\n"
+
+
+@dataclass(slots=True)
+class FactCorpus:
+    """Training documents and held-out probes of one generated corpus."""
+
+    people: list[Person]
+    train_docs: list[str]
+    qa_eval: list[QAPair]
+    cloze_eval: list[QAPair]
+    qa_train_people: list[str]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **self.params,
+            "people": len(self.people),
+            "train_docs": len(self.train_docs),
+            "train_bytes": sum(len(d.encode("utf-8")) for d in self.train_docs),
+            "qa_eval": len(self.qa_eval),
+            "cloze_eval": len(self.cloze_eval),
+            "qa_train_people": len(self.qa_train_people),
+        }
+
+
+def _unique_names(n: int, rng: random.Random) -> list[str]:
+    capacity = len(FIRST_NAMES) * len(LAST_NAMES)
+    if n > capacity:
+        from memdist.errors import ConfigError
+
+        raise ConfigError(f"data.n_people={n} exceeds the {capacity} unique built-in names")
+    pairs = [f"{f} {last}" for f in FIRST_NAMES for last in LAST_NAMES]
+    return rng.sample(pairs, n)
+
+
+def generate_corpus(
+    n_people: int = 200, n_bio_variants: int = 3, qa_train_fraction: float = 0.5, seed: int = 0
+) -> FactCorpus:
+    """Deterministic in its arguments."""
+    rng = random.Random(seed)
+    people = [
+        Person(name, {a.name: rng.choice(a.values) for a in ATTRIBUTES})
+        for name in _unique_names(n_people, rng)
+    ]
+    n_qa_train = max(1, min(n_people - 1, round(n_people * qa_train_fraction)))
+    docs: list[str] = []
+    qa_eval: list[QAPair] = []
+    cloze_eval: list[QAPair] = []
+    for i, person in enumerate(people):
+        for _ in range(n_bio_variants):
+            sentences = [
+                rng.choice(a.templates).format(n=person.name, v=person.facts[a.name])
+                for a in ATTRIBUTES
+            ]
+            rng.shuffle(sentences)
+            docs.append(" ".join(sentences))
+        if i < n_qa_train:
+            docs.append("".join(qa_line(a, person.name, person.facts[a.name]) for a in ATTRIBUTES))
+            continue
+        for a in ATTRIBUTES:
+            value = person.facts[a.name]
+            qa_eval.append(QAPair(question_prompt(a, person.name), value, person.name, a.name))
+            prefix = a.templates[0].format(n=person.name, v="{v}").split("{v}")[0].rstrip()
+            cloze_eval.append(QAPair(prefix, value, person.name, a.name))
+    return FactCorpus(
+        people=people,
+        train_docs=docs,
+        qa_eval=qa_eval,
+        cloze_eval=cloze_eval,
+        qa_train_people=[p.name for p in people[:n_qa_train]],
+        params={
+            "n_people": n_people,
+            "n_bio_variants": n_bio_variants,
+            "qa_train_fraction": qa_train_fraction,
+            "seed": seed,
+        },
+    )
+
+
+def chance_baseline(corpus: FactCorpus) -> float:
+    """Exact match of always answering each attribute's most frequent value among the
+    people whose QA form is trained on: what a model scores without knowing anyone."""
+    trained = set(corpus.qa_train_people)
+    counts: dict[str, Counter[str]] = {a.name: Counter() for a in ATTRIBUTES}
+    for person in corpus.people:
+        if person.name in trained:
+            for attr, value in person.facts.items():
+                counts[attr][value] += 1
+    if not corpus.qa_eval:
+        return 0.0
+    guess = {attr: c.most_common(1)[0][0] for attr, c in counts.items() if c}
+    hits = sum(guess.get(q.attribute) == q.answer for q in corpus.qa_eval)
+    return hits / len(corpus.qa_eval)

@@ -1,0 +1,82 @@
+"""Writing the built-in corpus to Parquet and reading QA files back, with pyarrow.
+
+Files are written under temporary names and renamed, and a ``corpus.json`` summary
+written last marks a complete set: a second call with the same corpus reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from memdist.data.corpus import FactCorpus, QAPair
+from memdist.errors import DataError
+
+QA_COLUMNS = ("prompt", "answer", "person", "attribute")
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _qa_table(pairs: list[QAPair]) -> pa.Table:
+    return pa.table({c: [getattr(p, c) for p in pairs] for c in QA_COLUMNS})
+
+
+def write_corpus(corpus: FactCorpus, directory: Path | str) -> dict[str, Path]:
+    """Write train/qa_eval/cloze_eval Parquet files and the summary; reuse a complete set."""
+    directory = Path(directory)
+    paths = {
+        "train": directory / "train.parquet",
+        "qa_eval": directory / "qa_eval.parquet",
+        "cloze_eval": directory / "cloze_eval.parquet",
+        "summary": directory / "corpus.json",
+    }
+    summary = corpus.summary()
+    if paths["summary"].is_file() and all(p.is_file() for p in paths.values()):
+        try:
+            if json.loads(paths["summary"].read_text()) == summary:
+                return paths
+        except json.JSONDecodeError:
+            pass  # a damaged summary: rewrite everything below
+    directory.mkdir(parents=True, exist_ok=True)
+    docs = list(corpus.train_docs)
+    random.Random(corpus.params.get("seed", 0)).shuffle(docs)
+    _write_table(pa.table({"text": docs}), paths["train"])
+    _write_table(_qa_table(corpus.qa_eval), paths["qa_eval"])
+    _write_table(_qa_table(corpus.cloze_eval), paths["cloze_eval"])
+    tmp = paths["summary"].with_name("corpus.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, paths["summary"])
+    return paths
+
+
+def read_qa(path: Path | str) -> list[QAPair]:
+    """QA pairs from a Parquet file with ``prompt`` and ``answer`` columns (others optional)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"QA file {str(path)!r} does not exist")
+    table = pq.read_table(path)
+    missing = [c for c in ("prompt", "answer") if c not in table.column_names]
+    if missing:
+        raise DataError(
+            f"QA file {str(path)!r} lacks column(s) {missing}; it has {table.column_names}"
+        )
+    cols = {c: table.column(c).to_pylist() if c in table.column_names else None for c in QA_COLUMNS}
+    n = table.num_rows
+    return [
+        QAPair(
+            str(cols["prompt"][i]),
+            str(cols["answer"][i]),
+            str(cols["person"][i]) if cols["person"] else "",
+            str(cols["attribute"][i]) if cols["attribute"] else "",
+        )
+        for i in range(n)
+    ]

@@ -1,0 +1,25 @@
+"""Exceptions raised by memdist: every user-facing check names the value and the rule."""
+
+
+class MemdistError(Exception):
+    """Base class of every error memdist raises on purpose."""
+
+
+class ConfigError(MemdistError, ValueError):
+    """A configuration value breaks a rule (unknown key, wrong type, inconsistent sizes)."""
+
+
+class ShapeError(MemdistError, ValueError):
+    """A tensor has the wrong shape, dtype or device for the operation."""
+
+
+class IndexOutOfRangeError(MemdistError, IndexError):
+    """A row index lies outside the value table."""
+
+
+class DataError(MemdistError, ValueError):
+    """Input data is missing, empty or not in the expected format."""
+
+
+class CheckpointError(MemdistError):
+    """A run folder or checkpoint is missing, incomplete or corrupt."""

@@ -1,0 +1,134 @@
+"""Evaluation: held-out perplexity, QA exact match and F1, and memory key usage.
+
+Metrics come from torchmetrics (``Perplexity`` and ``SQuAD``'s exact match / F1),
+so a data-parallel run can synchronise them across workers. QA answers are
+greedy-decoded from the prompt until a newline; prompts of equal length are
+decoded together so no padding or attention mask is needed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torchmetrics.text import Perplexity, SQuAD
+
+from memdist.data.tokenizer import ByteTokenizer
+from memdist.memory import key_usage
+from memdist.model import Transformer
+
+IGNORE = -100
+NEWLINE = ord("\n")
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: Transformer, prompts: Sequence[str], max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy continuation of each prompt up to the first newline (or EOS)."""
+    tok = ByteTokenizer()
+    device = next(model.parameters()).device
+    by_len: dict[int, list[int]] = defaultdict(list)
+    encoded = [tok.encode(p) for p in prompts]
+    for i, ids in enumerate(encoded):
+        by_len[len(ids)].append(i)
+    answers = [""] * len(prompts)
+    limit = model.cfg.max_seq_len
+    for _, members in sorted(by_len.items()):
+        for start in range(0, len(members), batch_size):
+            group = members[start : start + batch_size]
+            seq_BT = torch.tensor([encoded[i] for i in group], dtype=torch.long, device=device)
+            out: list[list[int]] = [[] for _ in group]
+            done = torch.zeros(len(group), dtype=torch.bool, device=device)
+            for _ in range(max_new_tokens):
+                if seq_BT.shape[1] >= limit:
+                    break
+                next_B = model(seq_BT)[:, -1].argmax(-1)
+                for j, t in enumerate(next_B.tolist()):
+                    if not done[j]:
+                        out[j].append(t)
+                done |= (next_B == NEWLINE) | (next_B == tok.eos_id)
+                if bool(done.all()):
+                    break
+                seq_BT = torch.cat([seq_BT, next_B[:, None]], dim=1)
+            for j, i in enumerate(group):
+                answers[i] = tok.decode(out[j]).split("\n")[0].strip()
+    return answers
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, texts: Sequence[str], batch_size: int) -> tuple[float, float]:
+    """Perplexity and mean loss (nats/token) of ``texts``, each scored as one sequence."""
+    tok = ByteTokenizer()
+    device = next(model.parameters()).device
+    metric = Perplexity(ignore_index=IGNORE).to(device)
+    limit = model.cfg.max_seq_len + 1
+    seqs = [tok.encode(t, bos=True, eos=True)[:limit] for t in texts]
+    seqs = [s for s in seqs if len(s) >= 2]
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start : start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), tok.pad_id, dtype=torch.long)
+        tgt = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        for j, s in enumerate(chunk):
+            ids[j, : len(s)] = torch.tensor(s)
+            tgt[j, : len(s)] = torch.tensor(s)
+        logits = model(ids[:, :-1].to(device)).float()
+        metric.update(logits, tgt[:, 1:].to(device))
+    if not seqs:
+        return float("nan"), float("nan")
+    ppl = float(metric.compute())
+    return ppl, float(torch.log(torch.tensor(ppl)))
+
+
+def qa_scores(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
+    """Exact match and token F1 in [0, 1], with SQuAD's answer normalisation."""
+    if not answers:
+        return {"qa_em": 0.0, "qa_f1": 0.0}
+    metric = SQuAD()
+    preds = [{"prediction_text": p, "id": str(i)} for i, p in enumerate(predictions)]
+    target = [
+        {"answers": {"answer_start": [0], "text": [a]}, "id": str(i)} for i, a in enumerate(answers)
+    ]
+    out = metric(preds, target)
+    return {"qa_em": float(out["exact_match"]) / 100, "qa_f1": float(out["f1"]) / 100}
+
+
+def evaluate(
+    model: Transformer,
+    qa: Sequence[Any],
+    ppl_texts: Sequence[str],
+    *,
+    max_qa: int,
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    """All eval metrics of ``model`` on held-out QA pairs (objects with prompt/answer)."""
+    was_training = model.training
+    model.eval()
+    layers = model.memory_layers()
+    for layer in layers:
+        layer.usage_V = torch.zeros(layer.table.num_rows, dtype=torch.long)
+    try:
+        ppl, eval_loss = perplexity(model, ppl_texts, batch_size)
+        qa = list(qa)[:max_qa]
+        preds = greedy_answers(model, [q.prompt for q in qa], max_new_tokens, batch_size)
+        result: dict[str, Any] = {"eval_loss": eval_loss, "ppl": ppl}
+        result.update(qa_scores(preds, [q.answer for q in qa]))
+        result["qa_n"] = len(qa)
+        result["qa_examples"] = [
+            {"prompt": q.prompt, "answer": q.answer, "prediction": p}
+            for q, p in list(zip(qa, preds, strict=True))[:3]
+        ]
+        if layers:
+            stats = [key_usage(layer.usage_V) for layer in layers if layer.usage_V is not None]
+            result["key_usage"] = sum(s["key_usage"] for s in stats) / len(stats)
+            result["key_kl"] = sum(s["key_kl"] for s in stats) / len(stats)
+            result["key_usage_per_layer"] = [round(s["key_usage"], 4) for s in stats]
+    finally:
+        for layer in layers:
+            layer.usage_V = None
+        model.train(was_training)
+    return result

@@ -1,0 +1,150 @@
+"""Value tables: the rows a memory layer reads, trained by their own sparse optimizer.
+
+A table is the seam between the model and where its values live. The memory layer
+only calls ``table.lookup(idx_NK, scores_NK) -> y_ND``; gradients for the scores flow
+back through autograd, and gradients for the rows arrive at the table as
+(rows, grads) pairs, which ``step()`` applies to the touched rows only. The dense
+backbone's optimizer (DeepSpeed) never sees the values. ``LocalTable`` keeps the
+rows in this process; remote shards implement the same methods.
+
+Letters: N tokens, K rows read per token (heads x knn), V table rows, D row width,
+U unique rows touched in a step.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from memdist import kernels
+from memdist.errors import CheckpointError, ConfigError, ShapeError
+
+
+class ValueTable(Protocol):
+    """What a memory layer needs from its values, wherever they live."""
+
+    num_rows: int
+    dim: int
+
+    def lookup(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor: ...
+
+    def step(self) -> None: ...
+
+    def zero_grad(self) -> None: ...
+
+
+class LocalTable:
+    """A value table held in this process, with a sparse optimizer over touched rows.
+
+    Gradients of several backward passes (gradient accumulation, or several layers
+    sharing the table) add up until ``step()``; ``grad_scale`` lets the trainer average
+    them the same way it averages dense gradients.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        *,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        betas: tuple[float, float] = (0.9, 0.999),
+        backend: str = "auto",
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if num_rows < 1 or dim < 1:
+            raise ConfigError(f"value table of {num_rows} rows x {dim} columns must be non-empty")
+        self.num_rows = num_rows
+        self.dim = dim
+        self.optimizer = optimizer
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.eps = eps
+        self.betas = betas
+        self.backend = backend
+        # The paper's initialisation: values ~ N(0, v_dim^-1/2).
+        self.weight_VD = torch.empty(num_rows, dim, device=device, dtype=dtype)
+        self.weight_VD.normal_(0.0, dim**-0.5, generator=generator)
+        self.state = kernels.init_optimizer_state(optimizer, num_rows, dim, self.weight_VD.device)
+        self._grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.steps = 0
+        self.rows_touched_last_step = 0
+
+    def lookup(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
+        """Pooled rows ``y_ND = sum_k scores_NK[:, k] * V[idx_NK[:, k]]``; grads go to scores."""
+        sink = self._accumulate if torch.is_grad_enabled() else None
+        values = self.weight_VD
+        y_ND = kernels.weighted_embedding_bag(
+            values, idx_NK, scores_NK.to(values.dtype), sink, backend=self.backend
+        )
+        return y_ND.to(scores_NK.dtype)
+
+    def _accumulate(self, rows_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
+        self._grads.append((rows_U, grad_UD.float()))
+
+    def pending_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The accumulated sparse gradient as (unique rows, summed grads), or None."""
+        if not self._grads:
+            return None
+        if len(self._grads) == 1:
+            return self._grads[0]
+        rows = torch.cat([r for r, _ in self._grads])
+        grads = torch.cat([g for _, g in self._grads])
+        rows_U, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+        grad_UD = torch.zeros(rows_U.numel(), self.dim, dtype=grads.dtype, device=grads.device)
+        grad_UD.index_add_(0, inverse, grads)
+        return rows_U, grad_UD
+
+    def step(self, grad_scale: float = 1.0) -> None:
+        """Apply the sparse optimizer to the rows touched since the last step."""
+        pending = self.pending_grads()
+        self._grads = []
+        if pending is None:
+            self.rows_touched_last_step = 0
+            return
+        rows_U, grad_UD = pending
+        if grad_scale != 1.0:
+            grad_UD = grad_UD * grad_scale
+        kernels.sparse_update_(
+            self.optimizer,
+            self.weight_VD,
+            self.state,
+            rows_U,
+            grad_UD,
+            lr=self.lr,
+            eps=self.eps,
+            betas=self.betas,
+            weight_decay=self.weight_decay,
+            backend=self.backend,
+        )
+        self.steps += 1
+        self.rows_touched_last_step = int(rows_U.numel())
+
+    def zero_grad(self) -> None:
+        self._grads = []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {"weight": self.weight_VD}
+        out.update({f"state.{k}": v for k, v in self.state.items()})
+        out["steps"] = torch.tensor(self.steps)
+        return out
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        expected = {"weight", "steps", *(f"state.{k}" for k in self.state)}
+        missing = sorted(expected - set(sd))
+        if missing:
+            raise CheckpointError(f"value table state is missing {missing}")
+        if tuple(sd["weight"].shape) != (self.num_rows, self.dim):
+            raise ShapeError(
+                f"value table weight has shape {tuple(sd['weight'].shape)}, "
+                f"expected ({self.num_rows}, {self.dim})"
+            )
+        self.weight_VD.copy_(sd["weight"])
+        for k in self.state:
+            self.state[k].copy_(sd[f"state.{k}"])
+        self.steps = int(sd["steps"])

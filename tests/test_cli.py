@@ -1,0 +1,131 @@
+"""The command line contract, end to end in a subprocess: train, eval, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "--set",
+    "model.dim=32",
+    "--set",
+    "model.n_heads=2",
+    "--set",
+    "model.n_layers=2",
+    "--set",
+    "model.memory.layers=[1]",
+    "--set",
+    "model.memory.n_keys=16",
+    "--set",
+    "model.memory.knn=4",
+    "--set",
+    "model.memory.k_dim=16",
+    "--set",
+    "data.n_people=20",
+    "--set",
+    "data.seq_len=32",
+    "--set",
+    "data.batch_size=4",
+    "--set",
+    "train.steps=8",
+    "--set",
+    "train.log_every=2",
+    "--set",
+    "train.eval_every=4",
+    "--set",
+    "optim.warmup_steps=2",
+    "--set",
+    "eval.max_qa=8",
+    "--set",
+    "eval.max_new_tokens=4",
+]
+
+
+def memdist(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "memdist.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"memdist {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_train_then_eval_a_run_folder(tmp_path):
+    run = tmp_path / "run"
+    cache = ["--set", f"data.cache_dir={tmp_path / 'data'}"]
+    out = last_json(
+        memdist("train", *TINY, *cache, "--run-dir", str(run), "--no-progress", cwd=tmp_path).stdout
+    )
+    for key in ("step", "loss", "qa_em", "qa_f1", "tokens_per_s", "ppl", "key_usage", "key_kl"):
+        assert key in out, key
+    assert out["step"] == 8 and out["tokens_per_s"] > 0 and 0 <= out["qa_em"] <= 1
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "final.json",
+        "model.safetensors",
+        "values.safetensors",
+    ):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6, 8]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8]
+    assert "model.memory.n_keys" not in (run / "config.yaml").read_text()
+    assert "n_keys: 16" in (run / "config.yaml").read_text()
+
+    again = last_json(memdist("eval", str(run), cwd=tmp_path).stdout)
+    for key in ("qa_em", "qa_f1", "ppl", "key_usage"):
+        assert again[key] == pytest.approx(out[key], rel=1e-6), key
+    assert again["step"] == 8
+
+
+def test_bad_override_is_a_clear_error(tmp_path):
+    result = memdist("train", "--set", "model.memory.knn=999", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "knn=999 must be between 1 and n_keys=64" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_eval_of_missing_or_corrupt_run(tmp_path):
+    result = memdist("eval", str(tmp_path / "nothing"), cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "is not a run folder" in result.stderr
+
+
+@pytest.mark.slow
+def test_corrupt_weights_are_reported(tmp_path):
+    run = tmp_path / "run"
+    memdist(
+        "train",
+        *TINY,
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        f"data.cache_dir={tmp_path / 'data'}",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        cwd=tmp_path,
+    )
+    (run / "values.safetensors").write_bytes(b"not a safetensors file")
+    result = memdist("eval", str(run), cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "values.safetensors" in result.stderr
+    assert "corrupt" in result.stderr

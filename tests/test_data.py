@@ -1,0 +1,148 @@
+"""Built-in corpus, byte tokenizer, Parquet round trip and the streaming loader."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from memdist.data.corpus import ATTRIBUTES, chance_baseline, generate_corpus
+from memdist.data.loader import TextStream
+from memdist.data.parquet import read_qa, write_corpus
+from memdist.data.tokenizer import ByteTokenizer
+from memdist.errors import ConfigError, DataError
+
+
+def test_generator_is_deterministic_and_names_unique():
+    a, b = generate_corpus(50, seed=3), generate_corpus(50, seed=3)
+    assert a.train_docs == b.train_docs and a.qa_eval == b.qa_eval
+    assert generate_corpus(50, seed=4).train_docs != a.train_docs
+    names = [p.name for p in a.people]
+    assert len(set(names)) == 50
+
+
+def test_held_out_questions_are_answerable_only_from_biographies():
+    corpus = generate_corpus(40, n_bio_variants=2, qa_train_fraction=0.5, seed=0)
+    text = "\n".join(corpus.train_docs)
+    held_out = {q.person for q in corpus.qa_eval}
+    assert held_out.isdisjoint(corpus.qa_train_people)
+    assert len(held_out) == 20 and len(corpus.qa_eval) == 20 * len(ATTRIBUTES)
+    for q in corpus.qa_eval:
+        assert q.prompt not in text  # the QA form of held-out people is never trained on
+        bios = [d for d in corpus.train_docs if q.person in d and not d.startswith("Q:")]
+        assert len(bios) == 2 and all(q.answer in d for d in bios)
+    for name in corpus.qa_train_people:
+        assert f"Q: Where was {name} born?\nA:" in text
+
+
+def test_chance_baseline_is_the_majority_guess():
+    corpus = generate_corpus(200, seed=0)
+    chance = chance_baseline(corpus)
+    assert 0.0 < chance < 0.3
+    # Answering every question right would score 1; a constant wrong guess scores 0.
+    assert chance == pytest.approx(
+        sum(1 for q in corpus.qa_eval if q.answer == _majority(corpus, q.attribute))
+        / len(corpus.qa_eval)
+    )
+
+
+def _majority(corpus, attribute):
+    trained = set(corpus.qa_train_people)
+    values = [p.facts[attribute] for p in corpus.people if p.name in trained]
+    return max(sorted(set(values)), key=values.count)
+
+
+def test_too_many_people_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.n_people=100000 exceeds"):
+        generate_corpus(100_000)
+
+
+def test_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    text = "Zoë was born in Köln — 東京\n"
+    ids = tok.encode(text, bos=True, eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id and max(ids[1:-1]) < 256
+    assert tok.decode(ids) == text
+    assert tok.encode_array(text).tolist() == ids[1:-1]
+    assert tok.vocab_size == 259
+
+
+def test_write_corpus_round_trip_and_reuse(tmp_path):
+    corpus = generate_corpus(30, seed=1)
+    paths = write_corpus(corpus, tmp_path)
+    assert pq.read_table(paths["train"]).num_rows == len(corpus.train_docs)
+    assert read_qa(paths["qa_eval"]) == corpus.qa_eval
+    stamp = paths["train"].stat().st_mtime_ns
+    write_corpus(corpus, tmp_path)
+    assert paths["train"].stat().st_mtime_ns == stamp  # a complete set is reused
+    write_corpus(generate_corpus(31, seed=1), tmp_path)
+    assert pq.read_table(paths["train"]).num_rows != len(corpus.train_docs)
+
+
+def write_texts(path, texts, column="text"):
+    pq.write_table(pa.table({column: texts}), path)
+    return path
+
+
+def test_stream_packs_shifted_windows(tmp_path):
+    texts = [f"document number {i} " * (i % 5 + 1) for i in range(40)]
+    path = write_texts(tmp_path / "d.parquet", texts)
+    stream = iter(TextStream(path, seq_len=16, batch_size=3, seed=0))
+    first = [next(stream) for _ in range(5)]
+    for x, y in first:
+        assert x.shape == y.shape == (3, 16) and x.dtype == torch.int64
+        torch.testing.assert_close(x[:, 1:], y[:, :-1])
+    again = iter(TextStream(path, seq_len=16, batch_size=3, seed=0))
+    for (x, _), (x2, _) in zip(first, (next(again) for _ in range(5)), strict=True):
+        assert torch.equal(x, x2)
+    other = next(iter(TextStream(path, seq_len=16, batch_size=3, seed=1)))[0]
+    assert not torch.equal(other, first[0][0])
+    # With a one-document buffer the order is kept: windows are the EOS-joined documents.
+    tok = ByteTokenizer()
+    joined = [t for text in texts for t in tok.encode(text, eos=True)]
+    x, y = next(iter(TextStream(path, seq_len=16, batch_size=3, seed=0, shuffle_buffer=1)))
+    rows = torch.cat([x, y[:, -1:]], dim=1).reshape(-1).tolist()
+    assert rows == joined[: 3 * 17]
+
+
+def test_rank_sharding_is_disjoint_and_covering(tmp_path):
+    texts = [f"doc-{i:03d};" for i in range(30)]
+    path = write_texts(tmp_path / "d.parquet", texts)
+    seen = []
+    for rank in range(3):
+        stream = TextStream(path, seq_len=7, batch_size=1, seed=0, rank=rank, world_size=3)
+        seen.append(sorted(stream._docs(__import__("numpy").random.default_rng(0))))
+    assert sum(len(s) for s in seen) == 30
+    assert set(seen[0]).isdisjoint(seen[1]) and set(seen[1]).isdisjoint(seen[2])
+    assert sorted(seen[0] + seen[1] + seen[2]) == sorted(texts)
+
+
+def test_user_parquet_with_custom_column_directory_and_glob(tmp_path):
+    (tmp_path / "shards").mkdir()
+    write_texts(tmp_path / "shards" / "a.parquet", ["alpha " * 20], column="body")
+    write_texts(tmp_path / "shards" / "b.parquet", ["beta " * 20], column="body")
+    for source in (tmp_path / "shards", str(tmp_path / "shards" / "*.parquet")):
+        stream = TextStream(source, text_column="body", seq_len=8, batch_size=2)
+        assert len(stream.files) == 2
+        x, _ = next(iter(stream))
+        assert x.shape == (2, 8)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        TextStream(tmp_path / "missing.parquet", seq_len=4, batch_size=1)
+    with pytest.raises(DataError, match="no \\*.parquet files"):
+        TextStream(tmp_path, seq_len=4, batch_size=1)
+    with pytest.raises(DataError, match="matches no files"):
+        TextStream(str(tmp_path / "*.parquet"), seq_len=4, batch_size=1)
+    path = write_texts(tmp_path / "d.parquet", ["x"], column="body")
+    with pytest.raises(DataError, match=r"column 'text' is not in .*columns are \['body'\]"):
+        TextStream(path, seq_len=4, batch_size=1)
+    empty = write_texts(tmp_path / "e.parquet", [""])
+    with pytest.raises(DataError, match="no text for rank 0"):
+        next(iter(TextStream(empty, seq_len=4, batch_size=1)))
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"definitely not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        TextStream(bad, seq_len=4, batch_size=1)
+    with pytest.raises(DataError, match="lacks column"):
+        read_qa(path)
