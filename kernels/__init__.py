@@ -163,14 +163,14 @@ class WeightedEmbeddingBag(torch.autograd.Function):
     """Bag forward; backward returns the scores' gradient and hands the rows' to a sink."""
 
     @staticmethod
-    def forward(ctx, values_VD, idx_NK, scores_NK, grad_sink, backend):  # type: ignore[override]
+    def forward(ctx, values_VD, idx_NK, scores_NK, grad_sink, backend):
         ctx.save_for_backward(values_VD, idx_NK, scores_NK)
         ctx.grad_sink = grad_sink
         ctx.backend = backend
         return bag_forward(values_VD, idx_NK, scores_NK, backend=backend).to(scores_NK.dtype)
 
     @staticmethod
-    def backward(ctx, dy_ND):  # type: ignore[override]
+    def backward(ctx, dy_ND):
         values_VD, idx_NK, scores_NK = ctx.saved_tensors
         dy_ND = dy_ND.contiguous()
         dscores = None

@@ -95,7 +95,7 @@ class MemoryLayer(nn.Module):
         cfg = self.cfg
         n = x_ND.shape[0]
         q_NH2Q = self.query_proj(x_ND).view(n, cfg.heads, 2, cfg.k_dim // 2)
-        keys_H2CQ = self.keys
+        keys_H2CQ: torch.Tensor = self.keys
         if self.query_norm is not None:
             q_NH2Q = self.query_norm(q_NH2Q)
             keys_H2CQ = F.normalize(keys_H2CQ, dim=-1)

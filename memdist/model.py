@@ -11,6 +11,8 @@ Letters: B batch, T time, D width, H attention heads, S head width, V vocabulary
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,11 +81,11 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only LM; memory blocks read the given value tables."""
 
-    def __init__(self, cfg: ModelConfig, tables: list[ValueTable] | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, tables: Sequence[ValueTable] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         mem_layers = cfg.memory.layers if cfg.memory is not None else []
-        tables = tables or []
+        tables = list(tables or [])
         if len(tables) != len(mem_layers):
             raise ConfigError(
                 f"{len(tables)} value tables given for memory blocks {mem_layers}: "
@@ -115,11 +117,14 @@ class Transformer(nn.Module):
             elif isinstance(module, MemoryLayer):
                 module.reset_parameters(std)
         # Scaled init of the residual projections (GPT-2 style) keeps early steps stable.
-        for block in self.blocks:
+        for block in self.block_list():
             nn.init.normal_(block.attn.out.weight, std=std / (2 * self.cfg.n_layers) ** 0.5)
 
+    def block_list(self) -> list[Block]:
+        return [b for b in self.blocks if isinstance(b, Block)]
+
     def memory_layers(self) -> list[MemoryLayer]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, MemoryLayer)]
+        return [b.ffn for b in self.block_list() if isinstance(b.ffn, MemoryLayer)]
 
     def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, V) for the next token at each position."""
@@ -129,7 +134,7 @@ class Transformer(nn.Module):
                 f"sequence of {t} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}"
             )
         x = self.tok_emb(tokens_BT)
-        cos_TS, sin_TS = self.rope_cos[:t], self.rope_sin[:t]
+        cos_TS, sin_TS = self.rope_cos[:t], self.rope_sin[:t]  # type: ignore[index]
         for block in self.blocks:
             x = block(x, cos_TS, sin_TS)
         return self.lm_head(self.norm(x))

@@ -104,7 +104,7 @@ class TextStream:
             j = int(rng.integers(len(buffer)))
             buffer[j], doc = doc, buffer[j]
             yield doc
-        rng.shuffle(buffer)  # type: ignore[arg-type]
+        rng.shuffle(buffer)
         yield from buffer
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

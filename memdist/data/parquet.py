@@ -69,14 +69,9 @@ def read_qa(path: Path | str) -> list[QAPair]:
         raise DataError(
             f"QA file {str(path)!r} lacks column(s) {missing}; it has {table.column_names}"
         )
-    cols = {c: table.column(c).to_pylist() if c in table.column_names else None for c in QA_COLUMNS}
-    n = table.num_rows
-    return [
-        QAPair(
-            str(cols["prompt"][i]),
-            str(cols["answer"][i]),
-            str(cols["person"][i]) if cols["person"] else "",
-            str(cols["attribute"][i]) if cols["attribute"] else "",
-        )
-        for i in range(n)
-    ]
+    blank = [""] * table.num_rows
+    cols = {
+        c: [str(v) for v in table.column(c).to_pylist()] if c in table.column_names else blank
+        for c in QA_COLUMNS
+    }
+    return [QAPair(*row) for row in zip(*(cols[c] for c in QA_COLUMNS), strict=True)]
