@@ -8,6 +8,7 @@ gradient-accumulation boundary, so both see the same (averaged) gradients.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +75,11 @@ def train(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict[str, 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum
     deadline = t_start + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
     batches = iter(stream)
+    # In a log file (no terminal) redraw rarely, so the log stays readable.
     bar = tqdm(
-        total=cfg.train.steps, desc=cfg.name, unit="step", disable=not progress, dynamic_ncols=True
-    )
+        total=cfg.train.steps, desc=cfg.name, unit="step", disable=not progress,
+        dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )  # fmt: skip
     window: list[StepStats] = []
     step, tokens, last_loss = 0, 0, float("nan")
     train_seconds = 0.0
