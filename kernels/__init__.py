@@ -24,9 +24,9 @@ from collections.abc import Callable
 from types import ModuleType
 
 import torch
-from memdist.kernels import reference, torch_ops
 
 from memdist.errors import ConfigError, IndexOutOfRangeError, ShapeError
+from memdist.kernels import reference, torch_ops
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 OPTIMIZERS = ("sgd", "adagrad", "adam")

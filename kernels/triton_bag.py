@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from memdist.kernels.torch_ops import reverse_index
 
 OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "adam": 2}

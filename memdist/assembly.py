@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,11 @@ def resolve_runtime(cfg: RunConfig) -> Runtime:
     return Runtime(torch.device(dev), torch.bfloat16 if prec == "bf16" else torch.float32)
 
 
+def table_seed(run_seed: int, table: int) -> int:
+    """The init seed of the ``table``-th value table of a run."""
+    return run_seed * 1000 + table
+
+
 def build_tables(cfg: ModelConfig, device: torch.device, seed: int) -> list[LocalTable]:
     """One local table per memory block, or the same object for all when shared."""
     mem = cfg.memory
@@ -52,18 +58,11 @@ def build_tables(cfg: ModelConfig, device: torch.device, seed: int) -> list[Loca
     v_dim = mem.v_dim if mem.v_dim is not None else cfg.dim
 
     def make(i: int) -> LocalTable:
-        gen = torch.Generator(device=device).manual_seed(seed * 1000 + i)
         return LocalTable(
-            mem.rows,
-            v_dim,
-            optimizer=mem.value_optimizer,
-            lr=mem.value_lr,
-            weight_decay=mem.value_weight_decay,
-            eps=mem.value_eps,
-            backend=mem.backend,
-            device=device,
-            generator=gen,
-        )
+            mem.rows, v_dim, optimizer=mem.value_optimizer, lr=mem.value_lr,
+            weight_decay=mem.value_weight_decay, eps=mem.value_eps, backend=mem.backend,
+            device=device, seed=table_seed(seed, i),
+        )  # fmt: skip
 
     if mem.shared_table:
         shared = make(0)
@@ -71,19 +70,24 @@ def build_tables(cfg: ModelConfig, device: torch.device, seed: int) -> list[Loca
     return [make(i) for i in range(len(mem.layers))]
 
 
-def unique_tables(tables: list[LocalTable]) -> list[LocalTable]:
+def unique_tables(tables: list[Any]) -> list[Any]:
     """Each table once, in order (a shared pool appears once)."""
-    seen: dict[int, LocalTable] = {}
+    seen: dict[int, Any] = {}
     for t in tables:
         seen.setdefault(id(t), t)
     return list(seen.values())
 
 
-def build_model(cfg: RunConfig, device: torch.device) -> tuple[Transformer, list[LocalTable]]:
+def build_model(
+    cfg: RunConfig, device: torch.device, tables: Sequence[Any] | None = None
+) -> tuple[Transformer, list[Any]]:
+    """The backbone around ``tables`` (default: fresh local tables on ``device``)."""
     torch.manual_seed(cfg.train.seed)
-    tables = build_tables(cfg.model, device, cfg.train.seed)
-    model = Transformer(cfg.model, tables).to(device)
-    return model, tables
+    built: list[Any] = (
+        list(tables) if tables is not None else build_tables(cfg.model, device, cfg.train.seed)
+    )
+    model = Transformer(cfg.model, built).to(device)
+    return model, built
 
 
 def lr_lambda(cfg: RunConfig):

@@ -130,6 +130,20 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class ShardsConfig:
+    """Where value tables live: in the training process (count 0) or in shard servers."""
+
+    count: int = 0  # shard servers per table; 0 keeps a local table in the worker
+    plan: str = "auto"  # row | column | auto (fewest bytes moved per step)
+    transport: str = "ray"  # ray (actors, object store) | inprocess (servers in this process)
+    timeout_s: float = 60.0  # a shard that does not answer within this fails the step
+    budget_mb: float | None = None  # per-shard memory for values + optimizer state
+    cpus_per_shard: float = 0.0  # Ray resources each shard actor reserves
+    gpus_per_shard: float = 0.0
+    threads_per_shard: int = 1
+
+
+@dataclass(kw_only=True, slots=True)
 class RunConfig:
     """The whole run: every value a run uses is in here and saved with it."""
 
@@ -139,6 +153,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
 
 
 def _dataclass_type(tp: Any) -> type | None:
@@ -411,6 +426,20 @@ def validate(cfg: RunConfig) -> None:
     _check(
         t.max_minutes is None or t.max_minutes > 0,
         f"train.max_minutes={t.max_minutes} must be > 0 or null",
+    )
+    sh = cfg.shards
+    _check(sh.count >= 0, f"shards.count={sh.count} must be >= 0 (0 keeps a local table)")
+    _check(
+        sh.plan in ("row", "column", "auto"), f"shards.plan={sh.plan!r} must be row, column or auto"
+    )
+    _check(
+        sh.transport in ("ray", "inprocess"),
+        f"shards.transport={sh.transport!r} must be ray or inprocess",
+    )
+    _check(sh.timeout_s > 0, f"shards.timeout_s={sh.timeout_s} must be > 0")
+    _check(
+        sh.count == 0 or m.memory is not None,
+        f"shards.count={sh.count} needs a memory model (model.memory is null)",
     )
     e = cfg.eval
     _check(

@@ -23,3 +23,7 @@ class DataError(MemdistError, ValueError):
 
 class CheckpointError(MemdistError):
     """A run folder or checkpoint is missing, incomplete or corrupt."""
+
+
+class ShardError(MemdistError):
+    """A memory shard died, failed or did not answer in time."""

@@ -46,14 +46,34 @@ def run_eval(model, evals: EvalSets, cfg: RunConfig) -> dict[str, Any]:
 
 
 def train(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` and return the final metrics (also written to ``run_dir``)."""
+    """Train ``cfg`` and return the final metrics (also written to ``run_dir``).
+
+    With ``shards.count`` > 0 the value tables live in shard servers, started here
+    and stopped when training ends (or fails).
+    """
+    group = None
+    remote = None
+    if cfg.shards.count > 0:
+        from memdist.shards import start_remote_tables
+
+        remote, group = start_remote_tables(cfg)
+        for plan in group.plans:
+            tqdm.write(plan.describe())
+    try:
+        return _train(cfg, run_dir, remote, progress)
+    finally:
+        if group is not None:
+            group.stop()
+
+
+def _train(cfg: RunConfig, run_dir: Path, remote, progress: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     rt = resolve_runtime(cfg)
     log = RunLog(run_dir, cfg)
     stream, evals = prepare_data(cfg)
-    model, tables = build_model(cfg, rt.device)
+    model, tables = build_model(cfg, rt.device, remote)
     tables = unique_tables(tables)
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
     n_dense = sum(p.numel() for p in model.parameters())
@@ -67,6 +87,8 @@ def train(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict[str, 
         "value_params": n_values,
         "flops_per_token": flops["forward"],
         "train_flops_per_token": flops["train"],
+        "shards": cfg.shards.count,
+        "plans": [t.plan.kind for t in tables if hasattr(t, "plan")],
     }
     log.log(header)
     tqdm.write(json.dumps({k: v for k, v in header.items() if k != "kind"}))

@@ -20,6 +20,38 @@ import torch
 from memdist import kernels
 from memdist.errors import CheckpointError, ConfigError, ShapeError
 
+INIT_BLOCK_ROWS = 4096
+
+
+def init_values(
+    row_start: int,
+    row_stop: int,
+    dim: int,
+    seed: int,
+    *,
+    col_start: int = 0,
+    col_stop: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Rows ``[row_start, row_stop)`` (columns ``[col_start, col_stop)``) of a table whose
+    values are N(0, dim^-1/2), the paper's initialisation.
+
+    Values are drawn in blocks of ``INIT_BLOCK_ROWS`` rows, each from its own seed, so
+    any region of a table is the same whether it is built whole in one process or
+    piece by piece on shards that never hold the rest.
+    """
+    col_stop = dim if col_stop is None else col_stop
+    out = torch.empty(row_stop - row_start, col_stop - col_start, dtype=dtype, device=device)
+    first, last = row_start // INIT_BLOCK_ROWS, (row_stop - 1) // INIT_BLOCK_ROWS
+    for block in range(first, last + 1):
+        b0 = block * INIT_BLOCK_ROWS
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        rows = torch.empty(INIT_BLOCK_ROWS, dim).normal_(0.0, dim**-0.5, generator=gen)
+        lo, hi = max(b0, row_start), min(b0 + INIT_BLOCK_ROWS, row_stop)
+        out[lo - row_start : hi - row_start] = rows[lo - b0 : hi - b0, col_start:col_stop]
+    return out
+
 
 class ValueTable(Protocol):
     """What a memory layer needs from its values, wherever they live."""
@@ -34,18 +66,18 @@ class ValueTable(Protocol):
     def zero_grad(self) -> None: ...
 
 
-class LocalTable:
-    """A value table held in this process, with a sparse optimizer over touched rows.
+class SparseRows:
+    """Rows with a sparse optimizer: gradients for touched rows add up until ``step()``.
 
     Gradients of several backward passes (gradient accumulation, or several layers
-    sharing the table) add up until ``step()``; ``grad_scale`` lets the trainer average
-    them the same way it averages dense gradients.
+    sharing the table) add up; ``grad_scale`` lets the trainer average them the same
+    way it averages dense gradients. Used whole by ``LocalTable`` and per region by
+    shard servers, so both apply exactly the same update.
     """
 
     def __init__(
         self,
-        num_rows: int,
-        dim: int,
+        weight_VD: torch.Tensor,
         *,
         optimizer: str = "adam",
         lr: float = 1e-3,
@@ -53,38 +85,23 @@ class LocalTable:
         eps: float = 1e-8,
         betas: tuple[float, float] = (0.9, 0.999),
         backend: str = "auto",
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        generator: torch.Generator | None = None,
     ) -> None:
-        if num_rows < 1 or dim < 1:
-            raise ConfigError(f"value table of {num_rows} rows x {dim} columns must be non-empty")
-        self.num_rows = num_rows
-        self.dim = dim
+        self.weight_VD = weight_VD
+        self.num_rows, self.dim = weight_VD.shape
         self.optimizer = optimizer
         self.lr = lr
         self.weight_decay = weight_decay
         self.eps = eps
         self.betas = betas
         self.backend = backend
-        # The paper's initialisation: values ~ N(0, v_dim^-1/2).
-        self.weight_VD = torch.empty(num_rows, dim, device=device, dtype=dtype)
-        self.weight_VD.normal_(0.0, dim**-0.5, generator=generator)
-        self.state = kernels.init_optimizer_state(optimizer, num_rows, dim, self.weight_VD.device)
+        self.state = kernels.init_optimizer_state(
+            optimizer, self.num_rows, self.dim, weight_VD.device
+        )
         self._grads: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.steps = 0
         self.rows_touched_last_step = 0
 
-    def lookup(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
-        """Pooled rows ``y_ND = sum_k scores_NK[:, k] * V[idx_NK[:, k]]``; grads go to scores."""
-        sink = self._accumulate if torch.is_grad_enabled() else None
-        values = self.weight_VD
-        y_ND = kernels.weighted_embedding_bag(
-            values, idx_NK, scores_NK.to(values.dtype), sink, backend=self.backend
-        )
-        return y_ND.to(scores_NK.dtype)
-
-    def _accumulate(self, rows_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
+    def accumulate(self, rows_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
         self._grads.append((rows_U, grad_UD.float()))
 
     def pending_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -100,13 +117,13 @@ class LocalTable:
         grad_UD.index_add_(0, inverse, grads)
         return rows_U, grad_UD
 
-    def step(self, grad_scale: float = 1.0) -> None:
+    def step(self, grad_scale: float = 1.0) -> int:
         """Apply the sparse optimizer to the rows touched since the last step."""
         pending = self.pending_grads()
         self._grads = []
         if pending is None:
             self.rows_touched_last_step = 0
-            return
+            return 0
         rows_U, grad_UD = pending
         if grad_scale != 1.0:
             grad_UD = grad_UD * grad_scale
@@ -124,6 +141,7 @@ class LocalTable:
         )
         self.steps += 1
         self.rows_touched_last_step = int(rows_U.numel())
+        return self.rows_touched_last_step
 
     def zero_grad(self) -> None:
         self._grads = []
@@ -148,3 +166,39 @@ class LocalTable:
         for k in self.state:
             self.state[k].copy_(sd[f"state.{k}"])
         self.steps = int(sd["steps"])
+
+
+class LocalTable(SparseRows):
+    """A value table held whole in this process."""
+
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        *,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        betas: tuple[float, float] = (0.9, 0.999),
+        backend: str = "auto",
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+    ) -> None:
+        if num_rows < 1 or dim < 1:
+            raise ConfigError(f"value table of {num_rows} rows x {dim} columns must be non-empty")
+        super().__init__(
+            init_values(0, num_rows, dim, seed, dtype=dtype, device=device),
+            optimizer=optimizer, lr=lr, weight_decay=weight_decay, eps=eps, betas=betas,
+            backend=backend,
+        )  # fmt: skip
+
+    def lookup(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
+        """Pooled rows ``y_ND = sum_k scores_NK[:, k] * V[idx_NK[:, k]]``; grads go to scores."""
+        sink = self.accumulate if torch.is_grad_enabled() else None
+        values = self.weight_VD
+        y_ND = kernels.weighted_embedding_bag(
+            values, idx_NK, scores_NK.to(values.dtype), sink, backend=self.backend
+        )
+        return y_ND.to(scores_NK.dtype)

@@ -7,10 +7,10 @@ cases check the fast torch path. Inputs are kept small so the interpreter is qui
 import pytest
 import torch
 import torch.nn.functional as F
-from memdist.kernels import reference
 
 from memdist import kernels
 from memdist.errors import ConfigError, IndexOutOfRangeError, ShapeError
+from memdist.kernels import reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]

@@ -29,7 +29,7 @@ def make_layer(cfg: MemoryConfig, seed: int = 0, table=None) -> MemoryLayer:
             v_dim,
             optimizer=cfg.value_optimizer,
             lr=cfg.value_lr,
-            generator=torch.Generator().manual_seed(seed),
+            seed=seed,
         )
     return MemoryLayer(DIM, cfg, table)
 
@@ -106,9 +106,7 @@ def test_sgd_step_equals_dense_sgd_and_leaves_untouched_rows():
 
 def test_shared_table_accumulates_both_layers_gradients():
     cfg = small_cfg()
-    table = LocalTable(
-        cfg.rows, DIM, optimizer="sgd", lr=1.0, generator=torch.Generator().manual_seed(3)
-    )
+    table = LocalTable(cfg.rows, DIM, optimizer="sgd", lr=1.0, seed=3)
     a, b = make_layer(cfg, seed=1, table=table), make_layer(cfg, seed=2, table=table)
     assert a.table is b.table
     values = table.weight_VD.clone().requires_grad_(True)
@@ -137,7 +135,7 @@ def test_no_grad_lookup_accumulates_nothing():
 
 def test_paper_initialisation():
     cfg = small_cfg(n_keys=32, k_dim=64)
-    table = LocalTable(cfg.rows, 256, generator=torch.Generator().manual_seed(0))
+    table = LocalTable(cfg.rows, 256, seed=0)
     layer = MemoryLayer(256, cfg, table)
     bound = 64**-0.5
     assert layer.keys.abs().max() <= bound and layer.keys.abs().max() > 0.9 * bound
@@ -184,3 +182,14 @@ def test_usage_counts_every_read():
     with torch.no_grad():
         layer(torch.randn(3, 7, DIM))
     assert int(layer.usage_V.sum()) == 3 * 7 * 2 * 4  # tokens x heads x knn
+
+
+def test_any_region_of_a_table_initialises_identically():
+    from memdist.values import INIT_BLOCK_ROWS, init_values
+
+    rows, dim = 3 * INIT_BLOCK_ROWS + 17, 24
+    whole = init_values(0, rows, dim, seed=5)
+    for r0, r1, c0, c1 in [(0, 10, 0, 24), (4000, 9000, 3, 11), (rows - 5, rows, 20, 24)]:
+        part = init_values(r0, r1, dim, seed=5, col_start=c0, col_stop=c1)
+        assert torch.equal(part, whole[r0:r1, c0:c1])
+    assert not torch.equal(init_values(0, 10, dim, seed=6), whole[:10])

@@ -1,0 +1,63 @@
+"""Shard servers as Ray actors, placed by resources.
+
+``start_shards`` starts one actor per region of a plan. A shard asks for a GPU when
+``gpus_per_shard`` > 0 (and keeps its rows there), and for the cluster's
+``memdist_shard`` custom resource when the cluster defines one; otherwise it packs
+onto whatever node has room. ``stop_shards`` kills them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from memdist.cluster.plan import ShardingPlan
+from memdist.cluster.shard import ShardServer
+
+SHARD_RESOURCE = "memdist_shard"
+
+
+@ray.remote
+class ShardActor(ShardServer):
+    """A ShardServer in its own process; torch uses ``threads`` intra-op threads there."""
+
+    def __init__(self, *args: Any, threads: int = 1, **kwargs: Any) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        super().__init__(*args, **kwargs)
+
+
+def shard_options(gpus_per_shard: float, cpus_per_shard: float) -> dict[str, Any]:
+    opts: dict[str, Any] = {"num_cpus": cpus_per_shard, "num_gpus": gpus_per_shard}
+    if ray.cluster_resources().get(SHARD_RESOURCE, 0) > 0:
+        opts["resources"] = {SHARD_RESOURCE: 1}
+    return opts
+
+
+def start_shards(
+    plan: ShardingPlan,
+    *,
+    seed: int,
+    gpus_per_shard: float = 0.0,
+    cpus_per_shard: float = 0.0,
+    threads: int = 1,
+    **server_kwargs: Any,
+) -> list[Any]:
+    """One ShardActor per region; returns the handles once every shard answered a ping."""
+    opts = shard_options(gpus_per_shard, cpus_per_shard)
+    device = "cuda" if gpus_per_shard > 0 else "cpu"
+    actors = [
+        ShardActor.options(**opts).remote(
+            region, plan.kind, plan.dim, seed=seed, device=device, threads=threads, **server_kwargs
+        )
+        for region in plan.regions
+    ]
+    ray.get([a.ping.remote() for a in actors])
+    return actors
+
+
+def stop_shards(actors: list[Any]) -> None:
+    for actor in actors:
+        ray.kill(actor)

@@ -1,0 +1,142 @@
+"""A shard server: one region of a value table, its optimizer state, and the lookups on it.
+
+Plain Python over torch, so it runs in-process (tests, one machine) or inside a Ray
+actor (``memdist.cluster.actors``). Requests carry global int64 indices; the shard
+keeps nothing between a lookup and its backward (the client sends the indices and
+scores again), so a lost reply never leaves half a step behind.
+
+- ``lookup(idx_NK, scores_NK) -> y`` pooled partial output, fp32: for a row-wise
+  region the weighted sum of its own rows (other rows weigh zero), shape (N, D); for
+  a column-wise region its slice of every row, shape (N, cols).
+- ``backward(idx_NK, scores_NK, dy) -> dscores_NK`` partial (summed over shards by the
+  client); the region's row gradients are accumulated for ``step``.
+- ``step(grad_scale)`` applies the sparse optimizer to the touched rows.
+
+Letters: N tokens, K rows per token, D row width, M entries that fall in the region.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+
+from memdist import kernels
+from memdist.cluster.plan import ShardRegion
+from memdist.values import SparseRows, init_values
+
+
+class ShardServer:
+    def __init__(
+        self,
+        region: ShardRegion,
+        kind: str,
+        dim: int,
+        *,
+        seed: int,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        betas: tuple[float, float] = (0.9, 0.999),
+        backend: str = "auto",
+        device: str = "cpu",
+    ) -> None:
+        self.region = region
+        self.kind = kind
+        self.device = torch.device(device)
+        values = init_values(
+            region.row_start, region.row_stop, dim, seed,
+            col_start=region.col_start, col_stop=region.col_stop, device=self.device,
+        )  # fmt: skip
+        self.rows = SparseRows(
+            values, optimizer=optimizer, lr=lr, weight_decay=weight_decay, eps=eps, betas=betas,
+            backend=backend,
+        )  # fmt: skip
+        self.backend = backend
+        self.counters: Counter[str] = Counter()
+
+    def _local(self, idx_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Region-local indices, and for a row-wise region the mask of entries it owns."""
+        if self.kind == "column":
+            return idx_NK, None
+        r0, r1 = self.region.row_start, self.region.row_stop
+        mask_NK = (idx_NK >= r0) & (idx_NK < r1)
+        return torch.where(mask_NK, idx_NK - r0, 0), mask_NK
+
+    def _count_io(self, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self.counters["bytes_in"] += sum(t.numel() * t.element_size() for t in inputs)
+        self.counters["bytes_out"] += output.numel() * output.element_size()
+
+    def lookup(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        idx_NK, scores_NK = idx_NK.to(self.device), scores_NK.to(self.device)
+        local_NK, mask_NK = self._local(idx_NK)
+        weights_NK = scores_NK.float() if mask_NK is None else scores_NK.float() * mask_NK
+        y = kernels.bag_forward(self.rows.weight_VD, local_NK, weights_NK, backend=self.backend)
+        self.counters["lookups"] += 1
+        self.counters["kernel_ns"] += int((time.perf_counter() - t0) * 1e9)
+        self._count_io((idx_NK, scores_NK), y)
+        return y.cpu()
+
+    def backward(
+        self, idx_NK: torch.Tensor, scores_NK: torch.Tensor, dy: torch.Tensor
+    ) -> torch.Tensor:
+        t0 = time.perf_counter()
+        idx_NK, scores_NK = idx_NK.to(self.device), scores_NK.to(self.device).float()
+        dy = dy.to(self.device).float()
+        local_NK, mask_NK = self._local(idx_NK)
+        w = self.rows.weight_VD
+        dscores_NK = kernels.bag_backward_scores(w, local_NK, dy, backend=self.backend)
+        if mask_NK is None:
+            rows_U, grad_UD = kernels.bag_backward_values(
+                local_NK, scores_NK, dy, backend=self.backend
+            )
+        else:
+            dscores_NK = dscores_NK * mask_NK
+            # Only the entries this shard owns become row gradients, in flat position
+            # order (the same order as a local table's reverse index), as bags of one.
+            n_M, k_M = mask_NK.nonzero(as_tuple=True)
+            rows_U, grad_UD = kernels.bag_backward_values(
+                local_NK[n_M, k_M].view(-1, 1), scores_NK[n_M, k_M].view(-1, 1), dy[n_M],
+                backend=self.backend,
+            )  # fmt: skip
+        self.rows.accumulate(rows_U, grad_UD)
+        self.counters["backwards"] += 1
+        self.counters["kernel_ns"] += int((time.perf_counter() - t0) * 1e9)
+        self._count_io((idx_NK, scores_NK, dy), dscores_NK)
+        return dscores_NK.cpu()
+
+    def step(self, grad_scale: float = 1.0) -> int:
+        t0 = time.perf_counter()
+        touched = self.rows.step(grad_scale)
+        self.counters["steps"] += 1
+        self.counters["rows_touched"] += touched
+        self.counters["kernel_ns"] += int((time.perf_counter() - t0) * 1e9)
+        return touched
+
+    def zero_grad(self) -> None:
+        self.rows.zero_grad()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This region's rows and optimizer state, on the CPU."""
+        return {k: v.detach().cpu().clone() for k, v in self.rows.state_dict().items()}
+
+    def values(self) -> torch.Tensor:
+        """This region's rows (a copy, on the CPU)."""
+        return self.rows.weight_VD.detach().cpu().clone()
+
+    def stats(self) -> dict[str, Any]:
+        r = self.region
+        return {
+            "shard": r.shard,
+            "region": [r.row_start, r.row_stop, r.col_start, r.col_stop],
+            "device": str(self.device),
+            "cache_hits": 0,  # the whole region is resident in memory
+            **dict(self.counters),
+        }
+
+    def ping(self) -> int:
+        return self.region.shard

@@ -1,0 +1,111 @@
+"""A value table whose rows live in shard servers, behind the same seam as a local table.
+
+``RemoteTable.lookup`` sends the indices and scores to every shard at once and
+combines the replies: row-wise shards return partial sums (added up here),
+column-wise shards return column slices (concatenated). Backward sends the output
+gradient (whole, or each shard's slice) and sums the partial score gradients; the
+row gradients stay on the shards until ``step()``. DeepSpeed never sees the values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from memdist.cluster.plan import ShardingPlan
+from memdist.transport import Transport
+
+
+class _RemoteBag(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores_NK, idx_NK, table):
+        ctx.save_for_backward(scores_NK, idx_NK)
+        ctx.table = table
+        return table._forward(idx_NK, scores_NK.detach().float()).to(scores_NK.dtype)
+
+    @staticmethod
+    def backward(ctx, dy_ND):
+        scores_NK, idx_NK = ctx.saved_tensors
+        dscores = ctx.table._backward(idx_NK, scores_NK.detach().float(), dy_ND.float())
+        return dscores.to(scores_NK.dtype), None, None
+
+
+class RemoteTable:
+    """Value rows held by the shards of ``plan``, reached through ``transport``."""
+
+    def __init__(self, plan: ShardingPlan, transport: Transport) -> None:
+        self.plan = plan
+        self.transport = transport
+        self.num_rows = plan.num_rows
+        self.dim = plan.dim
+        self.rows_touched_last_step = 0
+
+    def _call_all(self, method: str, args_per_shard: list[tuple[Any, ...]]) -> list[Any]:
+        handles = [self.transport.submit(s, method, *args) for s, args in enumerate(args_per_shard)]
+        return self.transport.wait(handles, method)
+
+    def _forward(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
+        idx_NK = idx_NK.detach().cpu()
+        scores_NK = scores_NK.cpu()
+        parts = self._call_all("lookup", [(idx_NK, scores_NK)] * self.plan.shards)
+        if self.plan.kind == "column":
+            return torch.cat(parts, dim=1)
+        y = parts[0]
+        for part in parts[1:]:
+            y = y + part
+        return y
+
+    def _backward(
+        self, idx_NK: torch.Tensor, scores_NK: torch.Tensor, dy_ND: torch.Tensor
+    ) -> torch.Tensor:
+        idx_NK, scores_NK, dy_ND = idx_NK.cpu(), scores_NK.cpu(), dy_ND.cpu()
+        if self.plan.kind == "column":
+            args = [
+                (idx_NK, scores_NK, dy_ND[:, r.col_start : r.col_stop].contiguous())
+                for r in self.plan.regions
+            ]
+        else:
+            args = [(idx_NK, scores_NK, dy_ND)] * self.plan.shards
+        parts = self._call_all("backward", args)
+        dscores = parts[0]
+        for part in parts[1:]:
+            dscores = dscores + part
+        return dscores
+
+    def lookup(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
+        device = scores_NK.device
+        if not torch.is_grad_enabled():
+            return self._forward(idx_NK, scores_NK.float()).to(device, scores_NK.dtype)
+        return _RemoteBag.apply(scores_NK, idx_NK, self).to(device)
+
+    def step(self, grad_scale: float = 1.0) -> int:
+        touched = self._call_all("step", [(grad_scale,)] * self.plan.shards)
+        self.rows_touched_last_step = sum(touched)
+        return self.rows_touched_last_step
+
+    def zero_grad(self) -> None:
+        self._call_all("zero_grad", [()] * self.plan.shards)
+
+    def values(self) -> torch.Tensor:
+        """The whole table gathered from the shards (for tests and small tables only)."""
+        parts = self._call_all("values", [()] * self.plan.shards)
+        return torch.cat(parts, dim=1 if self.plan.kind == "column" else 0)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Rows and optimizer state of the whole table, as a local table would have them."""
+        parts = self._call_all("state_dict", [()] * self.plan.shards)
+        out = {"steps": parts[0]["steps"]}
+        for key in parts[0]:
+            if key == "steps":
+                continue
+            per_row = parts[0][key].ndim == 1  # per-row state (Adam step, Adagrad sum)
+            if self.plan.kind == "column" and per_row:
+                out[key] = parts[0][key]  # every column shard holds the same per-row state
+            else:
+                dim = 1 if self.plan.kind == "column" else 0
+                out[key] = torch.cat([p[key] for p in parts], dim=dim)
+        return out
+
+    def stats(self) -> list[dict[str, Any]]:
+        return self._call_all("stats", [()] * self.plan.shards)

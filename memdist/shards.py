@@ -1,0 +1,92 @@
+"""Building a run's value tables in shard servers: plan, start, connect, stop.
+
+``start_remote_tables(cfg)`` returns one ``RemoteTable`` per table of the model
+(the same object for layers sharing a table) and a ``ShardGroup`` to stop them. The
+plan of each table is printed. With the Ray transport a local Ray instance is
+started when none is running.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from memdist.assembly import table_seed
+from memdist.cluster.plan import ShardingPlan, choose_plan
+from memdist.cluster.shard import ShardServer
+from memdist.config import RunConfig
+from memdist.remote import RemoteTable
+from memdist.transport import InProcessTransport, RayTransport
+
+
+@dataclass
+class ShardGroup:
+    plans: list[ShardingPlan] = field(default_factory=list)
+    actors: list[Any] = field(default_factory=list)
+
+    def stop(self) -> None:
+        if self.actors:
+            from memdist.cluster.actors import stop_shards
+
+            stop_shards(self.actors)
+            self.actors = []
+
+
+def ensure_ray(address: str | None = None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)  # fmt: skip
+
+
+def start_remote_tables(cfg: RunConfig) -> tuple[list[RemoteTable], ShardGroup]:
+    mem, sh = cfg.model.memory, cfg.shards
+    assert mem is not None and sh.count > 0
+    v_dim = mem.v_dim if mem.v_dim is not None else cfg.model.dim
+    n_tables = 1 if mem.shared_table else len(mem.layers)
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    budget = int(sh.budget_mb * 2**20) if sh.budget_mb is not None else None
+    state = {"sgd": 0.0, "adagrad": 1.0 / v_dim, "adam": 2.0}[mem.value_optimizer]
+    server_kwargs = dict(
+        optimizer=mem.value_optimizer, lr=mem.value_lr, weight_decay=mem.value_weight_decay,
+        eps=mem.value_eps, backend=mem.backend,
+    )  # fmt: skip
+    if sh.plan == "column" and mem.value_optimizer == "adagrad":
+        from memdist.errors import ConfigError
+
+        raise ConfigError(
+            "shards.plan='column' with model.memory.value_optimizer='adagrad' is not supported: "
+            "row-wise Adagrad needs each row's whole gradient, which column shards split; "
+            "use shards.plan=row or another value optimizer"
+        )
+    group = ShardGroup()
+    tables = []
+    for i in range(n_tables):
+        plan = choose_plan(
+            sh.plan, mem.rows, v_dim, sh.count, tokens=tokens, bag=mem.heads * mem.knn,
+            budget_bytes=budget, state_floats_per_value=state,
+        )  # fmt: skip
+        group.plans.append(plan)
+        seed = table_seed(cfg.train.seed, i)
+        transport: InProcessTransport | RayTransport
+        if sh.transport == "inprocess":
+            servers = [
+                ShardServer(r, plan.kind, plan.dim, seed=seed, **server_kwargs)
+                for r in plan.regions
+            ]
+            transport = InProcessTransport(servers)
+        else:
+            ensure_ray()
+            from memdist.cluster.actors import start_shards
+
+            actors = start_shards(
+                plan, seed=seed, gpus_per_shard=sh.gpus_per_shard, cpus_per_shard=sh.cpus_per_shard,
+                threads=sh.threads_per_shard, **server_kwargs,
+            )  # fmt: skip
+            group.actors += actors
+            transport = RayTransport(actors, timeout_s=sh.timeout_s)
+        tables.append(RemoteTable(plan, transport))
+    if mem.shared_table:
+        return [tables[0] for _ in mem.layers], group
+    return tables, group

@@ -1,0 +1,186 @@
+"""Value tables in shard servers against a local table, over both transports.
+
+The in-process transport calls shard servers directly; the Ray transport runs them
+as actors on a real local Ray instance. Every plan, shard count and transport must
+give the same lookups, gradients, updates and training losses as a local table.
+"""
+
+import time
+
+import pytest
+import ray
+import torch
+
+from memdist.assembly import build_model, make_engine, resolve_runtime, unique_tables
+from memdist.cluster.actors import ShardActor, start_shards, stop_shards
+from memdist.cluster.plan import make_plan
+from memdist.cluster.shard import ShardServer
+from memdist.config import load_config
+from memdist.errors import ConfigError, ShardError
+from memdist.remote import RemoteTable
+from memdist.shards import start_remote_tables
+from memdist.step import train_step
+from memdist.transport import InProcessTransport, RayTransport
+from memdist.values import LocalTable
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def remote_table(kind, shards, transport, rows, dim, seed, **kw):
+    plan = make_plan(kind, rows, dim, shards)
+    if transport == "inprocess":
+        servers = [ShardServer(r, kind, dim, seed=seed, **kw) for r in plan.regions]
+        return RemoteTable(plan, InProcessTransport(servers)), []
+    actors = start_shards(plan, seed=seed, **kw)
+    return RemoteTable(plan, RayTransport(actors, timeout_s=60)), actors
+
+
+@pytest.mark.parametrize("transport", ["inprocess", "ray"])
+@pytest.mark.parametrize("kind", ["row", "column"])
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_remote_table_matches_local(ray_local, transport, kind, shards):
+    rows, dim, seed = 300, 20, 7
+    local = LocalTable(rows, dim, optimizer="adam", lr=0.05, seed=seed)
+    remote, actors = remote_table(
+        kind, shards, transport, rows, dim, seed, optimizer="adam", lr=0.05
+    )
+    try:
+        assert torch.equal(remote.values(), local.weight_VD)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            idx = torch.randint(0, rows, (12, 8), generator=g)
+            idx[0] = 5  # repeated rows within a bag and across bags
+            s_local = torch.rand(12, 8, generator=g).requires_grad_(True)
+            s_remote = s_local.detach().clone().requires_grad_(True)
+            dy = torch.randn(12, dim, generator=g)
+            y_local, y_remote = local.lookup(idx, s_local), remote.lookup(idx, s_remote)
+            torch.testing.assert_close(y_remote, y_local, rtol=1e-6, atol=1e-6)
+            y_local.backward(dy)
+            y_remote.backward(dy)
+            torch.testing.assert_close(s_remote.grad, s_local.grad, rtol=1e-6, atol=1e-6)
+            remote.step()
+            local.step()
+            assert remote.rows_touched_last_step == local.rows_touched_last_step * (
+                shards if kind == "column" else 1
+            )
+        torch.testing.assert_close(remote.values(), local.weight_VD, rtol=1e-6, atol=1e-6)
+        state = remote.state_dict()
+        for key, value in local.state_dict().items():
+            torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7)
+        stats = remote.stats()
+        assert [s["shard"] for s in stats] == list(range(shards))
+        assert all(s["lookups"] == 3 and s["bytes_in"] > 0 and s["rows_touched"] > 0 for s in stats)
+    finally:
+        stop_shards(actors)
+
+
+def tiny(*extra):
+    return load_config("small", [
+        "model.dim=32", "model.n_heads=2", "model.n_layers=2", "model.memory.layers=[1]",
+        "model.memory.n_keys=16", "model.memory.knn=4", "model.memory.k_dim=16",
+        "model.memory.value_lr=0.01", "data.batch_size=4", "data.seq_len=16",
+        "optim.warmup_steps=2", "train.steps=20", *extra,
+    ])  # fmt: skip
+
+
+def batches(cfg, n):
+    g = torch.Generator().manual_seed(1)
+    patterns = torch.randint(0, 256, (8, cfg.data.seq_len + 1), generator=g)
+    data = patterns[torch.randint(0, 8, (n, cfg.data.batch_size), generator=g)]
+    return [(d[:, :-1], d[:, 1:]) for d in data]
+
+
+def run(cfg, steps=20):
+    remote, group = (None, None)
+    if cfg.shards.count:
+        remote, group = start_remote_tables(cfg)
+    try:
+        model, tables = build_model(cfg, torch.device("cpu"), remote)
+        tables = unique_tables(tables)
+        engine = make_engine(cfg, model, resolve_runtime(cfg))
+        ga = cfg.train.grad_accum
+        data = batches(cfg, steps * ga)
+        cpu = torch.device("cpu")
+        losses = [
+            train_step(engine, tables, data[s * ga : (s + 1) * ga], cpu) for s in range(steps)
+        ]
+        values = [t.state_dict()["weight"] for t in tables]
+        return losses, values
+    finally:
+        if group is not None:
+            group.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["inprocess", "ray"])
+@pytest.mark.parametrize("kind", ["row", "column"])
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_training_matches_local_table(ray_local, transport, kind, shards):
+    ref_losses, ref_values = run(tiny())
+    losses, values = run(tiny(f"shards.count={shards}", f"shards.plan={kind}",
+                              f"shards.transport={transport}"))  # fmt: skip
+    assert ref_losses[-1] < ref_losses[0]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    for a, b in zip(values, ref_values, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["model.memory.layers=[0, 1]", "model.memory.shared_table=true"],
+        ["train.grad_accum=2"],
+        ["model.memory.value_optimizer=adagrad"],
+    ],
+    ids=["shared-table", "grad-accum", "adagrad"],
+)
+def test_training_matches_local_table_variants(ray_local, extra):
+    ref_losses, ref_values = run(tiny(*extra), steps=8)
+    losses, values = run(tiny(*extra, "shards.count=2", "shards.plan=row"), steps=8)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    for a, b in zip(values, ref_values, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_column_plan_with_adagrad_is_refused():
+    with pytest.raises(ConfigError, match="shards.plan='column' with .*adagrad"):
+        start_remote_tables(tiny("shards.count=2", "shards.plan=column",
+                                 "model.memory.value_optimizer=adagrad"))  # fmt: skip
+
+
+def test_dead_shard_is_named(ray_local):
+    remote, actors = remote_table("row", 2, "ray", 100, 8, 0)
+    idx, scores = torch.randint(0, 100, (4, 3)), torch.rand(4, 3)
+    remote.lookup(idx, scores)
+    ray.kill(actors[1])
+    t0 = time.time()
+    with pytest.raises(ShardError, match="memory shard 1 died during lookup"):
+        remote.lookup(idx, scores)
+    assert time.time() - t0 < 30
+    stop_shards(actors[:1])
+
+
+@ray.remote
+class StuckShard(ShardServer):
+    """A real shard whose lookups never return in time."""
+
+    def lookup(self, idx_NK, scores_NK):
+        time.sleep(60)
+
+
+def test_silent_shard_times_out_and_is_named(ray_local):
+    plan = make_plan("row", 100, 8, 2)
+    actors = [ShardActor.remote(plan.regions[0], "row", 8, seed=0),
+              StuckShard.remote(plan.regions[1], "row", 8, seed=0)]  # fmt: skip
+    remote = RemoteTable(plan, RayTransport(actors, timeout_s=2))
+    t0 = time.time()
+    with pytest.raises(ShardError, match="memory shard 1 did not answer lookup within 2 s"):
+        remote.lookup(torch.randint(0, 100, (4, 3)), torch.rand(4, 3))
+    assert time.time() - t0 < 10
+    stop_shards(actors)
