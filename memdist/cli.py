@@ -43,6 +43,25 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set model.dim=256 (repeatable)",
     )
+    t.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        metavar="M",
+        help="shard servers per value table (0: a local table in the worker)",
+    )
+    t.add_argument(
+        "--plan",
+        choices=["row", "column", "auto"],
+        default=None,
+        help="sharding plan (auto: the one moving fewer bytes)",
+    )
+    t.add_argument(
+        "--transport",
+        choices=["ray", "inprocess"],
+        default=None,
+        help="how requests reach the shards",
+    )
     t.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/NAME-TIME)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e = sub.add_parser("eval", help="evaluate a finished run folder")
@@ -67,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             from memdist.runlog import default_run_dir
             from memdist.train import train
 
-            cfg = load_config(args.config, args.overrides)
+            flags = {
+                "shards.count": args.shards,
+                "shards.plan": args.plan,
+                "shards.transport": args.transport,
+            }
+            overrides = args.overrides + [f"{k}={v}" for k, v in flags.items() if v is not None]
+            cfg = load_config(args.config, overrides)
             run_dir = args.run_dir or default_run_dir(cfg)
             result = train(cfg, run_dir, progress=not args.no_progress)
         else:

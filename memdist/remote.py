@@ -81,7 +81,8 @@ class RemoteTable:
 
     def step(self, grad_scale: float = 1.0) -> int:
         touched = self._call_all("step", [(grad_scale,)] * self.plan.shards)
-        self.rows_touched_last_step = sum(touched)
+        # Column shards each touch every row read; row shards touch disjoint rows.
+        self.rows_touched_last_step = touched[0] if self.plan.kind == "column" else sum(touched)
         return self.rows_touched_last_step
 
     def zero_grad(self) -> None:

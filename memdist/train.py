@@ -58,7 +58,7 @@ def train(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict[str, 
 
         remote, group = start_remote_tables(cfg)
         for plan in group.plans:
-            tqdm.write(plan.describe())
+            tqdm.write(plan.describe(), file=sys.stderr)
     try:
         return _train(cfg, run_dir, remote, progress)
     finally:
@@ -91,7 +91,7 @@ def _train(cfg: RunConfig, run_dir: Path, remote, progress: bool) -> dict[str, A
         "plans": [t.plan.kind for t in tables if hasattr(t, "plan")],
     }
     log.log(header)
-    tqdm.write(json.dumps({k: v for k, v in header.items() if k != "kind"}))
+    tqdm.write(json.dumps({k: v for k, v in header.items() if k != "kind"}), file=sys.stderr)
     engine = make_engine(cfg, model, rt)
 
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum
@@ -136,10 +136,14 @@ def _train(cfg: RunConfig, run_dir: Path, remote, progress: bool) -> dict[str, A
                 **run_eval(engine.module, evals, cfg),
             }
             log.log(rec)
-            tqdm.write(json.dumps({k: rec[k] for k in ("step", "eval_loss", "qa_em", "qa_f1")}))
+            tqdm.write(
+                json.dumps({k: rec[k] for k in ("step", "eval_loss", "qa_em", "qa_f1")}),
+                file=sys.stderr,
+            )
         if deadline is not None and time.perf_counter() > deadline:
             tqdm.write(
-                f"stopping at step {step}: train.max_minutes={cfg.train.max_minutes} reached"
+                f"stopping at step {step}: train.max_minutes={cfg.train.max_minutes} reached",
+                file=sys.stderr,
             )
             break
     bar.close()

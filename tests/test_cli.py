@@ -10,6 +10,8 @@ import pytest
 
 TINY = [
     "--set",
+    "shards.count=0",
+    "--set",
     "model.dim=32",
     "--set",
     "model.n_heads=2",
@@ -129,3 +131,24 @@ def test_corrupt_weights_are_reported(tmp_path):
     result = memdist("eval", str(run), cwd=tmp_path, check=False)
     assert result.returncode == 2 and "values.safetensors" in result.stderr
     assert "corrupt" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["inprocess", "ray"])
+def test_train_with_shards(tmp_path, transport):
+    run = tmp_path / "run"
+    result = memdist(
+        "train", *TINY, "--set", "train.eval_every=0", "--set", f"data.cache_dir={tmp_path / 'd'}",
+        "--shards", "2", "--plan", "row", "--transport", transport, "--run-dir", str(run),
+        "--no-progress", cwd=tmp_path,
+    )  # fmt: skip
+    out = last_json(result.stdout)
+    assert out["step"] == 8 and out["tokens_per_s"] > 0
+    assert "row-wise plan of 256 x 32 over 2 shards" in result.stderr
+    start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["shards"] == 2 and start["plans"] == ["row"]
+    # The run folder's weights were gathered from the shards and evaluate locally.
+    again = last_json(memdist("eval", str(run), cwd=tmp_path).stdout)
+    assert again["qa_em"] == pytest.approx(out["qa_em"]) and again["ppl"] == pytest.approx(
+        out["ppl"]
+    )

@@ -25,6 +25,7 @@ def tiny_cfg(*extra):
     return load_config(
         "small",
         [
+            "shards.count=0",
             "model.dim=32",
             "model.n_heads=2",
             "model.n_layers=2",

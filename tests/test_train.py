@@ -12,7 +12,7 @@ from memdist.errors import DataError
 from memdist.train import train
 
 TINY = [
-    "model.dim=32", "model.n_heads=2", "model.n_layers=2", "model.memory.layers=[1]",
+    "shards.count=0", "model.dim=32", "model.n_heads=2", "model.n_layers=2", "model.memory.layers=[1]",
     "model.memory.n_keys=16", "model.memory.knn=4", "model.memory.k_dim=16",
     "data.n_people=20", "data.seq_len=32", "data.batch_size=4", "train.steps=6",
     "train.log_every=1", "optim.warmup_steps=2", "eval.max_qa=5", "eval.max_new_tokens=3",
