@@ -43,15 +43,27 @@ def start_shards(
     gpus_per_shard: float = 0.0,
     cpus_per_shard: float = 0.0,
     threads: int = 1,
+    per_shard: list[dict[str, Any]] | None = None,
     **server_kwargs: Any,
 ) -> list[Any]:
-    """One ShardActor per region; returns the handles once every shard answered a ping."""
+    """One ShardActor per region; returns the handles once every shard answered a ping.
+
+    ``per_shard[s]`` adds keyword arguments for shard s only (its store path, cache size).
+    """
     opts = shard_options(gpus_per_shard, cpus_per_shard)
     device = "cuda" if gpus_per_shard > 0 else "cpu"
+    extra = per_shard or [{} for _ in plan.regions]
     actors = [
         ShardActor.options(**opts).remote(
-            region, plan.kind, plan.dim, seed=seed, device=device, threads=threads, **server_kwargs
-        )
+            region,
+            plan.kind,
+            plan.dim,
+            seed=seed,
+            device=device,
+            threads=threads,
+            **server_kwargs,
+            **extra[region.shard],
+        )  # fmt: skip
         for region in plan.regions
     ]
     ray.get([a.ping.remote() for a in actors])

@@ -111,6 +111,15 @@ def region_bytes(rows: int, cols: int, state_floats_per_value: float) -> int:
     return int(rows * cols * 4 * (1 + state_floats_per_value))
 
 
+def cache_rows_for(
+    region: ShardRegion, budget_bytes: int | None, state_floats: float
+) -> int | None:
+    """Rows a shard keeps in memory: None (all of them) when its region fits the budget."""
+    if budget_bytes is None or region_bytes(region.rows, region.cols, state_floats) <= budget_bytes:
+        return None
+    return budget_bytes // region_bytes(1, region.cols, state_floats)
+
+
 def choose_plan(
     kind: str,
     num_rows: int,
@@ -130,10 +139,14 @@ def choose_plan(
         candidates = ["row"]
     plans = [make_plan(k, num_rows, dim, shards) for k in candidates]
     if budget_bytes is not None:
-        need = max(region_bytes(r.rows, r.cols, state_floats_per_value) for r in plans[0].regions)
-        if need > budget_bytes:
-            raise ConfigError(
-                f"a shard's region needs {need} bytes (values + optimizer state) but the per-shard "
-                f"memory budget is {budget_bytes} bytes: use more shards or a larger budget"
-            )
+        # A region over budget is kept in zarr behind a row cache; the cache must at
+        # least hold one request's rows.
+        for p in plans:
+            row_bytes = region_bytes(1, p.regions[0].cols, state_floats_per_value)
+            if budget_bytes < row_bytes * min(tokens * bag, p.regions[0].rows):
+                raise ConfigError(
+                    f"per-shard memory budget of {budget_bytes} bytes holds "
+                    f"{budget_bytes // row_bytes} rows, fewer than the {tokens * bag} rows one "
+                    f"step may read ({p.kind}-wise): raise shards.budget_mb or use more shards"
+                )
     return min(plans, key=lambda p: step_traffic_bytes(p.kind, shards, tokens, bag, dim))

@@ -25,6 +25,9 @@ import torch
 
 from memdist import kernels
 from memdist.cluster.plan import ShardRegion
+from memdist.errors import ConfigError
+from memdist.storage.row_cache import CachedRows, state_spec
+from memdist.storage.zarr_region import ZarrRegion
 from memdist.values import SparseRows, init_values
 
 
@@ -43,28 +46,47 @@ class ShardServer:
         betas: tuple[float, float] = (0.9, 0.999),
         backend: str = "auto",
         device: str = "cpu",
+        store_path: str | None = None,
+        cache_rows: int | None = None,
     ) -> None:
+        """With ``cache_rows`` smaller than the region, rows live in a zarr group at
+        ``store_path`` and only ``cache_rows`` of them are held in memory."""
         self.region = region
         self.kind = kind
         self.device = torch.device(device)
-        values = init_values(
-            region.row_start, region.row_stop, dim, seed,
-            col_start=region.col_start, col_stop=region.col_stop, device=self.device,
-        )  # fmt: skip
-        self.rows = SparseRows(
-            values, optimizer=optimizer, lr=lr, weight_decay=weight_decay, eps=eps, betas=betas,
-            backend=backend,
-        )  # fmt: skip
+        opt = dict(optimizer=optimizer, lr=lr, weight_decay=weight_decay, eps=eps, betas=betas,
+                   backend=backend)  # fmt: skip
+        self.rows: SparseRows | CachedRows
+        if cache_rows is not None and cache_rows < region.rows:
+            if store_path is None:
+                raise ConfigError(
+                    f"shard {region.shard}: a row cache of {cache_rows} < {region.rows} rows "
+                    "needs a store_path for the zarr arrays"
+                )
+            store = ZarrRegion(
+                store_path, region.rows, region.cols, state_spec(optimizer, region.cols),
+                init_rows=lambda r0, r1: init_values(
+                    region.row_start + r0, region.row_start + r1, dim, seed,
+                    col_start=region.col_start, col_stop=region.col_stop,
+                ).numpy(),
+            )  # fmt: skip
+            self.rows = CachedRows(store, cache_rows, device=self.device, **opt)
+        else:
+            values = init_values(
+                region.row_start, region.row_stop, dim, seed,
+                col_start=region.col_start, col_stop=region.col_stop, device=self.device,
+            )  # fmt: skip
+            self.rows = SparseRows(values, **opt)  # type: ignore[arg-type]
         self.backend = backend
         self.counters: Counter[str] = Counter()
 
     def _local(self, idx_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Region-local indices, and for a row-wise region the mask of entries it owns."""
         if self.kind == "column":
-            return idx_NK, None
+            return self.rows.to_slots(idx_NK), None
         r0, r1 = self.region.row_start, self.region.row_stop
         mask_NK = (idx_NK >= r0) & (idx_NK < r1)
-        return torch.where(mask_NK, idx_NK - r0, 0), mask_NK
+        return self.rows.to_slots(torch.where(mask_NK, idx_NK - r0, 0)), mask_NK
 
     def _count_io(self, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         self.counters["bytes_in"] += sum(t.numel() * t.element_size() for t in inputs)
@@ -126,7 +148,7 @@ class ShardServer:
 
     def values(self) -> torch.Tensor:
         """This region's rows (a copy, on the CPU)."""
-        return self.rows.weight_VD.detach().cpu().clone()
+        return self.state_dict()["weight"]
 
     def stats(self) -> dict[str, Any]:
         r = self.region
@@ -134,8 +156,9 @@ class ShardServer:
             "shard": r.shard,
             "region": [r.row_start, r.row_stop, r.col_start, r.col_stop],
             "device": str(self.device),
-            "cache_hits": 0,  # the whole region is resident in memory
+            "cached": isinstance(self.rows, CachedRows),
             **dict(self.counters),
+            **(dict(self.rows.counters) if isinstance(self.rows, CachedRows) else {}),
         }
 
     def ping(self) -> int:

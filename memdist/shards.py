@@ -8,11 +8,14 @@ started when none is running.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from memdist.assembly import table_seed
-from memdist.cluster.plan import ShardingPlan, choose_plan
+from memdist.cluster.plan import ShardingPlan, cache_rows_for, choose_plan
 from memdist.cluster.shard import ShardServer
 from memdist.config import RunConfig
 from memdist.remote import RemoteTable
@@ -23,6 +26,7 @@ from memdist.transport import InProcessTransport, RayTransport
 class ShardGroup:
     plans: list[ShardingPlan] = field(default_factory=list)
     actors: list[Any] = field(default_factory=list)
+    temp_dirs: list[Path] = field(default_factory=list)
 
     def stop(self) -> None:
         if self.actors:
@@ -30,6 +34,9 @@ class ShardGroup:
 
             stop_shards(self.actors)
             self.actors = []
+        for path in self.temp_dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        self.temp_dirs = []
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -40,7 +47,10 @@ def ensure_ray(address: str | None = None) -> None:
                  configure_logging=False)  # fmt: skip
 
 
-def start_remote_tables(cfg: RunConfig) -> tuple[list[RemoteTable], ShardGroup]:
+def start_remote_tables(
+    cfg: RunConfig, store_root: Path | None = None
+) -> tuple[list[RemoteTable], ShardGroup]:
+    """``store_root`` holds the zarr groups of shards whose region exceeds the budget."""
     mem, sh = cfg.model.memory, cfg.shards
     assert mem is not None and sh.count > 0
     v_dim = mem.v_dim if mem.v_dim is not None else cfg.model.dim
@@ -69,10 +79,23 @@ def start_remote_tables(cfg: RunConfig) -> tuple[list[RemoteTable], ShardGroup]:
         )  # fmt: skip
         group.plans.append(plan)
         seed = table_seed(cfg.train.seed, i)
+        per_shard: list[dict[str, Any]] = []
+        for r in plan.regions:
+            cache_rows = cache_rows_for(r, budget, state)
+            if cache_rows is None:
+                per_shard.append({})
+                continue
+            if store_root is None:
+                store_root = Path(tempfile.mkdtemp(prefix="memdist-shards-"))
+                group.temp_dirs.append(store_root)
+            path = store_root / f"table{i}" / f"shard{r.shard}"
+            per_shard.append({"store_path": str(path), "cache_rows": cache_rows})
         transport: InProcessTransport | RayTransport
         if sh.transport == "inprocess":
             servers = [
-                ShardServer(r, plan.kind, plan.dim, seed=seed, **server_kwargs)
+                ShardServer(
+                    r, plan.kind, plan.dim, seed=seed, **server_kwargs, **per_shard[r.shard]
+                )
                 for r in plan.regions
             ]
             transport = InProcessTransport(servers)
@@ -82,7 +105,7 @@ def start_remote_tables(cfg: RunConfig) -> tuple[list[RemoteTable], ShardGroup]:
 
             actors = start_shards(
                 plan, seed=seed, gpus_per_shard=sh.gpus_per_shard, cpus_per_shard=sh.cpus_per_shard,
-                threads=sh.threads_per_shard, **server_kwargs,
+                threads=sh.threads_per_shard, per_shard=per_shard, **server_kwargs,
             )  # fmt: skip
             group.actors += actors
             transport = RayTransport(actors, timeout_s=sh.timeout_s)

@@ -56,7 +56,7 @@ def train(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict[str, 
     if cfg.shards.count > 0:
         from memdist.shards import start_remote_tables
 
-        remote, group = start_remote_tables(cfg)
+        remote, group = start_remote_tables(cfg, Path(run_dir) / "shards")
         for plan in group.plans:
             tqdm.write(plan.describe(), file=sys.stderr)
     try:

@@ -146,6 +146,10 @@ class SparseRows:
     def zero_grad(self) -> None:
         self._grads = []
 
+    def to_slots(self, local_NK: torch.Tensor) -> torch.Tensor:
+        """Where rows sit in ``weight_VD``: the identity, every row is resident."""
+        return local_NK
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {"weight": self.weight_VD}
         out.update({f"state.{k}": v for k, v in self.state.items()})

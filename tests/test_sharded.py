@@ -182,3 +182,26 @@ def test_silent_shard_times_out_and_is_named(ray_local):
         remote.lookup(torch.randint(0, 100, (4, 3)), torch.rand(4, 3))
     assert time.time() - t0 < 10
     stop_shards(actors)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["inprocess", "ray"])
+@pytest.mark.parametrize("kind", ["row", "column"])
+def test_training_with_quarter_budget_cache_matches_in_memory_shards(ray_local, transport, kind):
+    # 4096 rows; each shard's region is 4x its budget, a step reads at most 256 rows.
+    extra = ["model.memory.n_keys=64", "data.batch_size=2", "data.seq_len=8", "shards.count=2",
+             f"shards.plan={kind}", f"shards.transport={transport}"]  # fmt: skip
+    ref_losses, _ = run(tiny(*extra[:3]), steps=12)
+    mem_losses, mem_values = run(tiny(*extra), steps=12)
+    region_bytes = 4096 * 32 * 4 * 3 // 2  # values + Adam state, half the table per shard
+    budget_mb = region_bytes / 4 / 2**20
+    losses, values = run(tiny(*extra, f"shards.budget_mb={budget_mb}"), steps=12)
+    assert losses == mem_losses  # the cache changes where rows live, not one bit of the math
+    for a, b in zip(values, mem_values, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+
+
+def test_budget_too_small_for_one_step_is_refused():
+    with pytest.raises(ConfigError, match="budget of .* holds .* rows, fewer than"):
+        start_remote_tables(tiny("shards.count=2", "shards.budget_mb=0.001"))

@@ -1,0 +1,183 @@
+"""A row cache over a zarr region: the shard's working set in memory, the rest on disk.
+
+``CachedRows`` has the interface of ``memdist.values.SparseRows`` plus ``resolve``:
+kernels run on cache slots, so a lookup first maps region-local rows to slots,
+reading misses from zarr and evicting the least recently used unpinned slots
+(writing back those that were updated). Rows with pending gradients are pinned
+until ``step()``, which updates them in their slots and marks them dirty. The
+optimizer math is per row, so results equal those of a fully resident table.
+
+Letters: C cache slots, D columns, U unique rows in a request.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+
+from memdist import kernels
+from memdist.errors import ShardError
+from memdist.storage.zarr_region import ZarrRegion
+
+STATE_DTYPES = {"sum_sq": "float32", "exp_avg": "float32", "exp_avg_sq": "float32", "step": "int64"}
+
+
+def state_spec(optimizer: str, cols: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    shapes = kernels.init_optimizer_state(optimizer, 1, cols, "cpu")
+    return {name: (tuple(t.shape[1:]), STATE_DTYPES[name]) for name, t in shapes.items()}
+
+
+class CachedRows:
+    def __init__(
+        self,
+        store: ZarrRegion,
+        cache_rows: int,
+        *,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        eps: float = 1e-8,
+        betas: tuple[float, float] = (0.9, 0.999),
+        backend: str = "auto",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.store = store
+        self.capacity = min(cache_rows, store.rows)
+        self.dim = store.cols
+        self.optimizer, self.lr, self.weight_decay = optimizer, lr, weight_decay
+        self.eps, self.betas, self.backend = eps, betas, backend
+        self.device = torch.device(device)
+        self.weight_VD = torch.zeros(self.capacity, self.dim, device=self.device)
+        self.state = kernels.init_optimizer_state(optimizer, self.capacity, self.dim, self.device)
+        self.slot_of = np.full(store.rows, -1, dtype=np.int64)  # region row -> slot
+        self.row_of = np.full(self.capacity, -1, dtype=np.int64)  # slot -> region row
+        self.dirty = np.zeros(self.capacity, dtype=bool)
+        self.pinned = np.zeros(self.capacity, dtype=bool)
+        self.last_used = np.zeros(self.capacity, dtype=np.int64)
+        self.clock = 0
+        self.counters: Counter[str] = Counter()
+        self._grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.steps = 0
+        self.rows_touched_last_step = 0
+
+    # -- residency ---------------------------------------------------------------
+    def _evict(self, slots: np.ndarray) -> None:
+        rows = self.row_of[slots]
+        dirty = slots[self.dirty[slots] & (rows >= 0)]
+        if dirty.size:
+            order = np.argsort(self.row_of[dirty])
+            dirty = dirty[order]
+            t = torch.from_numpy(dirty).to(self.device)
+            data = {"values": self.weight_VD[t].cpu().numpy()}
+            data.update({k: v[t].cpu().numpy() for k, v in self.state.items()})
+            self.store.write(self.row_of[dirty], data)
+            self.counters["writebacks"] += int(dirty.size)
+        self.slot_of[rows[rows >= 0]] = -1
+        self.row_of[slots] = -1
+        self.dirty[slots] = False
+
+    def resolve(self, rows_U: np.ndarray) -> np.ndarray:
+        """Slots holding region rows ``rows_U`` (unique), loading misses from zarr."""
+        self.clock += 1
+        slots = self.slot_of[rows_U]
+        miss = slots < 0
+        self.counters["cache_hits"] += int((~miss).sum())
+        self.counters["cache_misses"] += int(miss.sum())
+        if miss.any():
+            need = int(miss.sum())
+            self.last_used[slots[~miss]] = self.clock  # keep this request's hits
+            free = np.flatnonzero(self.row_of < 0)
+            if free.size < need:
+                candidates = np.flatnonzero(
+                    (self.row_of >= 0) & ~self.pinned & (self.last_used < self.clock)
+                )
+                if free.size + candidates.size < need:
+                    raise ShardError(
+                        f"row cache of {self.capacity} rows cannot hold the {rows_U.size} rows of "
+                        f"one request plus {int(self.pinned.sum())} rows awaiting their step: "
+                        "raise shards.budget_mb or use more shards"
+                    )
+                victims = candidates[np.argsort(self.last_used[candidates], kind="stable")]
+                victims = victims[: need - free.size]
+                self._evict(victims)
+                self.counters["evictions"] += int(victims.size)
+                free = np.flatnonzero(self.row_of < 0)
+            new_slots = free[:need]
+            load_rows = rows_U[miss]
+            data = self.store.read(load_rows)
+            t = torch.from_numpy(new_slots).to(self.device)
+            self.weight_VD[t] = torch.from_numpy(data["values"]).to(self.device)
+            for k, v in self.state.items():
+                v[t] = torch.from_numpy(data[k]).to(self.device)
+            self.slot_of[load_rows] = new_slots
+            self.row_of[new_slots] = load_rows
+            slots = self.slot_of[rows_U]
+        self.last_used[slots] = self.clock
+        return slots
+
+    def to_slots(self, local_NK: torch.Tensor) -> torch.Tensor:
+        """Region-local row indices mapped to cache slots (same shape)."""
+        rows_U, inverse = torch.unique(local_NK.cpu(), sorted=True, return_inverse=True)
+        slots_U = self.resolve(rows_U.numpy())
+        return torch.from_numpy(slots_U)[inverse].to(local_NK.device)
+
+    # -- the SparseRows interface, on slots -------------------------------------
+    def accumulate(self, slots_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
+        self.pinned[slots_U.cpu().numpy()] = True
+        self._grads.append((slots_U, grad_UD.float()))
+
+    def pending_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self._grads:
+            return None
+        rows = torch.cat([r for r, _ in self._grads])
+        grads = torch.cat([g for _, g in self._grads])
+        slots_U, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+        grad_UD = torch.zeros(slots_U.numel(), self.dim, dtype=grads.dtype, device=grads.device)
+        grad_UD.index_add_(0, inverse, grads)
+        return slots_U, grad_UD
+
+    def step(self, grad_scale: float = 1.0) -> int:
+        pending = self.pending_grads()
+        self._grads = []
+        self.pinned[:] = False
+        if pending is None:
+            self.rows_touched_last_step = 0
+            return 0
+        slots_U, grad_UD = pending
+        if grad_scale != 1.0:
+            grad_UD = grad_UD * grad_scale
+        kernels.sparse_update_(
+            self.optimizer, self.weight_VD, self.state, slots_U, grad_UD, lr=self.lr,
+            eps=self.eps, betas=self.betas, weight_decay=self.weight_decay, backend=self.backend,
+        )  # fmt: skip
+        self.dirty[slots_U.cpu().numpy()] = True
+        self.steps += 1
+        self.rows_touched_last_step = int(slots_U.numel())
+        return self.rows_touched_last_step
+
+    def zero_grad(self) -> None:
+        self._grads = []
+        self.pinned[:] = False
+
+    def flush(self) -> None:
+        """Write every updated row back to zarr (the cache keeps its contents)."""
+        dirty = np.flatnonzero(self.dirty & (self.row_of >= 0))
+        if dirty.size:
+            dirty = dirty[np.argsort(self.row_of[dirty])]
+            t = torch.from_numpy(dirty).to(self.device)
+            data = {"values": self.weight_VD[t].cpu().numpy()}
+            data.update({k: v[t].cpu().numpy() for k, v in self.state.items()})
+            self.store.write(self.row_of[dirty], data)
+            self.counters["writebacks"] += int(dirty.size)
+            self.dirty[dirty] = False
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole region (read from zarr after a flush): rows and optimizer state."""
+        self.flush()
+        everything = self.store.read(np.arange(self.store.rows))
+        out = {"weight": torch.from_numpy(everything["values"])}
+        out.update({f"state.{k}": torch.from_numpy(everything[k]) for k in self.state})
+        out["steps"] = torch.tensor(self.steps)
+        return out
