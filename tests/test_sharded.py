@@ -176,6 +176,7 @@ def test_silent_shard_times_out_and_is_named(ray_local):
     plan = make_plan("row", 100, 8, 2)
     actors = [ShardActor.remote(plan.regions[0], "row", 8, seed=0),
               StuckShard.remote(plan.regions[1], "row", 8, seed=0)]  # fmt: skip
+    ray.get([a.ping.remote() for a in actors])  # both up; only the lookup hangs
     remote = RemoteTable(plan, RayTransport(actors, timeout_s=2))
     t0 = time.time()
     with pytest.raises(ShardError, match="memory shard 1 did not answer lookup within 2 s"):
