@@ -1,18 +1,26 @@
 """Kernel benchmark: GB/s of value rows for the memory lookup, memdist vs torch, same run.
 
-Measures the weighted embedding bag forward and backward (scores gradient + sparse
-value gradient) of memdist's kernels against torch's ``F.embedding_bag`` (autograd,
-``sparse=True`` so torch also produces a sparse row gradient), for several table
-sizes and row widths. On CUDA it also runs the Triton backend explicitly and
-reports every figure as a fraction of a device-to-device copy measured in the same
-run. Prints one JSON object (machine, versions, config, results); ``--out DIR`` also
-writes the JSON and a bar plot there.
+Times the weighted embedding bag forward and backward of ``memdist.kernels`` (the
+``auto`` backend: the torch path on CPU, Triton on CUDA; on CUDA also ``triton`` and
+``torch`` explicitly) against torch's ``F.embedding_bag`` with per-sample weights,
+for several table sizes V, row widths D and bag sizes K at N tokens. On CUDA every
+figure is also given as a fraction of a device-to-device copy measured in the run.
 
-Bytes counted: forward reads N*K rows of D elements. Backward reads the N*K rows
-again (scores gradient) and the output gradient once per (n, k) (value gradient),
-so it is counted as 2*N*K*D elements.
+Bytes counted (reads of row data only; indices, scores and outputs are not counted):
 
-    python benchmarks/bench_kernels.py [--quick] [--out DIR]
+- forward: N*K rows of D elements of the table: ``N*K*D*elem``.
+- backward: the scores gradient reads the N*K table rows again (``N*K*D*elem``) and
+  the value gradient reads one fp32 row of dy per (n, k) (``N*K*D*4``).
+
+The torch peer's backward is ``autograd.grad`` of ``embedding_bag(..., sparse=True)``
+for the weight and the scores, with the sparse weight gradient coalesced, so both
+sides produce the same things: dscores and one summed gradient row per touched row.
+
+Prints one JSON object (machine, versions, config, results with memdist/torch
+ratios); ``--out DIR`` also writes it to DIR/kernels.json with a bar plot
+DIR/kernels.png.
+
+    python benchmarks/bench_kernels.py [--quick] [--out DIR] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -34,14 +42,13 @@ from memdist import kernels
 
 
 def machine() -> dict:
-    info = {
+    return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
-    return info
 
 
 def versions() -> dict:
@@ -60,14 +67,14 @@ def versions() -> dict:
 
 
 def timeit(fn, min_run_time: float) -> float:
-    """Median seconds per call (torch.utils.benchmark synchronises CUDA)."""
-    fn()  # warm-up (compiles Triton kernels on first call)
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
+    """Median seconds per call; torch.utils.benchmark synchronises CUDA around runs."""
+    fn()  # warm-up: compiles Triton kernels, fills the allocator's caches
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def copy_bandwidth(device: torch.device, min_run_time: float) -> float:
-    """GB/s of a device-to-device copy (read + write) of 256 MiB."""
+    """GB/s of a device-to-device copy of 256 MiB, counting read + write."""
     src = torch.empty(64 * 2**20, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     sec = timeit(lambda: dst.copy_(src), min_run_time)
@@ -76,13 +83,13 @@ def copy_bandwidth(device: torch.device, min_run_time: float) -> float:
 
 def bench_case(v, d, n, k, dtype, device, backends, min_run_time) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(0)
-    values = torch.randn(v, d, generator=g).to(dtype).to(device)
-    idx = torch.randint(0, v, (n, k), generator=g).to(device)
-    scores = torch.rand(n, k, generator=g).to(dtype).to(device)
-    dy = torch.randn(n, d, generator=g, dtype=torch.float32).to(device)
-    elem = values.element_size()
+    values_VD = torch.randn(v, d, generator=g).to(dtype).to(device)
+    idx_NK = torch.randint(0, v, (n, k), generator=g).to(device)
+    scores_NK = torch.rand(n, k, generator=g).to(dtype).to(device)
+    dy_ND = torch.randn(n, d, generator=g, dtype=torch.float32).to(device)
+    elem = values_VD.element_size()
     fwd_bytes = n * k * d * elem
-    bwd_bytes = 2 * n * k * d * elem
+    bwd_bytes = n * k * d * elem + n * k * d * 4
     rows = []
 
     def record(impl, fwd_s, bwd_s):
@@ -101,33 +108,38 @@ def bench_case(v, d, n, k, dtype, device, backends, min_run_time) -> list[dict]:
             }
         )
 
-    # torch peer: embedding_bag with per-sample weights, sparse row gradient.
-    weight = values.clone().requires_grad_(True)
-    s_req = scores.clone().requires_grad_(True)
+    weight_VD = values_VD.clone().requires_grad_(True)
+    s_NK = scores_NK.clone().requires_grad_(True)
 
     def torch_fwd():
-        return F.embedding_bag(idx, weight, per_sample_weights=s_req, mode="sum", sparse=True)
+        return F.embedding_bag(idx_NK, weight_VD, per_sample_weights=s_NK, mode="sum", sparse=True)
 
-    y_ref = torch_fwd()
+    with torch.no_grad():
+        torch_fwd_s = timeit(torch_fwd, min_run_time)
+    y_ND = torch_fwd()
+    dy_peer_ND = dy_ND.to(dtype)  # autograd wants the output's dtype
 
     def torch_bwd():
-        weight.grad = None
-        s_req.grad = None
-        torch.autograd.grad(y_ref, (weight, s_req), dy, retain_graph=True)
+        dweight, _ = torch.autograd.grad(y_ND, (weight_VD, s_NK), dy_peer_ND, retain_graph=True)
+        return dweight.coalesce()
 
-    record("torch.embedding_bag", timeit(torch_fwd, min_run_time), timeit(torch_bwd, min_run_time))
+    record("torch.embedding_bag", torch_fwd_s, timeit(torch_bwd, min_run_time))
 
     for backend in backends:
 
         def fwd(backend=backend):
-            return kernels.bag_forward(values, idx, scores, backend=backend)
+            return kernels.bag_forward(values_VD, idx_NK, scores_NK, backend=backend)
 
         def bwd(backend=backend):
-            kernels.bag_backward_scores(values, idx, dy, backend=backend)
-            kernels.bag_backward_values(idx, scores, dy, backend=backend)
+            kernels.bag_backward_scores(values_VD, idx_NK, dy_ND, backend=backend)
+            kernels.bag_backward_values(idx_NK, scores_NK, dy_ND, backend=backend)
 
         record(f"memdist.{backend}", timeit(fwd, min_run_time), timeit(bwd, min_run_time))
     return rows
+
+
+def _label(r: dict) -> str:
+    return f"V={r['rows']}\nD={r['dim']} K={r['bag']}\n{r['dtype']}"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -137,29 +149,23 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["results"]
-    labels = sorted({f"V={r['rows']}\nD={r['dim']}" for r in rows}, key=lambda s: (len(s), s))
-    impls = sorted({r["impl"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    labels = list(dict.fromkeys(_label(r) for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(labels) + 4), 4.5))
     width = 0.8 / len(impls)
     for ax, key in zip(axes, ("forward_GBps", "backward_GBps"), strict=True):
         for i, impl in enumerate(impls):
-            ys = []
-            for label in labels:
-                match = [
-                    r[key]
-                    for r in rows
-                    if r["impl"] == impl and f"V={r['rows']}\nD={r['dim']}" == label
-                ]
-                ys.append(match[0] if match else 0)
-            ax.bar([x + i * width for x in range(len(labels))], ys, width, label=impl)
+            by_label = {_label(r): r[key] for r in rows if r["impl"] == impl}
+            xs = [x + i * width for x in range(len(labels))]
+            ax.bar(xs, [by_label.get(label, 0.0) for label in labels], width, label=impl)
         ax.set_xticks([x + width * (len(impls) - 1) / 2 for x in range(len(labels))], labels)
-        ax.set_ylabel("GB/s of value rows")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_ylabel("GB/s of value rows read")
         ax.set_title(key.split("_")[0])
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(
-        f"memory lookup kernels on {result['machine']['gpu'] or result['machine']['processor']}"
-    )
+    axes[0].legend(fontsize=8)
+    where = result["machine"]["gpu"] or f"{result['machine']['cpu_count']} CPU cores"
+    fig.suptitle(f"memory lookup kernels, N={result['config']['tokens']} tokens, on {where}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -173,40 +179,43 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     min_run_time = 0.2 if args.quick else 1.0
-    tokens, bag = (1024, 64) if args.quick else (4096, 64)
-    sizes = (
-        [(65536, 128), (65536, 256)]
-        if args.quick
-        else [(65536, 128), (65536, 256), (1 << 20, 128), (1 << 20, 256)]
-    )
+    tokens = 1024 if args.quick else 4096
+    # (table rows V, row width D, bag size K)
+    if args.quick:
+        sizes = [(65536, 128, 32), (65536, 256, 64)]
+    else:
+        sizes = [(v, d, k) for v in (65536, 1 << 20) for d in (128, 256) for k in (32, 64)]
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     backends = ["auto"] + (["triton", "torch"] if device.type == "cuda" else [])
     started = time.time()
     results = []
-    for v, d in sizes:
+    for v, d, k in sizes:
         for dtype in dtypes:
-            results += bench_case(v, d, tokens, bag, dtype, device, backends, min_run_time)
-    peer = {
-        (r["rows"], r["dim"], r["dtype"]): r for r in results if r["impl"] == "torch.embedding_bag"
-    }
+            results += bench_case(v, d, tokens, k, dtype, device, backends, min_run_time)
+    key = lambda r: (r["rows"], r["dim"], r["bag"], r["dtype"])
+    peer = {key(r): r for r in results if r["impl"] == "torch.embedding_bag"}
     for r in results:
-        base = peer[(r["rows"], r["dim"], r["dtype"])]
-        r["forward_vs_torch"] = r["forward_GBps"] / base["forward_GBps"]
-        r["backward_vs_torch"] = r["backward_GBps"] / base["backward_GBps"]
+        r["forward_vs_torch"] = r["forward_GBps"] / peer[key(r)]["forward_GBps"]
+        r["backward_vs_torch"] = r["backward_GBps"] / peer[key(r)]["backward_GBps"]
     out = {
         "benchmark": "kernels",
+        "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "versions": versions(),
         "config": {
             "device": str(device),
             "tokens": tokens,
-            "bag": bag,
-            "sizes": sizes,
+            "sizes_VDK": sizes,
             "dtypes": [str(t).split(".")[-1] for t in dtypes],
+            "backends": backends,
             "quick": args.quick,
+            "min_run_time_s": min_run_time,
+            "bytes": {
+                "forward": "N*K*D*elem (table rows read)",
+                "backward": "N*K*D*elem (table rows, scores grad) + N*K*D*4 (fp32 dy rows, value grad)",
+            },
         },
         "results": results,
-        "seconds": time.time() - started,
     }
     if device.type == "cuda":
         copy = copy_bandwidth(device, min_run_time)
@@ -214,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         for r in results:
             r["forward_vs_copy"] = r["forward_GBps"] / copy
             r["backward_vs_copy"] = r["backward_GBps"] / copy
+    out["seconds"] = time.time() - started
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "kernels.json").write_text(json.dumps(out, indent=2))

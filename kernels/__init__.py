@@ -1,128 +1,298 @@
 """Kernels for memory lookups: weighted embedding bag, its backwards, sparse optimizers.
 
-Imported as ``memdist.kernels``; depends only on torch and triton (triton is
-imported on first use of the Triton backend). Every public function takes
-``backend``: ``"auto"`` (Triton on CUDA tensors, the fast torch path otherwise),
-``"triton"`` (on CPU this needs ``TRITON_INTERPRET=1`` before triton is imported),
-``"torch"`` or ``"reference"``.
+Imported as ``memdist.kernels``; depends only on torch, triton and ``memdist.errors``.
+Triton is imported on first use of the Triton backend, so importing this package is
+cheap on a machine without a GPU. Every public function takes ``backend``:
 
-The math (N bags, K rows per bag, V table rows, D row width, U unique rows):
+- ``"auto"``: Triton when the tensors are on CUDA, the fast torch path otherwise;
+- ``"triton"``: the Triton kernels (on CPU tensors this needs ``TRITON_INTERPRET=1``
+  in the environment before the kernels are first imported);
+- ``"torch"``: vectorised torch ops (``torch_ops``), the default on CPU;
+- ``"reference"``: plain, slow, obviously correct torch (``reference``).
 
-- forward ``y_ND[n] = sum_k scores_NK[n, k] * values_VD[idx_NK[n, k]]``
+Letters: N bags (tokens), K rows per bag (heads * knn), V table rows, D row width,
+U unique rows touched.
+
+- forward ``y_ND[n] = sum_k scores_NK[n, k] * values_VD[idx_NK[n, k]]`` (fp32 out)
 - scores backward ``dscores_NK[n, k] = <dy_ND[n], values_VD[idx_NK[n, k]]>``
-- values backward: sorted unique ``rows_U`` and ``grad_UD[u] = sum over (n, k) reading
-  rows_U[u] of scores_NK[n, k] * dy_ND[n]`` (deterministic: no float atomics)
-- sparse update of the touched rows (state fp32, values fp32 or bf16):
-  ``sgd`` w -= lr g; ``adagrad`` (row-wise) s += mean(g^2), w -= lr g / (sqrt(s) + eps);
-  ``adam`` (lazy, per-row step count t) m, v moments, w -= lr m^ / (sqrt(v^) + eps).
-  Decoupled weight decay, when set, shrinks touched rows only.
+- values backward: sorted unique ``rows_U`` and ``grad_UD[u] = sum over (n, k) with
+  idx_NK[n, k] == rows_U[u] of scores_NK[n, k] * dy_ND[n]``, summed in flat position
+  order through a reverse index: deterministic, no float atomics.
+- sparse update of the touched rows, in place (state fp32, values fp32 or bf16,
+  computed in fp32): ``sgd`` w -= lr g; ``adagrad`` (row-wise) s += mean_d(g^2),
+  w -= lr g / (sqrt(s) + eps); ``adam`` (lazy, per-row step count t) with bias
+  corrections. Decoupled weight decay w -= lr wd w, when set, shrinks touched rows only.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from types import ModuleType
 
 import torch
 
-from memdist.errors import ConfigError, IndexOutOfRangeError, ShapeError
+from memdist.errors import ConfigError, DataError, IndexOutOfRangeError, ShapeError
 from memdist.kernels import reference, torch_ops
+
+__all__ = [
+    "BACKENDS",
+    "OPTIMIZERS",
+    "GradSink",
+    "WeightedEmbeddingBag",
+    "bag_backward_scores",
+    "bag_backward_values",
+    "bag_forward",
+    "check_indices",
+    "init_optimizer_state",
+    "sparse_update_",
+    "weighted_embedding_bag",
+]
 
 BACKENDS = ("auto", "torch", "triton", "reference")
 OPTIMIZERS = ("sgd", "adagrad", "adam")
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int64, torch.int32)
 GradSink = Callable[[torch.Tensor, torch.Tensor], None]
 
 
-def _impl(backend: str, device: torch.device) -> ModuleType:
+# --- backend selection -------------------------------------------------------------
+
+
+def _resolve(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ConfigError(f"kernel backend={backend!r} must be one of {BACKENDS}")
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
-    if backend == "triton":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda":
+        _require_interpreter(device)
+    return backend
+
+
+def _require_interpreter(device: torch.device) -> None:
+    # Compiled Triton kernels only run on GPU tensors; the interpreter runs them on the
+    # CPU, but only if it was switched on before triton decorated the kernels.
+    from memdist.kernels import triton_bag
+
+    if not triton_bag.INTERPRETED:
+        raise ConfigError(
+            f"backend='triton' on {device.type} tensors needs the Triton interpreter: set "
+            f"TRITON_INTERPRET=1 before memdist.kernels.triton_bag is first imported "
+            f"(now TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')!r}), or use CUDA tensors"
+        )
+
+
+def _bag_ops(backend: str, device: torch.device) -> ModuleType:
+    name = _resolve(backend, device)
+    if name == "triton":
         from memdist.kernels import triton_bag
 
         return triton_bag
-    return torch_ops if backend == "torch" else reference
+    return torch_ops if name == "torch" else reference
+
+
+def _optim_ops(backend: str, device: torch.device) -> ModuleType:
+    name = _resolve(backend, device)
+    if name == "triton":
+        from memdist.kernels import triton_optim
+
+        return triton_optim
+    return torch_ops if name == "torch" else reference
+
+
+# --- argument checks ---------------------------------------------------------------
 
 
 def check_indices(idx_NK: torch.Tensor, num_rows: int) -> None:
-    """Raise ``IndexOutOfRangeError`` naming the first index outside ``[0, num_rows)``."""
+    """Raise ``IndexOutOfRangeError`` naming the first index outside ``[0, num_rows)``.
+
+    One min/max reduction when every index is fine; the search for the offending
+    position only runs on failure. Works for index tensors of any shape.
+    """
     if idx_NK.numel() == 0:
         return
     lo, hi = torch.aminmax(idx_NK)
     if int(lo) >= 0 and int(hi) < num_rows:
         return
-    bad = ((idx_NK < 0) | (idx_NK >= num_rows)).nonzero()[0].tolist()
-    value = int(idx_NK[tuple(bad)])
+    position = tuple(((idx_NK < 0) | (idx_NK >= num_rows)).nonzero()[0].tolist())
+    value = int(idx_NK[position])
     raise IndexOutOfRangeError(
-        f"index {value} at position {tuple(bad)} is outside the value table of {num_rows} rows "
+        f"index {value} at position {position} is outside the value table of {num_rows} rows "
         f"(indices must be in [0, {num_rows}))"
     )
 
 
-def _check_bag(values_VD: torch.Tensor, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> None:
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_values(values_VD: torch.Tensor) -> None:
     if values_VD.ndim != 2:
-        raise ShapeError(f"values must be 2-D (rows, dim), got shape {tuple(values_VD.shape)}")
-    if idx_NK.ndim != 2 or idx_NK.dtype not in (torch.int64, torch.int32):
+        raise ShapeError(f"values must be 2-D (rows, dim), got shape {_shape(values_VD)}")
+    if values_VD.dtype not in VALUE_DTYPES:
+        raise ShapeError(f"values dtype {values_VD.dtype} must be one of {VALUE_DTYPES}")
+
+
+def _check_idx(idx_NK: torch.Tensor) -> None:
+    if idx_NK.ndim != 2 or idx_NK.dtype not in INDEX_DTYPES:
         raise ShapeError(
-            f"indices must be a 2-D int64/int32 tensor, got {idx_NK.dtype} {tuple(idx_NK.shape)}"
+            f"indices must be a 2-D int64/int32 tensor (bags, bag size), "
+            f"got {idx_NK.dtype} of shape {_shape(idx_NK)}"
         )
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise ShapeError(f"{name} must be floating point, got {t.dtype}")
+
+
+def _check_scores(idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> None:
     if scores_NK.shape != idx_NK.shape:
         raise ShapeError(
-            f"scores shape {tuple(scores_NK.shape)} must equal indices shape {tuple(idx_NK.shape)}"
+            f"scores shape {_shape(scores_NK)} must equal indices shape {_shape(idx_NK)}"
         )
-    if not scores_NK.is_floating_point():
-        raise ShapeError(f"scores must be floating point, got {scores_NK.dtype}")
+    _check_float("scores", scores_NK)
 
 
-def _check_dy(dy_ND: torch.Tensor, n: int, d: int) -> None:
-    if tuple(dy_ND.shape) != (n, d):
-        raise ShapeError(f"output gradient has shape {tuple(dy_ND.shape)}, expected ({n}, {d})")
+def _check_dy(dy_ND: torch.Tensor, n: int, d: int | None) -> None:
+    expect = f"({n}, {'D' if d is None else d})"
+    if dy_ND.ndim != 2 or dy_ND.shape[0] != n or (d is not None and dy_ND.shape[1] != d):
+        raise ShapeError(f"output gradient has shape {_shape(dy_ND)}, expected {expect}")
+    _check_float("output gradient", dy_ND)
+
+
+def _check_devices(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(dev != first for dev in devices.values()):
+        found = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ShapeError(f"tensors must share one device, got {found}")
+    return first
+
+
+# --- bag forward and backwards ---------------------------------------------------
 
 
 def bag_forward(
     values_VD: torch.Tensor, idx_NK: torch.Tensor, scores_NK: torch.Tensor, *, backend: str = "auto"
 ) -> torch.Tensor:
-    """Weighted sum of rows per bag, in fp32, shape (N, D)."""
-    _check_bag(values_VD, idx_NK, scores_NK)
+    """Weighted sum of rows per bag, accumulated and returned in fp32, shape (N, D)."""
+    _check_values(values_VD)
+    _check_idx(idx_NK)
+    _check_scores(idx_NK, scores_NK)
+    device = _check_devices(values=values_VD, indices=idx_NK, scores=scores_NK)
+    ops = _bag_ops(backend, device)
     check_indices(idx_NK, values_VD.shape[0])
-    return _impl(backend, values_VD.device).bag_forward(values_VD, idx_NK.long(), scores_NK)
+    n, d = idx_NK.shape[0], values_VD.shape[1]
+    if idx_NK.numel() == 0:
+        return torch.zeros(n, d, dtype=torch.float32, device=device)
+    return ops.bag_forward(values_VD, idx_NK.long(), scores_NK)
 
 
 def bag_backward_scores(
     values_VD: torch.Tensor, idx_NK: torch.Tensor, dy_ND: torch.Tensor, *, backend: str = "auto"
 ) -> torch.Tensor:
     """Gradient of the bag output with respect to the scores, fp32, shape (N, K)."""
+    _check_values(values_VD)
+    _check_idx(idx_NK)
     _check_dy(dy_ND, idx_NK.shape[0], values_VD.shape[1])
-    return _impl(backend, values_VD.device).bag_backward_scores(values_VD, idx_NK.long(), dy_ND)
+    device = _check_devices(values=values_VD, indices=idx_NK, output_gradient=dy_ND)
+    ops = _bag_ops(backend, device)
+    # The kernels read values_VD[idx], so an index outside the table must not get there.
+    check_indices(idx_NK, values_VD.shape[0])
+    if idx_NK.numel() == 0:
+        return torch.zeros(idx_NK.shape, dtype=torch.float32, device=device)
+    return ops.bag_backward_scores(values_VD, idx_NK.long(), dy_ND)
 
 
 def bag_backward_values(
     idx_NK: torch.Tensor, scores_NK: torch.Tensor, dy_ND: torch.Tensor, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse gradient of the table: sorted unique rows (int64) and their fp32 gradients."""
-    if dy_ND.ndim != 2 or dy_ND.shape[0] != idx_NK.shape[0]:
-        raise ShapeError(
-            f"output gradient has shape {tuple(dy_ND.shape)}, expected ({idx_NK.shape[0]}, D)"
-        )
-    return _impl(backend, dy_ND.device).bag_backward_values(idx_NK.long(), scores_NK, dy_ND)
+    """Sparse table gradient: sorted unique ``rows_U`` (int64) and fp32 ``grad_UD``."""
+    _check_idx(idx_NK)
+    _check_scores(idx_NK, scores_NK)
+    _check_dy(dy_ND, idx_NK.shape[0], None)
+    device = _check_devices(indices=idx_NK, scores=scores_NK, output_gradient=dy_ND)
+    ops = _bag_ops(backend, device)
+    if idx_NK.numel() == 0:
+        rows_U = torch.zeros(0, dtype=torch.int64, device=device)
+        return rows_U, torch.zeros(0, dy_ND.shape[1], dtype=torch.float32, device=device)
+    return ops.bag_backward_values(idx_NK.long(), scores_NK, dy_ND)
+
+
+# --- sparse optimizers -----------------------------------------------------------
+
+
+def _state_spec(optimizer: str, num_rows: int, dim: int) -> dict[str, tuple[tuple, torch.dtype]]:
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"value optimizer {optimizer!r} must be one of {OPTIMIZERS}")
+    if optimizer == "adagrad":
+        return {"sum_sq": ((num_rows,), torch.float32)}
+    if optimizer == "adam":
+        return {
+            "exp_avg": ((num_rows, dim), torch.float32),
+            "exp_avg_sq": ((num_rows, dim), torch.float32),
+            "step": ((num_rows,), torch.int64),
+        }
+    return {}
 
 
 def init_optimizer_state(
     optimizer: str, num_rows: int, dim: int, device: torch.device | str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """Zeroed fp32 optimizer state for a table (empty for SGD)."""
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"value optimizer {optimizer!r} must be one of {OPTIMIZERS}")
-    if optimizer == "sgd":
-        return {}
-    if optimizer == "adagrad":
-        return {"sum_sq": torch.zeros(num_rows, dtype=torch.float32, device=device)}
+    """Zeroed optimizer state for a (num_rows, dim) table: fp32 moments, int64 steps.
+
+    ``sgd``: no state. ``adagrad``: ``sum_sq`` (V,). ``adam``: ``exp_avg`` and
+    ``exp_avg_sq`` (V, D), ``step`` (V,) counting each row's own updates.
+    """
+    spec = _state_spec(optimizer, num_rows, dim)
     return {
-        "exp_avg": torch.zeros(num_rows, dim, dtype=torch.float32, device=device),
-        "exp_avg_sq": torch.zeros(num_rows, dim, dtype=torch.float32, device=device),
-        "step": torch.zeros(num_rows, dtype=torch.int64, device=device),
+        key: torch.zeros(shape, dtype=dtype, device=device) for key, (shape, dtype) in spec.items()
     }
+
+
+def _check_state(optimizer: str, values_VD: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+    spec = _state_spec(optimizer, *values_VD.shape)
+    missing = sorted(set(spec) - set(state))
+    if missing:
+        raise ConfigError(
+            f"optimizer state for {optimizer!r} lacks {missing} (it needs {sorted(spec)}); "
+            f"build it with init_optimizer_state"
+        )
+    for key, (shape, dtype) in spec.items():
+        t = state[key]
+        if _shape(t) != shape or t.dtype != dtype or t.device != values_VD.device:
+            raise ShapeError(
+                f"optimizer state {key!r} is {t.dtype} {_shape(t)} on {t.device}, "
+                f"expected {dtype} {shape} on {values_VD.device}"
+            )
+        # The kernels update state rows in place through flat row offsets.
+        if not t.is_contiguous():
+            raise ShapeError(f"optimizer state {key!r} must be contiguous")
+
+
+def _check_hyper(optimizer: str, lr: float, eps: float, betas: tuple, weight_decay: float) -> None:
+    if not lr >= 0:
+        raise ConfigError(f"learning rate lr={lr} must be >= 0")
+    if not weight_decay >= 0:
+        raise ConfigError(f"weight_decay={weight_decay} must be >= 0")
+    if optimizer != "sgd" and not eps > 0:
+        raise ConfigError(f"eps={eps} must be > 0 for {optimizer}")
+    if optimizer == "adam" and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        raise ConfigError(f"adam betas={betas} must be two numbers in [0, 1)")
+
+
+def _check_unique(rows_U: torch.Tensor) -> None:
+    # The backward hands over sorted rows, so the common case costs one comparison.
+    if rows_U.numel() < 2 or bool((rows_U[1:] > rows_U[:-1]).all()):
+        return
+    uniq, counts = torch.unique(rows_U, return_counts=True)
+    if bool((counts > 1).any()):
+        dup = int(uniq[counts > 1][0])
+        raise DataError(
+            f"row {dup} appears {int(counts[uniq == dup])} times in rows_U; a sparse update "
+            f"needs unique rows (sum their gradients first)"
+        )
 
 
 def sparse_update_(
@@ -138,48 +308,71 @@ def sparse_update_(
     weight_decay: float = 0.0,
     backend: str = "auto",
 ) -> None:
-    """Apply ``optimizer`` in place to ``values_VD[rows_U]`` and its state; rows must be unique."""
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"value optimizer {optimizer!r} must be one of {OPTIMIZERS}")
-    if grad_UD.shape != (rows_U.numel(), values_VD.shape[1]):
+    """Apply ``optimizer`` in place to ``values_VD[rows_U]`` and its state rows.
+
+    ``rows_U`` must be unique (any order); rows not listed, and their state, are left
+    bit-for-bit unchanged. ``state`` comes from ``init_optimizer_state``.
+    """
+    _check_values(values_VD)
+    _check_state(optimizer, values_VD, state)
+    _check_hyper(optimizer, lr, eps, betas, weight_decay)
+    if rows_U.ndim != 1 or rows_U.dtype not in INDEX_DTYPES:
         raise ShapeError(
-            f"gradient shape {tuple(grad_UD.shape)} must be ({rows_U.numel()}, {values_VD.shape[1]})"
+            f"rows_U must be a 1-D int64/int32 tensor, got {rows_U.dtype} {_shape(rows_U)}"
         )
-    check_indices(rows_U.view(1, -1), values_VD.shape[0])
-    _impl(backend, values_VD.device).sparse_update_(
+    if _shape(grad_UD) != (rows_U.numel(), values_VD.shape[1]):
+        raise ShapeError(
+            f"gradient shape {_shape(grad_UD)} must be ({rows_U.numel()}, {values_VD.shape[1]})"
+        )
+    _check_float("gradient", grad_UD)
+    device = _check_devices(values=values_VD, rows=rows_U, gradient=grad_UD)
+    ops = _optim_ops(backend, device)
+    check_indices(rows_U, values_VD.shape[0])
+    _check_unique(rows_U)
+    if rows_U.numel() == 0:
+        return
+    ops.sparse_update_(
         optimizer,
         values_VD,
         state,
         rows_U.long(),
         grad_UD,
-        lr=lr,
-        eps=eps,
-        betas=betas,
-        weight_decay=weight_decay,
+        lr=float(lr),
+        eps=float(eps),
+        betas=(float(betas[0]), float(betas[1])),
+        weight_decay=float(weight_decay),
     )
 
 
+# --- autograd --------------------------------------------------------------------
+
+
 class WeightedEmbeddingBag(torch.autograd.Function):
-    """Bag forward; backward returns the scores' gradient and hands the rows' to a sink."""
+    """Bag forward; backward returns the scores' gradient and hands the rows' to a sink.
+
+    The value table is not an autograd input: a 10^6..10^9-row table must never get a
+    dense gradient. Its sparse gradient ``(rows_U, grad_UD)`` goes to ``grad_sink``,
+    which the table's owner uses to feed its own sparse optimizer.
+    """
 
     @staticmethod
     def forward(ctx, values_VD, idx_NK, scores_NK, grad_sink, backend):
         ctx.save_for_backward(values_VD, idx_NK, scores_NK)
         ctx.grad_sink = grad_sink
         ctx.backend = backend
-        return bag_forward(values_VD, idx_NK, scores_NK, backend=backend).to(scores_NK.dtype)
+        y_ND = bag_forward(values_VD, idx_NK, scores_NK, backend=backend)
+        return y_ND.to(scores_NK.dtype)
 
     @staticmethod
     def backward(ctx, dy_ND):
         values_VD, idx_NK, scores_NK = ctx.saved_tensors
-        dy_ND = dy_ND.contiguous()
-        dscores = None
+        dscores_NK = None
         if ctx.needs_input_grad[2]:
-            dscores = bag_backward_scores(values_VD, idx_NK, dy_ND, backend=ctx.backend)
-            dscores = dscores.to(scores_NK.dtype)
+            dscores_NK = bag_backward_scores(values_VD, idx_NK, dy_ND, backend=ctx.backend)
+            dscores_NK = dscores_NK.to(scores_NK.dtype)
         if ctx.grad_sink is not None:
             ctx.grad_sink(*bag_backward_values(idx_NK, scores_NK, dy_ND, backend=ctx.backend))
-        return None, None, dscores, None, None
+        return None, None, dscores_NK, None, None
 
 
 def weighted_embedding_bag(
@@ -190,5 +383,7 @@ def weighted_embedding_bag(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Differentiable in ``scores_NK``; the sparse value gradient goes to ``grad_sink``."""
+    """Differentiable bag in ``scores_NK`` (output in scores' dtype); the sparse value
+    gradient ``(rows_U, grad_UD)`` goes to ``grad_sink`` during backward (None skips it).
+    """
     return WeightedEmbeddingBag.apply(values_VD, idx_NK, scores_NK, grad_sink, backend)

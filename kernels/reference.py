@@ -1,7 +1,8 @@
-"""Plain torch reference implementations: obviously correct, slow, and the tests' ground truth.
+"""Plain torch reference implementations: obviously correct, slow, the tests' ground truth.
 
 Letters: N bags (tokens), K rows per bag, V table rows, D row width, U unique rows.
-Everything is computed in fp32 (or fp64 where given) whatever the values' dtype.
+Everything is computed in fp32 whatever the values' dtype. Callers (the public
+functions in ``memdist.kernels``) have already checked shapes and index ranges.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ def bag_backward_scores(
 def bag_backward_values(
     idx_NK: torch.Tensor, scores_NK: torch.Tensor, dy_ND: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows_U, inverse = torch.unique(idx_NK.flatten(), sorted=True, return_inverse=True)
+    rows_U, inverse_NK = torch.unique(idx_NK, sorted=True, return_inverse=True)
     contrib_NKD = scores_NK.float().unsqueeze(-1) * dy_ND.float().unsqueeze(1)
     grad_UD = torch.zeros(rows_U.numel(), dy_ND.shape[1], dtype=torch.float32, device=dy_ND.device)
-    grad_UD.index_add_(0, inverse, contrib_NKD.reshape(-1, dy_ND.shape[1]))
+    grad_UD.index_add_(0, inverse_NK.reshape(-1), contrib_NKD.reshape(-1, dy_ND.shape[1]))
     return rows_U, grad_UD
 
 
@@ -46,20 +47,26 @@ def sparse_update_(
 ) -> None:
     """Row by row, in fp32, the update each optimizer defines (see memdist.kernels)."""
     for u, row in enumerate(rows_U.tolist()):
-        w = values_VD[row].float()
-        g = grad_UD[u].float()
+        w_D = values_VD[row].float()
+        g_D = grad_UD[u].float()
         if weight_decay:
-            w = w - lr * weight_decay * w
+            w_D = w_D - lr * weight_decay * w_D
         if optimizer == "sgd":
-            w = w - lr * g
+            w_D = w_D - lr * g_D
         elif optimizer == "adagrad":
-            state["sum_sq"][row] += g.pow(2).mean()
-            w = w - lr * g / (state["sum_sq"][row].sqrt() + eps)
-        else:
+            acc = state["sum_sq"][row] + g_D.pow(2).mean()
+            state["sum_sq"][row] = acc
+            w_D = w_D - lr * g_D / (acc.sqrt() + eps)
+        elif optimizer == "adam":
             b1, b2 = betas
             t = int(state["step"][row]) + 1
-            m = b1 * state["exp_avg"][row] + (1 - b1) * g
-            v = b2 * state["exp_avg_sq"][row] + (1 - b2) * g * g
-            state["exp_avg"][row], state["exp_avg_sq"][row], state["step"][row] = m, v, t
-            w = w - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
-        values_VD[row] = w.to(values_VD.dtype)
+            m_D = b1 * state["exp_avg"][row] + (1 - b1) * g_D
+            v_D = b2 * state["exp_avg_sq"][row] + (1 - b2) * g_D * g_D
+            state["exp_avg"][row], state["exp_avg_sq"][row], state["step"][row] = m_D, v_D, t
+            # Bias corrections in float64: 1 - 0.999**t is tiny for small t.
+            m_hat_D = m_D / (1 - b1**t)
+            v_hat_D = v_D / (1 - b2**t)
+            w_D = w_D - lr * m_hat_D / (v_hat_D.sqrt() + eps)
+        else:
+            raise AssertionError(f"unreachable: optimizer {optimizer!r} was checked by the caller")
+        values_VD[row] = w_D.to(values_VD.dtype)

@@ -1,7 +1,10 @@
 """The fast torch path: vectorised ops, the default on CPU.
 
-Deterministic on CPU: the value gradient sorts indices into a reverse index and sums
-each row's contributions with ``index_add_``, which runs serially on the CPU.
+Deterministic on CPU: the value gradient sums each row's contributions with
+``index_add_``, which runs serially on the CPU in position order, whatever the
+sparsity pattern. Shard/local parity depends on this: a CSR sparse-matrix product
+and a chunked gather-and-sum for the scores were faster in isolation but rounded
+differently for the compacted pattern a row-wise shard sees, so they are not used.
 """
 
 from __future__ import annotations

@@ -1,17 +1,23 @@
-"""Triton kernels for the weighted embedding bag, its two backwards and the sparse update.
+"""Triton kernels for the weighted embedding bag and its two backwards.
 
 Compiled on CUDA; on CPU they run under the Triton interpreter (``TRITON_INTERPRET=1``
-set before triton is imported), which is how the tests check them without a GPU.
+set before this module is imported), which is how the tests check them without a GPU.
 
-- forward: one program per (bag, column block) sums K weighted rows in fp32.
-- scores backward: one program per (bag, K block) dots each row with dy over D blocks.
+- forward: one program per (bag, column block) loads BLOCK_K rows at a time as a
+  (BLOCK_K, BLOCK_D) tile, so many row loads are in flight at once, and accumulates
+  in fp32.
+- scores backward: one program per (bag, K block) dots each of its rows with dy,
+  walking D in column blocks.
 - values backward: a reverse index (stable sort of the flat indices) gives each
   unique row the positions that read it; one program per (row, column block) sums
-  them in position order. No atomics, so the result is deterministic.
-- sparse update: one program per touched row applies SGD, row-wise Adagrad or lazy
-  Adam to the whole row (row-wise Adagrad needs the row's mean squared gradient).
+  them BLOCK_J at a time in a fixed order. No atomics, so the result is deterministic.
 
-Row offsets are computed in int64, so tables beyond 2**31 elements are addressable.
+Row offsets are computed in int64 (``row * stride`` with int64 rows), so tables with
+more than 2**31 elements are addressable. Row widths need not be powers of two:
+columns past D are masked. Tables may be fp32, bf16 or fp16; sums are fp32.
+
+Letters: N bags, K rows per bag, D row width, U unique rows, M = N*K positions;
+J is a block of one row's positions.
 """
 
 from __future__ import annotations
@@ -19,14 +25,40 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from memdist.kernels.torch_ops import reverse_index
 
-OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "adam": 2}
+# Tiles hold at most this many fp32 values per program. With 4 warps, 2048 keeps the
+# kernels under ~100 registers a thread (ptxas, sm_90), so enough programs share an SM
+# to keep many row loads in flight; 4096 doubled that and cut occupancy.
+TILE_ELEMENTS = 2048
 
 
-def _block(n: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(n)))
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+def forward_blocks(k: int, d: int) -> dict[str, int]:
+    """Tile sizes of the forward kernel for bag size k and row width d."""
+    block_d = _pow2(d, 16, 256)
+    return {"BLOCK_K": _pow2(k, 1, TILE_ELEMENTS // block_d), "BLOCK_D": block_d}
+
+
+def scores_blocks(k: int, d: int) -> dict[str, int]:
+    """Tile sizes of the scores-backward kernel."""
+    block_k = _pow2(k, 1, 32)
+    return {"BLOCK_K": block_k, "BLOCK_D": _pow2(d, 16, TILE_ELEMENTS // block_k)}
+
+
+def values_blocks(d: int) -> dict[str, int]:
+    """Tile sizes of the values-backward kernel.
+
+    A fixed J block keeps each row's summation order a function of that row's own
+    positions only; hot rows simply loop over more blocks.
+    """
+    block_d = _pow2(d, 16, 256)
+    return {"BLOCK_J": min(16, TILE_ELEMENTS // block_d), "BLOCK_D": block_d}
 
 
 @triton.jit
@@ -34,21 +66,29 @@ def _bag_forward_kernel(
     values_ptr,
     idx_ptr,
     scores_ptr,
-    out_ptr,
+    y_ptr,
     K,
     D,
+    stride_v,
+    BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = cols < D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for k in range(K):
-        row = tl.load(idx_ptr + n * K + k).to(tl.int64)
-        s = tl.load(scores_ptr + n * K + k).to(tl.float32)
-        v = tl.load(values_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        acc += s * v
-    tl.store(out_ptr + n.to(tl.int64) * D + cols, acc, mask=mask)
+    n = tl.program_id(0).to(tl.int64)
+    cols_D = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok_D = cols_D < D
+    acc_KD = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks_K = k0 + tl.arange(0, BLOCK_K)
+        k_ok_K = ks_K < K
+        rows_K = tl.load(idx_ptr + n * K + ks_K, mask=k_ok_K, other=0).to(tl.int64)
+        s_K = tl.load(scores_ptr + n * K + ks_K, mask=k_ok_K, other=0.0).to(tl.float32)
+        v_KD = tl.load(
+            values_ptr + rows_K[:, None] * stride_v + cols_D[None, :],
+            mask=k_ok_K[:, None] & col_ok_D[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc_KD += s_K[:, None] * v_KD
+    tl.store(y_ptr + n * D + cols_D, tl.sum(acc_KD, axis=0), mask=col_ok_D)
 
 
 @triton.jit
@@ -56,101 +96,73 @@ def _bag_backward_scores_kernel(
     values_ptr,
     idx_ptr,
     dy_ptr,
-    out_ptr,
+    dscores_ptr,
     K,
     D,
+    stride_v,
+    stride_dy,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    kmask = ks < K
-    rows = tl.load(idx_ptr + n * K + ks, mask=kmask, other=0).to(tl.int64)
-    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    n = tl.program_id(0).to(tl.int64)
+    ks_K = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok_K = ks_K < K
+    rows_K = tl.load(idx_ptr + n * K + ks_K, mask=k_ok_K, other=0).to(tl.int64)
+    acc_KD = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        dy = tl.load(dy_ptr + n.to(tl.int64) * D + cols, mask=cmask, other=0.0).to(tl.float32)
-        v = tl.load(
-            values_ptr + rows[:, None] * D + cols[None, :],
-            mask=kmask[:, None] & cmask[None, :],
+        cols_D = d0 + tl.arange(0, BLOCK_D)
+        col_ok_D = cols_D < D
+        dy_D = tl.load(dy_ptr + n * stride_dy + cols_D, mask=col_ok_D, other=0.0).to(tl.float32)
+        v_KD = tl.load(
+            values_ptr + rows_K[:, None] * stride_v + cols_D[None, :],
+            mask=k_ok_K[:, None] & col_ok_D[None, :],
             other=0.0,
         ).to(tl.float32)
-        acc += tl.sum(v * dy[None, :], axis=1)
-    tl.store(out_ptr + n * K + ks, acc, mask=kmask)
+        acc_KD += v_KD * dy_D[None, :]
+    tl.store(dscores_ptr + n * K + ks_K, tl.sum(acc_KD, axis=1), mask=k_ok_K)
 
 
 @triton.jit
 def _bag_backward_values_kernel(
-    order_ptr,
+    bag_ptr,
+    weight_ptr,
     offsets_ptr,
-    scores_ptr,
     dy_ptr,
-    out_ptr,
-    K,
+    grad_ptr,
     D,
+    stride_dy,
+    BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    u = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = cols < D
+    u = tl.program_id(0).to(tl.int64)
+    cols_D = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok_D = cols_D < D
     start = tl.load(offsets_ptr + u)
     end = tl.load(offsets_ptr + u + 1)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j in range(start, end):
-        pos = tl.load(order_ptr + j)  # flat position n * K + k that read this row
-        s = tl.load(scores_ptr + pos).to(tl.float32)
-        n = pos // K
-        dy = tl.load(dy_ptr + n * D + cols, mask=mask, other=0.0).to(tl.float32)
-        acc += s * dy
-    tl.store(out_ptr + u.to(tl.int64) * D + cols, acc, mask=mask)
+    acc_JD = tl.zeros([BLOCK_J, BLOCK_D], dtype=tl.float32)
+    for j0 in range(start, end, BLOCK_J):
+        js_J = j0 + tl.arange(0, BLOCK_J)
+        j_ok_J = js_J < end
+        # bag_ptr / weight_ptr list, in reverse-index order, the bag n and the score of
+        # every position that read this row.
+        bag_J = tl.load(bag_ptr + js_J, mask=j_ok_J, other=0).to(tl.int64)
+        w_J = tl.load(weight_ptr + js_J, mask=j_ok_J, other=0.0)
+        dy_JD = tl.load(
+            dy_ptr + bag_J[:, None] * stride_dy + cols_D[None, :],
+            mask=j_ok_J[:, None] & col_ok_D[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc_JD += w_J[:, None] * dy_JD
+    tl.store(grad_ptr + u * D + cols_D, tl.sum(acc_JD, axis=0), mask=col_ok_D)
 
 
-@triton.jit
-def _sparse_update_kernel(
-    values_ptr,
-    rows_ptr,
-    grad_ptr,
-    sum_sq_ptr,
-    exp_avg_ptr,
-    exp_avg_sq_ptr,
-    bc1_ptr,
-    bc2_ptr,
-    D,
-    lr,
-    eps,
-    beta1,
-    beta2,
-    weight_decay,
-    OPTIMIZER: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    u = tl.program_id(0)
-    row = tl.load(rows_ptr + u).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    w = tl.load(values_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(grad_ptr + u.to(tl.int64) * D + cols, mask=mask, other=0.0).to(tl.float32)
-    if weight_decay != 0.0:
-        w = w * (1.0 - lr * weight_decay)
-    if OPTIMIZER == 0:
-        w = w - lr * g
-    elif OPTIMIZER == 1:
-        acc = tl.load(sum_sq_ptr + row) + tl.sum(g * g, axis=0) / D
-        tl.store(sum_sq_ptr + row, acc)
-        w = w - lr * g / (tl.sqrt(acc) + eps)
-    else:
-        m = beta1 * tl.load(exp_avg_ptr + row * D + cols, mask=mask, other=0.0) + (1.0 - beta1) * g
-        v = (
-            beta2 * tl.load(exp_avg_sq_ptr + row * D + cols, mask=mask, other=0.0)
-            + (1.0 - beta2) * g * g
-        )
-        tl.store(exp_avg_ptr + row * D + cols, m, mask=mask)
-        tl.store(exp_avg_sq_ptr + row * D + cols, v, mask=mask)
-        bc1 = tl.load(bc1_ptr + u)
-        bc2 = tl.load(bc2_ptr + u)
-        w = w - lr * (m / bc1) / (tl.sqrt(v / bc2) + eps)
-    tl.store(values_ptr + row * D + cols, w.to(values_ptr.dtype.element_ty), mask=mask)
+# Whether the kernels above run under the interpreter (decided when they were decorated).
+INTERPRETED = isinstance(_bag_forward_kernel, InterpretedFunction)
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    # Kernels address rows through a row stride but expect adjacent columns.
+    return t if t.stride(1) == 1 else t.contiguous()
 
 
 def bag_forward(
@@ -158,14 +170,20 @@ def bag_forward(
 ) -> torch.Tensor:
     n, k = idx_NK.shape
     d = values_VD.shape[1]
-    out_ND = torch.empty(n, d, dtype=torch.float32, device=values_VD.device)
-    if n == 0:
-        return out_ND
-    block_d = _block(d, 256)
-    _bag_forward_kernel[(n, triton.cdiv(d, block_d))](
-        values_VD, idx_NK.contiguous(), scores_NK.contiguous(), out_ND, k, d, BLOCK_D=block_d
+    values_VD = _unit_stride(values_VD)
+    y_ND = torch.empty(n, d, dtype=torch.float32, device=values_VD.device)
+    blocks = forward_blocks(k, d)
+    _bag_forward_kernel[(n, triton.cdiv(d, blocks["BLOCK_D"]))](
+        values_VD,
+        idx_NK.contiguous(),
+        scores_NK.contiguous(),
+        y_ND,
+        k,
+        d,
+        values_VD.stride(0),
+        **blocks,
     )
-    return out_ND
+    return y_ND
 
 
 def bag_backward_scores(
@@ -173,21 +191,21 @@ def bag_backward_scores(
 ) -> torch.Tensor:
     n, k = idx_NK.shape
     d = values_VD.shape[1]
-    out_NK = torch.empty(n, k, dtype=torch.float32, device=values_VD.device)
-    if n == 0:
-        return out_NK
-    block_k, block_d = _block(k, 64), _block(d, 64)
-    _bag_backward_scores_kernel[(n, triton.cdiv(k, block_k))](
+    values_VD, dy_ND = _unit_stride(values_VD), _unit_stride(dy_ND)
+    dscores_NK = torch.empty(n, k, dtype=torch.float32, device=values_VD.device)
+    blocks = scores_blocks(k, d)
+    _bag_backward_scores_kernel[(n, triton.cdiv(k, blocks["BLOCK_K"]))](
         values_VD,
         idx_NK.contiguous(),
-        dy_ND.contiguous(),
-        out_NK,
+        dy_ND,
+        dscores_NK,
         k,
         d,
-        BLOCK_K=block_k,
-        BLOCK_D=block_d,
+        values_VD.stride(0),
+        dy_ND.stride(0),
+        **blocks,
     )
-    return out_NK
+    return dscores_NK
 
 
 def bag_backward_values(
@@ -195,64 +213,20 @@ def bag_backward_values(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = idx_NK.shape
     d = dy_ND.shape[1]
+    dy_ND = _unit_stride(dy_ND)
     rows_U, offsets_U1, order_M = reverse_index(idx_NK)
+    bag_M = torch.div(order_M, k, rounding_mode="floor")
+    weight_M = scores_NK.reshape(-1).float()[order_M]
     grad_UD = torch.empty(rows_U.numel(), d, dtype=torch.float32, device=dy_ND.device)
-    if rows_U.numel() == 0:
-        return rows_U, grad_UD
-    block_d = _block(d, 256)
-    _bag_backward_values_kernel[(rows_U.numel(), triton.cdiv(d, block_d))](
-        order_M,
+    blocks = values_blocks(d)
+    _bag_backward_values_kernel[(rows_U.numel(), triton.cdiv(d, blocks["BLOCK_D"]))](
+        bag_M,
+        weight_M,
         offsets_U1,
-        scores_NK.contiguous(),
-        dy_ND.contiguous(),
+        dy_ND,
         grad_UD,
-        k,
         d,
-        BLOCK_D=block_d,
+        dy_ND.stride(0),
+        **blocks,
     )
     return rows_U, grad_UD
-
-
-def sparse_update_(
-    optimizer: str,
-    values_VD: torch.Tensor,
-    state: dict[str, torch.Tensor],
-    rows_U: torch.Tensor,
-    grad_UD: torch.Tensor,
-    *,
-    lr: float,
-    eps: float,
-    betas: tuple[float, float],
-    weight_decay: float,
-) -> None:
-    if rows_U.numel() == 0:
-        return
-    d = values_VD.shape[1]
-    # Unused state pointers still need a tensor; the constexpr branch never reads them.
-    dummy = grad_UD
-    bc1_U = bc2_U = dummy
-    if optimizer == "adam":
-        # Per-row step counts and bias corrections in fp64 on the host side: 1 - beta**t
-        # loses digits in fp32 for beta2 close to 1.
-        t_U = state["step"].index_select(0, rows_U) + 1
-        state["step"].index_copy_(0, rows_U, t_U)
-        bc1_U = (1 - betas[0] ** t_U.double()).float()
-        bc2_U = (1 - betas[1] ** t_U.double()).float()
-    _sparse_update_kernel[(rows_U.numel(),)](
-        values_VD,
-        rows_U.contiguous(),
-        grad_UD.float().contiguous(),
-        state.get("sum_sq", dummy),
-        state.get("exp_avg", dummy),
-        state.get("exp_avg_sq", dummy),
-        bc1_U,
-        bc2_U,
-        d,
-        float(lr),
-        float(eps),
-        float(betas[0]),
-        float(betas[1]),
-        float(weight_decay),
-        OPTIMIZER=OPTIMIZER_CODES[optimizer],
-        BLOCK_D=triton.next_power_of_2(d),
-    )

@@ -1,0 +1,237 @@
+"""Sharded memory benchmark: what shards cost against a local table, in the same run.
+
+Three measurements, one JSON object (machine, versions, config, results):
+
+1. ``tables``: lookup + backward + sparse step per token for a local table and for
+   RemoteTables with M shards (row and column plans, in-process and Ray
+   transports), as a ratio to the local table; bytes moved per token from the
+   shards' own counters.
+2. ``cache``: the same for one shard whose zarr-backed region is 4x its row cache,
+   against the in-memory shard.
+3. ``model_steps``: a full training step of the small model (local table) for
+   tables of growing rows at nearly equal FLOPs: the memory layer's cost should
+   stay flat while parameters grow.
+
+    python benchmarks/bench_sharded.py [--quick] [--big] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import memdist
+from memdist.cluster.plan import make_plan
+from memdist.cluster.shard import ShardServer
+from memdist.remote import RemoteTable
+from memdist.transport import InProcessTransport, RayTransport
+from memdist.values import LocalTable
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}  # fmt: skip
+
+
+def versions() -> dict:
+    import ray
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__,
+            "memdist": memdist.__version__}  # fmt: skip
+
+
+def workload(rows: int, tokens: int, bag: int, dim: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, rows, (tokens, bag), generator=g)
+    scores = torch.softmax(torch.randn(tokens, bag, generator=g), -1)
+    dy = torch.randn(tokens, dim, generator=g)
+    return idx, scores, dy
+
+
+def time_table(table, batches, repeats: int) -> float:
+    """Median seconds of lookup + backward + step over the batches."""
+    times = []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        for idx, scores, dy in batches:
+            s = scores.clone().requires_grad_(True)
+            table.lookup(idx, s).backward(dy)
+            table.step()
+        if r:  # the first pass warms up
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def shard_bytes(table) -> int:
+    return sum(s.get("bytes_in", 0) + s.get("bytes_out", 0) for s in table.stats())
+
+
+def bench_tables(rows, dim, tokens, bag, shard_counts, transports, repeats) -> list[dict]:
+    batches = [workload(rows, tokens, bag, dim, seed) for seed in range(3)]
+    n_tokens = tokens * len(batches)
+    local = LocalTable(rows, dim, optimizer="adam", lr=1e-3, seed=0)
+    base = time_table(local, batches, repeats)
+    out = [{"impl": "local", "shards": 0, "us_per_token": base / n_tokens * 1e6, "vs_local": 1.0,
+            "bytes_per_token": 0.0}]  # fmt: skip
+    for transport in transports:
+        for kind in ("row", "column"):
+            for m in shard_counts:
+                plan = make_plan(kind, rows, dim, m)
+                actors = []
+                if transport == "ray":
+                    from memdist.cluster.actors import start_shards, stop_shards
+
+                    actors = start_shards(plan, seed=0, optimizer="adam", lr=1e-3)
+                    t: RayTransport | InProcessTransport = RayTransport(actors)
+                else:
+                    t = InProcessTransport(
+                        [ShardServer(r, kind, dim, seed=0) for r in plan.regions]
+                    )
+                table = RemoteTable(plan, t)
+                sec = time_table(table, batches, repeats)
+                passes = repeats + 1
+                out.append({
+                    "impl": f"{transport}/{kind}", "shards": m,
+                    "us_per_token": sec / n_tokens * 1e6, "vs_local": sec / base,
+                    "bytes_per_token": shard_bytes(table) / (n_tokens * passes),
+                })  # fmt: skip
+                if actors:
+                    stop_shards(actors)
+    return out
+
+
+def bench_cache(rows, dim, tokens, bag, repeats) -> list[dict]:
+    region = make_plan("row", rows, dim, 1).regions[0]
+    batches = [workload(rows, tokens, bag, dim, seed) for seed in range(3)]
+    n_tokens = tokens * len(batches)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, kw in (("in_memory", {}),
+                          ("zarr_cache_1/4", {"store_path": tmp + "/s", "cache_rows": rows // 4})):  # fmt: skip
+            server = ShardServer(region, "row", dim, seed=0, optimizer="adam", lr=1e-3, **kw)
+            table = RemoteTable(make_plan("row", rows, dim, 1), InProcessTransport([server]))
+            sec = time_table(table, batches, repeats)
+            stats = server.stats()
+            results.append({"impl": label, "us_per_token": sec / n_tokens * 1e6,
+                            "cache_hits": stats.get("cache_hits"),
+                            "cache_misses": stats.get("cache_misses")})  # fmt: skip
+    base = results[0]["us_per_token"]
+    for r in results:
+        r["vs_in_memory"] = r["us_per_token"] / base
+    return results
+
+
+def bench_model_steps(n_keys_list, steps) -> list[dict]:
+    from memdist.assembly import build_model, make_optimizer, unique_tables
+    from memdist.config import load_config
+    from memdist.model import flops_per_token
+    from memdist.step import loss_fn
+
+    out = []
+    for n_keys in n_keys_list:
+        cfg = load_config("small", [f"model.memory.n_keys={n_keys}", "shards.count=0",
+                                    "model.memory.value_optimizer=sgd"])  # fmt: skip
+        model, tables = build_model(cfg, torch.device("cpu"))
+        tables = unique_tables(tables)
+        opt, _ = make_optimizer(cfg, model)
+        b, t = cfg.data.batch_size, cfg.data.seq_len
+        x = torch.randint(0, 256, (b, t + 1))
+        times = []
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            loss = loss_fn(model(x[:, :-1]), x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            for table in tables:
+                table.step()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        out.append({"rows": n_keys**2, "value_params": n_keys**2 * cfg.model.dim,
+                    "flops_per_token": flops_per_token(cfg.model, t)["forward"],
+                    "step_ms": sorted(times)[len(times) // 2] * 1e3})  # fmt: skip
+        del model, tables
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [r for r in result["tables"] if r["shards"]]
+    for impl in sorted({r["impl"] for r in rows}):
+        pts = [r for r in rows if r["impl"] == impl]
+        a.plot([r["shards"] for r in pts], [r["vs_local"] for r in pts], "o-", label=impl)
+    a.axhline(1.0, color="gray", lw=1, ls="--", label="local table")
+    a.set_xlabel("shards")
+    a.set_ylabel("lookup+backward+step time / local")
+    a.legend()
+    a.grid(True, alpha=0.3)
+    steps = result["model_steps"]
+    b.plot([r["rows"] for r in steps], [r["step_ms"] for r in steps], "o-")
+    b.set_xscale("log")
+    b.set_xlabel("table rows")
+    b.set_ylabel("training step (ms)")
+    b.set_ylim(bottom=0)
+    b.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--big", action="store_true", help="also a 16M-row table (8 GB of values)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    rows, dim, tokens, bag = 65536, 128, (512 if args.quick else 2048), 64
+    repeats = 2 if args.quick else 5
+    started = time.time()
+    result = {
+        "benchmark": "sharded",
+        "machine": machine(),
+        "versions": versions(),
+        "config": {
+            "rows": rows,
+            "dim": dim,
+            "tokens": tokens,
+            "bag": bag,
+            "repeats": repeats,
+            "value_optimizer": "adam",
+            "payload": "fp32",
+            "quick": args.quick,
+        },  # fmt: skip
+        "tables": bench_tables(rows, dim, tokens, bag, [1, 2, 4], ["inprocess", "ray"], repeats),
+        # A quarter of the cached table must hold one step's rows: 8 x (tokens * bag).
+        "cache": bench_cache(8 * tokens * bag, 64, tokens, bag, repeats),
+        "model_steps": bench_model_steps(
+            [256, 1024] + ([4096] if args.big else []), 3 if args.quick else 8
+        ),  # fmt: skip
+    }
+    result["seconds"] = time.time() - started
+    ray.shutdown()
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sharded.json").write_text(json.dumps(result, indent=2))
+        plot(result, args.out / "sharded.png")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
