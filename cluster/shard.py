@@ -29,6 +29,7 @@ from memdist.errors import ConfigError
 from memdist.storage.row_cache import CachedRows, state_spec
 from memdist.storage.zarr_region import ZarrRegion
 from memdist.values import SparseRows, init_values
+from memdist.wire import PackedIndices, unpack
 
 
 class ShardServer:
@@ -88,26 +89,31 @@ class ShardServer:
         mask_NK = (idx_NK >= r0) & (idx_NK < r1)
         return self.rows.to_slots(torch.where(mask_NK, idx_NK - r0, 0)), mask_NK
 
-    def _count_io(self, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        self.counters["bytes_in"] += sum(t.numel() * t.element_size() for t in inputs)
+    def _count_io(self, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        self.counters["bytes_in"] += sum(
+            t.nbytes if isinstance(t, PackedIndices) else t.numel() * t.element_size()
+            for t in inputs
+        )
         self.counters["bytes_out"] += output.numel() * output.element_size()
 
-    def lookup(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
+    def lookup(self, idx: torch.Tensor | PackedIndices, scores_NK: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        idx_NK, scores_NK = idx_NK.to(self.device), scores_NK.to(self.device)
+        wire_in = (idx, scores_NK)
+        idx_NK, scores_NK = unpack(idx).to(self.device), scores_NK.to(self.device)
         local_NK, mask_NK = self._local(idx_NK)
         weights_NK = scores_NK.float() if mask_NK is None else scores_NK.float() * mask_NK
         y = kernels.bag_forward(self.rows.weight_VD, local_NK, weights_NK, backend=self.backend)
         self.counters["lookups"] += 1
         self.counters["kernel_ns"] += int((time.perf_counter() - t0) * 1e9)
-        self._count_io((idx_NK, scores_NK), y)
+        self._count_io(wire_in, y)
         return y.cpu()
 
     def backward(
-        self, idx_NK: torch.Tensor, scores_NK: torch.Tensor, dy: torch.Tensor
+        self, idx: torch.Tensor | PackedIndices, scores_NK: torch.Tensor, dy: torch.Tensor
     ) -> torch.Tensor:
         t0 = time.perf_counter()
-        idx_NK, scores_NK = idx_NK.to(self.device), scores_NK.to(self.device).float()
+        wire_in = (idx, scores_NK, dy)
+        idx_NK, scores_NK = unpack(idx).to(self.device), scores_NK.to(self.device).float()
         dy = dy.to(self.device).float()
         local_NK, mask_NK = self._local(idx_NK)
         w = self.rows.weight_VD
@@ -128,7 +134,7 @@ class ShardServer:
         self.rows.accumulate(rows_U, grad_UD)
         self.counters["backwards"] += 1
         self.counters["kernel_ns"] += int((time.perf_counter() - t0) * 1e9)
-        self._count_io((idx_NK, scores_NK, dy), dscores_NK)
+        self._count_io(wire_in, dscores_NK)
         return dscores_NK.cpu()
 
     def step(self, grad_scale: float = 1.0) -> int:

@@ -15,19 +15,22 @@ import torch
 
 from memdist.cluster.plan import ShardingPlan
 from memdist.transport import Transport
+from memdist.wire import PackedIndices
 
 
 class _RemoteBag(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores_NK, idx_NK, table):
-        ctx.save_for_backward(scores_NK, idx_NK)
+        ctx.save_for_backward(scores_NK)
         ctx.table = table
-        return table._forward(idx_NK, scores_NK.detach().float()).to(scores_NK.dtype)
+        # Packed once: the same de-duplicated indices travel with the backward.
+        ctx.packed = PackedIndices.pack(idx_NK.detach().cpu())
+        return table._forward(ctx.packed, scores_NK.detach().float()).to(scores_NK.dtype)
 
     @staticmethod
     def backward(ctx, dy_ND):
-        scores_NK, idx_NK = ctx.saved_tensors
-        dscores = ctx.table._backward(idx_NK, scores_NK.detach().float(), dy_ND.float())
+        (scores_NK,) = ctx.saved_tensors
+        dscores = ctx.table._backward(ctx.packed, scores_NK.detach().float(), dy_ND.float())
         return dscores.to(scores_NK.dtype), None, None
 
 
@@ -45,8 +48,7 @@ class RemoteTable:
         handles = [self.transport.submit(s, method, *args) for s, args in enumerate(args_per_shard)]
         return self.transport.wait(handles, method)
 
-    def _forward(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
-        idx_NK = idx_NK.detach().cpu()
+    def _forward(self, idx_NK: PackedIndices, scores_NK: torch.Tensor) -> torch.Tensor:
         scores_NK = scores_NK.cpu()
         parts = self._call_all("lookup", [(idx_NK, scores_NK)] * self.plan.shards)
         if self.plan.kind == "column":
@@ -57,9 +59,9 @@ class RemoteTable:
         return y
 
     def _backward(
-        self, idx_NK: torch.Tensor, scores_NK: torch.Tensor, dy_ND: torch.Tensor
+        self, idx_NK: PackedIndices, scores_NK: torch.Tensor, dy_ND: torch.Tensor
     ) -> torch.Tensor:
-        idx_NK, scores_NK, dy_ND = idx_NK.cpu(), scores_NK.cpu(), dy_ND.cpu()
+        scores_NK, dy_ND = scores_NK.cpu(), dy_ND.cpu()
         if self.plan.kind == "column":
             args = [
                 (idx_NK, scores_NK, dy_ND[:, r.col_start : r.col_stop].contiguous())
@@ -76,7 +78,8 @@ class RemoteTable:
     def lookup(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
         device = scores_NK.device
         if not torch.is_grad_enabled():
-            return self._forward(idx_NK, scores_NK.float()).to(device, scores_NK.dtype)
+            packed = PackedIndices.pack(idx_NK.detach().cpu())
+            return self._forward(packed, scores_NK.float()).to(device, scores_NK.dtype)
         return _RemoteBag.apply(scores_NK, idx_NK, self).to(device)
 
     def step(self, grad_scale: float = 1.0) -> int:

@@ -206,3 +206,20 @@ def test_training_with_quarter_budget_cache_matches_in_memory_shards(ray_local, 
 def test_budget_too_small_for_one_step_is_refused():
     with pytest.raises(ConfigError, match="budget of .* holds .* rows, fewer than"):
         start_remote_tables(tiny("shards.count=2", "shards.budget_mb=0.001"))
+
+
+def test_indices_travel_deduplicated():
+    from memdist.wire import PackedIndices
+
+    idx = torch.tensor([[5, 9, 5, 5], [9, 9, 2**40, 5]])
+    packed = PackedIndices.pack(idx)
+    assert packed.rows_U.tolist() == [5, 9, 2**40] and packed.inverse_NK.dtype == torch.int32
+    assert torch.equal(packed.unpack(), idx)
+    assert packed.nbytes == 3 * 8 + 8 * 4 < idx.numel() * 8
+    # A shard counts what actually arrived: packed indices plus scores.
+    plan = make_plan("row", 64, 4, 1)
+    server = ShardServer(plan.regions[0], "row", 4, seed=0)
+    table = RemoteTable(plan, InProcessTransport([server]))
+    idx = torch.full((16, 8), 3)
+    table.lookup(idx, torch.rand(16, 8))
+    assert server.stats()["bytes_in"] == 8 + 16 * 8 * 4 + 16 * 8 * 4
