@@ -111,12 +111,17 @@ class MemoryLayer(nn.Module):
             self.usage_V += torch.bincount(idx_NK.flatten(), minlength=self.usage_V.numel()).to(
                 self.usage_V.device
             )
-        # One bag of H*K rows per token: summing the heads' pooled outputs.
-        y_NE = self._table.lookup(idx_NK, scores_NK)
-        if self.cfg.swilu:
-            y_NE = self.wo(y_NE * F.silu(self.w1(x_ND)))
-        if self.gate is not None:
-            y_NE = y_NE * torch.sigmoid(self.gate(x_ND))
+        # One bag of H*K rows per token: summing the heads' pooled outputs. A table that
+        # can (remote shards) starts the lookup now, so the branches below overlap with it.
+        start = getattr(self._table, "lookup_async", None)
+        pending = start(idx_NK, scores_NK) if start is not None else None
+        up_NE = F.silu(self.w1(x_ND)) if self.cfg.swilu else None
+        gate_N1 = torch.sigmoid(self.gate(x_ND)) if self.gate is not None else None
+        y_NE = pending.wait() if pending is not None else self._table.lookup(idx_NK, scores_NK)
+        if up_NE is not None:
+            y_NE = self.wo(y_NE * up_NE)
+        if gate_N1 is not None:
+            y_NE = y_NE * gate_N1
         return y_NE.view(b, t, d)
 
 

@@ -19,19 +19,40 @@ from memdist.wire import PackedIndices
 
 
 class _RemoteBag(torch.autograd.Function):
+    """Forward collects replies to a lookup already sent; backward sends the gradient."""
+
     @staticmethod
-    def forward(ctx, scores_NK, idx_NK, table):
+    def forward(ctx, scores_NK, pending):
         ctx.save_for_backward(scores_NK)
-        ctx.table = table
-        # Packed once: the same de-duplicated indices travel with the backward.
-        ctx.packed = PackedIndices.pack(idx_NK.detach().cpu())
-        return table._forward(ctx.packed, scores_NK.detach().float()).to(scores_NK.dtype)
+        ctx.table = pending.table
+        ctx.packed = pending.packed  # the same de-duplicated indices travel with the backward
+        return pending.table._combine(pending.handles).to(scores_NK.dtype)
 
     @staticmethod
     def backward(ctx, dy_ND):
         (scores_NK,) = ctx.saved_tensors
         dscores = ctx.table._backward(ctx.packed, scores_NK.detach().float(), dy_ND.float())
-        return dscores.to(scores_NK.dtype), None, None
+        return dscores.to(scores_NK.dtype), None
+
+
+class PendingLookup:
+    """A lookup whose requests are on their way to the shards; ``wait()`` gives y."""
+
+    def __init__(self, table: RemoteTable, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> None:
+        self.table = table
+        self.scores_NK = scores_NK
+        self.packed = PackedIndices.pack(idx_NK.detach().cpu())
+        payload = scores_NK.detach().float().cpu()
+        self.handles = [
+            table.transport.submit(s, "lookup", self.packed, payload)
+            for s in range(table.plan.shards)
+        ]
+
+    def wait(self) -> torch.Tensor:
+        device, dtype = self.scores_NK.device, self.scores_NK.dtype
+        if not torch.is_grad_enabled():
+            return self.table._combine(self.handles).to(device, dtype)
+        return _RemoteBag.apply(self.scores_NK, self).to(device)
 
 
 class RemoteTable:
@@ -48,9 +69,8 @@ class RemoteTable:
         handles = [self.transport.submit(s, method, *args) for s, args in enumerate(args_per_shard)]
         return self.transport.wait(handles, method)
 
-    def _forward(self, idx_NK: PackedIndices, scores_NK: torch.Tensor) -> torch.Tensor:
-        scores_NK = scores_NK.cpu()
-        parts = self._call_all("lookup", [(idx_NK, scores_NK)] * self.plan.shards)
+    def _combine(self, handles: list[Any]) -> torch.Tensor:
+        parts = self.transport.wait(handles, "lookup")
         if self.plan.kind == "column":
             return torch.cat(parts, dim=1)
         y = parts[0]
@@ -75,12 +95,12 @@ class RemoteTable:
             dscores = dscores + part
         return dscores
 
+    def lookup_async(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> PendingLookup:
+        """Send the lookup now; the caller does other work and then ``wait()``s."""
+        return PendingLookup(self, idx_NK, scores_NK)
+
     def lookup(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
-        device = scores_NK.device
-        if not torch.is_grad_enabled():
-            packed = PackedIndices.pack(idx_NK.detach().cpu())
-            return self._forward(packed, scores_NK.float()).to(device, scores_NK.dtype)
-        return _RemoteBag.apply(scores_NK, idx_NK, self).to(device)
+        return self.lookup_async(idx_NK, scores_NK).wait()
 
     def step(self, grad_scale: float = 1.0) -> int:
         touched = self._call_all("step", [(grad_scale,)] * self.plan.shards)

@@ -223,3 +223,19 @@ def test_indices_travel_deduplicated():
     idx = torch.full((16, 8), 3)
     table.lookup(idx, torch.rand(16, 8))
     assert server.stats()["bytes_in"] == 8 + 16 * 8 * 4 + 16 * 8 * 4
+
+
+def test_lookup_is_sent_before_it_is_awaited():
+    plan = make_plan("column", 64, 6, 2)
+    servers = [ShardServer(r, "column", 6, seed=0) for r in plan.regions]
+    table = RemoteTable(plan, InProcessTransport(servers))
+    idx, scores = torch.randint(0, 64, (5, 4)), torch.rand(5, 4, requires_grad=True)
+    pending = table.lookup_async(idx, scores)
+    assert [s.stats()["lookups"] for s in servers] == [1, 1]  # already at the shards
+    y = pending.wait()
+    local = LocalTable(64, 6, seed=0)
+    s2 = scores.detach().clone().requires_grad_(True)
+    torch.testing.assert_close(y, local.lookup(idx, s2), rtol=1e-6, atol=1e-6)
+    y.sum().backward()
+    local.lookup(idx, s2).sum().backward()
+    torch.testing.assert_close(scores.grad, s2.grad, rtol=1e-6, atol=1e-6)
