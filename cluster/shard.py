@@ -106,7 +106,7 @@ class ShardServer:
         self.counters["lookups"] += 1
         self.counters["kernel_ns"] += int((time.perf_counter() - t0) * 1e9)
         self._count_io(wire_in, y)
-        return y.cpu()
+        return y.to(wire_in[1].dtype).cpu()  # replies travel in the request's payload dtype
 
     def backward(
         self, idx: torch.Tensor | PackedIndices, scores_NK: torch.Tensor, dy: torch.Tensor
@@ -135,7 +135,7 @@ class ShardServer:
         self.counters["backwards"] += 1
         self.counters["kernel_ns"] += int((time.perf_counter() - t0) * 1e9)
         self._count_io(wire_in, dscores_NK)
-        return dscores_NK.cpu()
+        return dscores_NK.to(wire_in[2].dtype).cpu()
 
     def step(self, grad_scale: float = 1.0) -> int:
         t0 = time.perf_counter()

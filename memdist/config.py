@@ -141,6 +141,7 @@ class ShardsConfig:
     cpus_per_shard: float = 0.0  # Ray resources each shard actor reserves
     gpus_per_shard: float = 0.0
     threads_per_shard: int = 1
+    payload: str = "fp32"  # dtype of scores, outputs and gradients on the wire: fp32 | bf16 | fp16
 
 
 @dataclass(kw_only=True, slots=True)
@@ -435,6 +436,10 @@ def validate(cfg: RunConfig) -> None:
     _check(
         sh.transport in ("ray", "inprocess"),
         f"shards.transport={sh.transport!r} must be ray or inprocess",
+    )
+    _check(
+        sh.payload in ("fp32", "bf16", "fp16"),
+        f"shards.payload={sh.payload!r} must be fp32, bf16 or fp16",
     )
     _check(sh.timeout_s > 0, f"shards.timeout_s={sh.timeout_s} must be > 0")
     _check(

@@ -31,7 +31,8 @@ class _RemoteBag(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_ND):
         (scores_NK,) = ctx.saved_tensors
-        dscores = ctx.table._backward(ctx.packed, scores_NK.detach().float(), dy_ND.float())
+        payload = ctx.table.payload
+        dscores = ctx.table._backward(ctx.packed, scores_NK.detach().to(payload), dy_ND.to(payload))
         return dscores.to(scores_NK.dtype), None
 
 
@@ -42,7 +43,7 @@ class PendingLookup:
         self.table = table
         self.scores_NK = scores_NK
         self.packed = PackedIndices.pack(idx_NK.detach().cpu())
-        payload = scores_NK.detach().float().cpu()
+        payload = scores_NK.detach().cpu().to(table.payload)
         self.handles = [
             table.transport.submit(s, "lookup", self.packed, payload)
             for s in range(table.plan.shards)
@@ -58,9 +59,14 @@ class PendingLookup:
 class RemoteTable:
     """Value rows held by the shards of ``plan``, reached through ``transport``."""
 
-    def __init__(self, plan: ShardingPlan, transport: Transport) -> None:
+    def __init__(
+        self, plan: ShardingPlan, transport: Transport, payload: torch.dtype = torch.float32
+    ) -> None:
+        """``payload`` is the dtype scores, outputs and gradients travel in (fp32, bf16, fp16);
+        the shards compute in fp32 either way."""
         self.plan = plan
         self.transport = transport
+        self.payload = payload
         self.num_rows = plan.num_rows
         self.dim = plan.dim
         self.rows_touched_last_step = 0
@@ -70,7 +76,7 @@ class RemoteTable:
         return self.transport.wait(handles, method)
 
     def _combine(self, handles: list[Any]) -> torch.Tensor:
-        parts = self.transport.wait(handles, "lookup")
+        parts = [p.float() for p in self.transport.wait(handles, "lookup")]
         if self.plan.kind == "column":
             return torch.cat(parts, dim=1)
         y = parts[0]
@@ -89,7 +95,7 @@ class RemoteTable:
             ]
         else:
             args = [(idx_NK, scores_NK, dy_ND)] * self.plan.shards
-        parts = self._call_all("backward", args)
+        parts = [p.float() for p in self._call_all("backward", args)]
         dscores = parts[0]
         for part in parts[1:]:
             dscores = dscores + part

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from memdist.assembly import table_seed
 from memdist.cluster.plan import ShardingPlan, cache_rows_for, choose_plan
 from memdist.cluster.shard import ShardServer
@@ -109,7 +111,8 @@ def start_remote_tables(
             )  # fmt: skip
             group.actors += actors
             transport = RayTransport(actors, timeout_s=sh.timeout_s)
-        tables.append(RemoteTable(plan, transport))
+        payload = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        tables.append(RemoteTable(plan, transport, payload[sh.payload]))
     if mem.shared_table:
         return [tables[0] for _ in mem.layers], group
     return tables, group

@@ -239,3 +239,27 @@ def test_lookup_is_sent_before_it_is_awaited():
     y.sum().backward()
     local.lookup(idx, s2).sum().backward()
     torch.testing.assert_close(scores.grad, s2.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_bf16_payload_halves_the_bytes_and_stays_close():
+    ref_losses, _ = run(tiny(), steps=10)
+    fp32 = tiny("shards.count=2", "shards.plan=row", "shards.transport=inprocess")
+    bf16 = tiny(
+        "shards.count=2", "shards.plan=row", "shards.transport=inprocess", "shards.payload=bf16"
+    )
+    l32, _ = run(fp32, steps=10)
+    l16, _ = run(bf16, steps=10)
+    torch.testing.assert_close(torch.tensor(l32), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    # bf16 on the wire is an approximation: close, not equal.
+    torch.testing.assert_close(torch.tensor(l16), torch.tensor(ref_losses), rtol=2e-2, atol=0)
+    assert l16 != ref_losses
+    tables, group = start_remote_tables(bf16)
+    try:
+        idx, scores = torch.randint(0, 256, (8, 16)), torch.rand(8, 16)
+        y = tables[0].lookup(idx, scores)
+        assert y.dtype == torch.float32
+        sent = tables[0].stats()[0]["bytes_in"]
+        assert sent == 8 * 16 * 4 + (idx.unique().numel() * 8) + 8 * 16 * 2  # int32 map, rows, bf16
+    finally:
+        group.stop()
