@@ -123,6 +123,7 @@ class SparseRows:
         self._grads = []
         if pending is None:
             self.rows_touched_last_step = 0
+            self._after_step(torch.empty(0, dtype=torch.int64))
             return 0
         rows_U, grad_UD = pending
         if grad_scale != 1.0:
@@ -141,7 +142,11 @@ class SparseRows:
         )
         self.steps += 1
         self.rows_touched_last_step = int(rows_U.numel())
+        self._after_step(rows_U)
         return self.rows_touched_last_step
+
+    def _after_step(self, rows_U: torch.Tensor) -> None:
+        """Hook for subclasses that track which rows changed (a row cache)."""
 
     def zero_grad(self) -> None:
         self._grads = []

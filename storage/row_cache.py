@@ -20,6 +20,7 @@ import torch
 from memdist import kernels
 from memdist.errors import ShardError
 from memdist.storage.zarr_region import ZarrRegion
+from memdist.values import SparseRows
 
 STATE_DTYPES = {"sum_sq": "float32", "exp_avg": "float32", "exp_avg_sq": "float32", "step": "int64"}
 
@@ -29,7 +30,9 @@ def state_spec(optimizer: str, cols: int) -> dict[str, tuple[tuple[int, ...], st
     return {name: (tuple(t.shape[1:]), STATE_DTYPES[name]) for name, t in shapes.items()}
 
 
-class CachedRows:
+class CachedRows(SparseRows):
+    """``SparseRows`` whose ``weight_VD`` and state hold cache slots, not region rows."""
+
     def __init__(
         self,
         store: ZarrRegion,
@@ -45,12 +48,11 @@ class CachedRows:
     ) -> None:
         self.store = store
         self.capacity = min(cache_rows, store.rows)
-        self.dim = store.cols
-        self.optimizer, self.lr, self.weight_decay = optimizer, lr, weight_decay
-        self.eps, self.betas, self.backend = eps, betas, backend
         self.device = torch.device(device)
-        self.weight_VD = torch.zeros(self.capacity, self.dim, device=self.device)
-        self.state = kernels.init_optimizer_state(optimizer, self.capacity, self.dim, self.device)
+        super().__init__(
+            torch.zeros(self.capacity, store.cols, device=self.device), optimizer=optimizer,
+            lr=lr, weight_decay=weight_decay, eps=eps, betas=betas, backend=backend,
+        )  # fmt: skip
         self.slot_of = np.full(store.rows, -1, dtype=np.int64)  # region row -> slot
         self.row_of = np.full(self.capacity, -1, dtype=np.int64)  # slot -> region row
         self.dirty = np.zeros(self.capacity, dtype=bool)
@@ -58,9 +60,6 @@ class CachedRows:
         self.last_used = np.zeros(self.capacity, dtype=np.int64)
         self.clock = 0
         self.counters: Counter[str] = Counter()
-        self._grads: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.steps = 0
-        self.rows_touched_last_step = 0
 
     # -- residency ---------------------------------------------------------------
     def _evict(self, slots: np.ndarray) -> None:
@@ -123,42 +122,17 @@ class CachedRows:
         slots_U = self.resolve(rows_U.numpy())
         return torch.from_numpy(slots_U)[inverse].to(local_NK.device)
 
-    # -- the SparseRows interface, on slots -------------------------------------
+    # -- gradients and steps run on slots; pinned slots stay until their step ---
     def accumulate(self, slots_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
         self.pinned[slots_U.cpu().numpy()] = True
-        self._grads.append((slots_U, grad_UD.float()))
+        super().accumulate(slots_U, grad_UD)
 
-    def pending_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if not self._grads:
-            return None
-        rows = torch.cat([r for r, _ in self._grads])
-        grads = torch.cat([g for _, g in self._grads])
-        slots_U, inverse = torch.unique(rows, sorted=True, return_inverse=True)
-        grad_UD = torch.zeros(slots_U.numel(), self.dim, dtype=grads.dtype, device=grads.device)
-        grad_UD.index_add_(0, inverse, grads)
-        return slots_U, grad_UD
-
-    def step(self, grad_scale: float = 1.0) -> int:
-        pending = self.pending_grads()
-        self._grads = []
-        self.pinned[:] = False
-        if pending is None:
-            self.rows_touched_last_step = 0
-            return 0
-        slots_U, grad_UD = pending
-        if grad_scale != 1.0:
-            grad_UD = grad_UD * grad_scale
-        kernels.sparse_update_(
-            self.optimizer, self.weight_VD, self.state, slots_U, grad_UD, lr=self.lr,
-            eps=self.eps, betas=self.betas, weight_decay=self.weight_decay, backend=self.backend,
-        )  # fmt: skip
+    def _after_step(self, slots_U: torch.Tensor) -> None:
         self.dirty[slots_U.cpu().numpy()] = True
-        self.steps += 1
-        self.rows_touched_last_step = int(slots_U.numel())
-        return self.rows_touched_last_step
+        self.pinned[:] = False
 
     def zero_grad(self) -> None:
-        self._grads = []
+        super().zero_grad()
         self.pinned[:] = False
 
     def flush(self) -> None:
