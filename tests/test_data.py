@@ -34,6 +34,30 @@ def test_held_out_questions_are_answerable_only_from_biographies():
         assert f"Q: Where was {name} born?\nA:" in text
 
 
+def test_documents_have_the_promised_shape():
+    corpus = generate_corpus(30, n_bio_variants=3, seed=2)
+    bios = [d for d in corpus.train_docs if not d.startswith("Q:")]
+    qa_docs = [d for d in corpus.train_docs if d.startswith("Q:")]
+    assert len(bios) == 30 * 3 and len(qa_docs) == len(corpus.qa_train_people) == 15
+    assert all(100 <= len(d.encode()) <= 300 for d in bios)
+    for doc in qa_docs:  # one document per person, one Q/A pair per attribute
+        lines = doc.splitlines()
+        assert doc.endswith("\n") and len(lines) == 2 * len(ATTRIBUTES)
+        assert all(q.startswith("Q: ") for q in lines[0::2])
+        assert all(a.startswith("A: ") for a in lines[1::2])
+    # The renderings of one person differ (templates and sentence order vary).
+    for person in corpus.people[:5]:
+        assert len({d for d in bios if person.name in d}) > 1
+    # Every cloze prompt is a prefix that the person's biography continues with the value.
+    text = "\n".join(bios)
+    for c in corpus.cloze_eval:
+        assert c.person in c.prompt and not c.prompt.endswith(" ")
+        assert f"{c.prompt} {c.answer}." in text
+    assert {(c.person, c.attribute) for c in corpus.cloze_eval} == {
+        (q.person, q.attribute) for q in corpus.qa_eval
+    }
+
+
 def test_chance_baseline_is_the_majority_guess():
     corpus = generate_corpus(200, seed=0)
     chance = chance_baseline(corpus)
@@ -51,9 +75,15 @@ def _majority(corpus, attribute):
     return max(sorted(set(values)), key=values.count)
 
 
-def test_too_many_people_is_a_config_error():
+def test_bad_corpus_arguments_are_config_errors():
     with pytest.raises(ConfigError, match="data.n_people=100000 exceeds"):
         generate_corpus(100_000)
+    with pytest.raises(ConfigError, match="data.n_people=1 must be >= 2"):
+        generate_corpus(1)
+    with pytest.raises(ConfigError, match="data.n_bio_variants=0 must be >= 1"):
+        generate_corpus(10, n_bio_variants=0)
+    with pytest.raises(ConfigError, match=r"data.qa_train_fraction=1.0 must be in \(0, 1\)"):
+        generate_corpus(10, qa_train_fraction=1.0)
 
 
 def test_tokenizer_round_trip():
@@ -76,6 +106,11 @@ def test_write_corpus_round_trip_and_reuse(tmp_path):
     assert paths["train"].stat().st_mtime_ns == stamp  # a complete set is reused
     write_corpus(generate_corpus(31, seed=1), tmp_path)
     assert pq.read_table(paths["train"]).num_rows != len(corpus.train_docs)
+    # The same arguments give byte-identical files in a fresh folder.
+    first = write_corpus(corpus, tmp_path / "a")
+    second = write_corpus(generate_corpus(30, seed=1), tmp_path / "b")
+    for key in first:
+        assert first[key].read_bytes() == second[key].read_bytes()
 
 
 def write_texts(path, texts, column="text"):
@@ -104,16 +139,32 @@ def test_stream_packs_shifted_windows(tmp_path):
     assert rows == joined[: 3 * 17]
 
 
-def test_rank_sharding_is_disjoint_and_covering(tmp_path):
-    texts = [f"doc-{i:03d};" for i in range(30)]
+def test_stream_runs_past_one_epoch_and_reshuffles(tmp_path):
+    texts = [f"d{i:02d}" for i in range(20)]  # 4 tokens each with EOS: one epoch is 80 tokens
     path = write_texts(tmp_path / "d.parquet", texts)
-    seen = []
-    for rank in range(3):
-        stream = TextStream(path, seq_len=7, batch_size=1, seed=0, rank=rank, world_size=3)
-        seen.append(sorted(stream._docs(__import__("numpy").random.default_rng(0))))
-    assert sum(len(s) for s in seen) == 30
-    assert set(seen[0]).isdisjoint(seen[1]) and set(seen[1]).isdisjoint(seen[2])
-    assert sorted(seen[0] + seen[1] + seen[2]) == sorted(texts)
+    stream = iter(TextStream(path, seq_len=79, batch_size=1, seed=0, shuffle_buffer=8))
+    tok = ByteTokenizer()
+    epochs = []
+    for _ in range(3):  # windows align with epochs here: each holds every document once
+        x, y = next(stream)
+        ids = torch.cat([x, y[:, -1:]], dim=1)[0].tolist()
+        epochs.append(tok.decode(t if t != tok.eos_id else ord(" ") for t in ids).split())
+        assert sorted(epochs[-1]) == texts
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+@pytest.mark.parametrize("n_files", [1, 4])
+def test_rank_sharding_is_disjoint_and_covering(tmp_path, n_files):
+    texts = [f"doc-{i:03d};" for i in range(30)]
+    for k in range(n_files):
+        write_texts(tmp_path / f"{k}.parquet", texts[k::n_files])
+    for epoch in range(3):  # the file order changes per epoch; the shares must stay disjoint
+        seen = []
+        for rank in range(3):
+            stream = TextStream(tmp_path, seq_len=7, batch_size=1, seed=0, rank=rank, world_size=3)
+            seen.append(list(stream.docs(epoch)))
+        assert sum(len(s) for s in seen) == 30
+        assert sorted(seen[0] + seen[1] + seen[2]) == sorted(texts)
 
 
 def test_user_parquet_with_custom_column_directory_and_glob(tmp_path):
@@ -128,9 +179,9 @@ def test_user_parquet_with_custom_column_directory_and_glob(tmp_path):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match=r"missing\.parquet' does not exist"):
         TextStream(tmp_path / "missing.parquet", seq_len=4, batch_size=1)
-    with pytest.raises(DataError, match="no \\*.parquet files"):
+    with pytest.raises(DataError, match=f"{tmp_path.name}' is a directory with no \\*.parquet"):
         TextStream(tmp_path, seq_len=4, batch_size=1)
     with pytest.raises(DataError, match="matches no files"):
         TextStream(str(tmp_path / "*.parquet"), seq_len=4, batch_size=1)
@@ -140,6 +191,17 @@ def test_clear_errors(tmp_path):
     empty = write_texts(tmp_path / "e.parquet", [""])
     with pytest.raises(DataError, match="no text for rank 0"):
         next(iter(TextStream(empty, seq_len=4, batch_size=1)))
+    short = write_texts(tmp_path / "s.parquet", ["tiny"])
+    with pytest.raises(DataError, match=r"has 5 tokens per epoch .* fewer than one batch .* = 9"):
+        next(iter(TextStream(short, seq_len=8, batch_size=1)))
+    numbers = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"text": [1, 2]}), numbers)
+    with pytest.raises(DataError, match="column 'text' of .* has type int64; it must hold strings"):
+        TextStream(numbers, seq_len=4, batch_size=1)
+    with pytest.raises(ConfigError, match="rank=2 must be in"):
+        TextStream(short, seq_len=4, batch_size=1, rank=2, world_size=2)
+    with pytest.raises(ConfigError, match="shuffle_buffer=0 must be >= 1"):
+        TextStream(short, seq_len=4, batch_size=1, shuffle_buffer=0)
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"definitely not parquet")
     with pytest.raises(DataError, match="not a readable Parquet file"):

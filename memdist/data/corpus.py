@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from memdist.errors import ConfigError
+
 FIRST_NAMES = (
     "Ada Ben Cal Dan Eve Fay Gus Hal Ivy Jon Kim Lea Max Ned Ola Pam Quin Ray Sam Tia "
     "Uma Vic Wes Xia Yan Zoe Abe Bea Cy Dee Eli Flo Gia Hugo Ike Jade Kai Liv Mia Noa "
@@ -29,6 +31,11 @@ LAST_NAMES = (
     "Hale Ives Jett Knox Lane Marsh Noble Oakes Pike Quill Rowe Shaw Todd Upton Voss "
     "Webb Yates Zane Ames Bell Cruz Dale Eton Fox Gage Hart Ince Judd Kerr Lowe "
 ).split()
+
+
+# Bumped whenever the same arguments would render different text, so that
+# write_corpus does not reuse files cached by an older version.
+CORPUS_FORMAT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +179,6 @@ class FactCorpus:
 def _unique_names(n: int, rng: random.Random) -> list[str]:
     capacity = len(FIRST_NAMES) * len(LAST_NAMES)
     if n > capacity:
-        from memdist.errors import ConfigError
-
         raise ConfigError(f"data.n_people={n} exceeds the {capacity} unique built-in names")
     pairs = [f"{f} {last}" for f in FIRST_NAMES for last in LAST_NAMES]
     return rng.sample(pairs, n)
@@ -183,6 +188,15 @@ def generate_corpus(
     n_people: int = 200, n_bio_variants: int = 3, qa_train_fraction: float = 0.5, seed: int = 0
 ) -> FactCorpus:
     """Deterministic in its arguments."""
+    if n_people < 2:
+        raise ConfigError(
+            f"data.n_people={n_people} must be >= 2: one person's QA pairs train the "
+            "answer format, another's are held out"
+        )
+    if n_bio_variants < 1:
+        raise ConfigError(f"data.n_bio_variants={n_bio_variants} must be >= 1")
+    if not 0.0 < qa_train_fraction < 1.0:
+        raise ConfigError(f"data.qa_train_fraction={qa_train_fraction} must be in (0, 1)")
     rng = random.Random(seed)
     people = [
         Person(name, {a.name: rng.choice(a.values) for a in ATTRIBUTES})
@@ -193,20 +207,25 @@ def generate_corpus(
     qa_eval: list[QAPair] = []
     cloze_eval: list[QAPair] = []
     for i, person in enumerate(people):
+        first_templates: list[str] = []
         for _ in range(n_bio_variants):
+            templates = [rng.choice(a.templates) for a in ATTRIBUTES]
+            first_templates = first_templates or templates
             sentences = [
-                rng.choice(a.templates).format(n=person.name, v=person.facts[a.name])
-                for a in ATTRIBUTES
+                t.format(n=person.name, v=person.facts[a.name])
+                for t, a in zip(templates, ATTRIBUTES, strict=True)
             ]
             rng.shuffle(sentences)
             docs.append(" ".join(sentences))
         if i < n_qa_train:
             docs.append("".join(qa_line(a, person.name, person.facts[a.name]) for a in ATTRIBUTES))
             continue
-        for a in ATTRIBUTES:
+        for a, template in zip(ATTRIBUTES, first_templates, strict=True):
             value = person.facts[a.name]
             qa_eval.append(QAPair(question_prompt(a, person.name), value, person.name, a.name))
-            prefix = a.templates[0].format(n=person.name, v="{v}").split("{v}")[0].rstrip()
+            # A phrasing this person's first biography used: the cloze probe asks whether
+            # the fact was memorised as read, separately from whether QA can extract it.
+            prefix = template.replace("{n}", person.name).split("{v}")[0].rstrip()
             cloze_eval.append(QAPair(prefix, value, person.name, a.name))
     return FactCorpus(
         people=people,
@@ -215,6 +234,7 @@ def generate_corpus(
         cloze_eval=cloze_eval,
         qa_train_people=[p.name for p in people[:n_qa_train]],
         params={
+            "format": CORPUS_FORMAT,
             "n_people": n_people,
             "n_bio_variants": n_bio_variants,
             "qa_train_fraction": qa_train_fraction,

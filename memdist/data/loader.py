@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -45,7 +46,13 @@ def find_parquet_files(source: str | Path) -> list[Path]:
 
 
 class TextStream:
-    """Infinite, deterministic stream of packed token batches from Parquet text."""
+    """Infinite, deterministic stream of packed token batches from Parquet text.
+
+    Document ``i`` of an epoch (counted over the files in that epoch's order, which
+    every rank computes alike) belongs to rank ``i % world_size``: ranks see disjoint
+    shares that together cover the data. Each rank then shuffles its share with its
+    own generator, so ranks do not read their documents in lockstep.
+    """
 
     def __init__(
         self,
@@ -61,43 +68,53 @@ class TextStream:
     ) -> None:
         if seq_len < 1 or batch_size < 1:
             raise ConfigError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
-        if not 0 <= rank < world_size:
+        if shuffle_buffer < 1:
+            raise ConfigError(f"shuffle_buffer={shuffle_buffer} must be >= 1 (1 keeps file order)")
+        if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank={rank} must be in [0, world_size={world_size})")
         self.files = find_parquet_files(source)
         for path in self.files:
             try:
-                names = pq.ParquetFile(path).schema_arrow.names
+                schema = pq.ParquetFile(path).schema_arrow
             except Exception as exc:  # pyarrow raises several types for a bad file
                 raise DataError(f"{str(path)!r} is not a readable Parquet file: {exc}") from exc
-            if text_column not in names:
+            if text_column not in schema.names:
                 raise DataError(
-                    f"column {text_column!r} is not in {str(path)!r}; its columns are {names}"
+                    f"column {text_column!r} is not in {str(path)!r}; its columns are {schema.names}"
+                )
+            kind = schema.field(text_column).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise DataError(
+                    f"column {text_column!r} of {str(path)!r} has type {kind}; it must hold strings"
                 )
         self.text_column = text_column
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.seed = seed
-        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.shuffle_buffer = shuffle_buffer
         self.rank = rank
         self.world_size = world_size
         self.tokenizer = ByteTokenizer()
 
-    def _docs(self, rng: np.random.Generator) -> Iterator[str]:
-        """This rank's documents of one epoch, in a shuffled file order."""
+    def docs(self, epoch: int) -> Iterator[str]:
+        """This rank's non-empty documents of one epoch, unshuffled, in that epoch's file order."""
+        # The file order must not depend on the rank, or the ranks' shares would overlap.
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
         index = 0
-        for f in rng.permutation(len(self.files)):
+        for f in order:
             reader = pq.ParquetFile(self.files[f])
             for batch in reader.iter_batches(
                 batch_size=READ_BATCH_ROWS, columns=[self.text_column]
             ):
                 for text in batch.column(0).to_pylist():
                     if index % self.world_size == self.rank and text:
-                        yield str(text)
+                        yield text
                     index += 1
 
-    def _shuffled(self, rng: np.random.Generator) -> Iterator[str]:
+    def _shuffled(self, docs: Iterator[str], rng: np.random.Generator) -> Iterator[str]:
+        """Each document leaves a bounded buffer at a random slot: memory stays O(buffer)."""
         buffer: list[str] = []
-        for doc in self._docs(rng):
+        for doc in docs:
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(doc)
                 continue
@@ -116,7 +133,7 @@ class TextStream:
         while True:
             rng = np.random.default_rng([self.seed, self.rank, epoch])
             epoch_tokens = 0
-            for doc in self._shuffled(rng):
+            for doc in self._shuffled(self.docs(epoch), rng):
                 ids = self.tokenizer.encode_array(doc)
                 pending += [ids, eos]
                 n_pending += ids.size + 1
@@ -125,11 +142,16 @@ class TextStream:
                     flat = np.concatenate(pending)
                     chunk, rest = flat[:window], flat[window:]
                     pending, n_pending = [rest], rest.size
-                    x = torch.from_numpy(chunk.copy()).view(self.batch_size, self.seq_len + 1)
-                    yield x[:, :-1], x[:, 1:]
+                    tokens_BT = torch.from_numpy(chunk).view(self.batch_size, self.seq_len + 1)
+                    yield tokens_BT[:, :-1].contiguous(), tokens_BT[:, 1:].contiguous()
+            where = f"{[str(f) for f in self.files]} (column {self.text_column!r})"
             if epoch_tokens == 0:
+                raise DataError(f"no text for rank {self.rank} of {self.world_size} in {where}")
+            if epoch == 0 and epoch_tokens < window:
+                # Windows would only repeat the same few documents within one batch.
                 raise DataError(
-                    f"no text for rank {self.rank} of {self.world_size} in "
-                    f"{[str(f) for f in self.files]} (column {self.text_column!r})"
+                    f"rank {self.rank} of {self.world_size} has {epoch_tokens} tokens per epoch "
+                    f"in {where}, fewer than one batch of batch_size={self.batch_size} x "
+                    f"(seq_len+1)={self.seq_len + 1} = {window} tokens"
                 )
             epoch += 1
