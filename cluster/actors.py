@@ -4,6 +4,9 @@
 ``gpus_per_shard`` > 0 (and keeps its rows there), and for the cluster's
 ``memdist_shard`` custom resource when the cluster defines one; otherwise it packs
 onto whatever node has room. ``stop_shards`` kills them.
+
+Actors are threaded (``max_concurrency``): while some workers wait at a shard's
+step barrier, the others' lookups and backwards are served.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def start_shards(
     cpus_per_shard: float = 0.0,
     threads: int = 1,
     per_shard: list[dict[str, Any]] | None = None,
+    workers: int = 1,
     **server_kwargs: Any,
 ) -> list[Any]:
     """One ShardActor per region; returns the handles once every shard answered a ping.
@@ -51,6 +55,7 @@ def start_shards(
     ``per_shard[s]`` adds keyword arguments for shard s only (its store path, cache size).
     """
     opts = shard_options(gpus_per_shard, cpus_per_shard)
+    opts["max_concurrency"] = 2 * workers + 4  # barrier waiters + other workers' requests
     device = "cuda" if gpus_per_shard > 0 else "cpu"
     extra = per_shard or [{} for _ in plan.regions]
     actors = [
@@ -61,6 +66,7 @@ def start_shards(
             seed=seed,
             device=device,
             threads=threads,
+            workers=workers,
             **server_kwargs,
             **extra[region.shard],
         )  # fmt: skip

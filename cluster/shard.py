@@ -10,13 +10,22 @@ scores again), so a lost reply never leaves half a step behind.
   a column-wise region its slice of every row, shape (N, cols).
 - ``backward(idx_NK, scores_NK, dy) -> dscores_NK`` partial (summed over shards by the
   client); the region's row gradients are accumulated for ``step``.
-- ``step(grad_scale)`` applies the sparse optimizer to the touched rows.
+- ``step(grad_scale, worker)`` applies the sparse optimizer to the touched rows.
+
+Several data-parallel workers share a shard: each sends its own backward (tagged
+with its rank) and its own ``step``. ``step`` is a barrier: the update is applied
+once, when every worker's step has arrived, with the gradients summed in rank order
+(so arrival order does not change the result), and every worker's call returns
+after it. A worker that never arrives makes the others' calls fail after
+``barrier_timeout_s`` with the step not applied: the table never holds half a step.
+Methods take a lock, so a threaded actor can serve several workers at once.
 
 Letters: N tokens, K rows per token, D row width, M entries that fall in the region.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -25,7 +34,7 @@ import torch
 
 from memdist import kernels
 from memdist.cluster.plan import ShardRegion
-from memdist.errors import ConfigError
+from memdist.errors import ConfigError, ShardError
 from memdist.storage.row_cache import CachedRows, state_spec
 from memdist.storage.zarr_region import ZarrRegion
 from memdist.values import SparseRows, init_values
@@ -49,10 +58,21 @@ class ShardServer:
         device: str = "cpu",
         store_path: str | None = None,
         cache_rows: int | None = None,
+        workers: int = 1,
+        barrier_timeout_s: float = 60.0,
     ) -> None:
         """With ``cache_rows`` smaller than the region, rows live in a zarr group at
-        ``store_path`` and only ``cache_rows`` of them are held in memory."""
+        ``store_path`` and only ``cache_rows`` of them are held in memory. ``workers``
+        is how many data-parallel workers send gradients and steps."""
+        if workers < 1:
+            raise ConfigError(f"shard {region.shard}: workers={workers} must be >= 1")
         self.region = region
+        self.workers = workers
+        self.barrier_timeout_s = barrier_timeout_s
+        self._cond = threading.Condition(threading.RLock())
+        self._arrived: dict[int, float] = {}  # worker -> grad_scale, for the step in progress
+        self._generation = 0  # steps applied by the barrier
+        self._touched = 0
         self.kind = kind
         self.device = torch.device(device)
         opt = dict(optimizer=optimizer, lr=lr, weight_decay=weight_decay, eps=eps, betas=betas,
@@ -97,6 +117,10 @@ class ShardServer:
         self.counters["bytes_out"] += output.numel() * output.element_size()
 
     def lookup(self, idx: torch.Tensor | PackedIndices, scores_NK: torch.Tensor) -> torch.Tensor:
+        with self._cond:
+            return self._lookup(idx, scores_NK)
+
+    def _lookup(self, idx: torch.Tensor | PackedIndices, scores_NK: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         wire_in = (idx, scores_NK)
         idx_NK, scores_NK = unpack(idx).to(self.device), scores_NK.to(self.device)
@@ -109,8 +133,20 @@ class ShardServer:
         return y.to(wire_in[1].dtype).cpu()  # replies travel in the request's payload dtype
 
     def backward(
-        self, idx: torch.Tensor | PackedIndices, scores_NK: torch.Tensor, dy: torch.Tensor
+        self,
+        idx: torch.Tensor | PackedIndices,
+        scores_NK: torch.Tensor,
+        dy: torch.Tensor,
+        worker: int = 0,
     ) -> torch.Tensor:
+        self._check_worker(worker)
+        with self._cond:
+            return self._backward(idx, scores_NK, dy, worker)
+
+    def _backward(
+        self, idx: torch.Tensor | PackedIndices, scores_NK: torch.Tensor, dy: torch.Tensor,
+        worker: int,
+    ) -> torch.Tensor:  # fmt: skip
         t0 = time.perf_counter()
         wire_in = (idx, scores_NK, dy)
         idx_NK, scores_NK = unpack(idx).to(self.device), scores_NK.to(self.device).float()
@@ -131,13 +167,54 @@ class ShardServer:
                 local_NK[n_M, k_M].view(-1, 1), scores_NK[n_M, k_M].view(-1, 1), dy[n_M],
                 backend=self.backend,
             )  # fmt: skip
-        self.rows.accumulate(rows_U, grad_UD)
+        self.rows.accumulate(rows_U, grad_UD, worker)
         self.counters["backwards"] += 1
         self.counters["kernel_ns"] += int((time.perf_counter() - t0) * 1e9)
         self._count_io(wire_in, dscores_NK)
         return dscores_NK.to(wire_in[2].dtype).cpu()
 
-    def step(self, grad_scale: float = 1.0) -> int:
+    def _check_worker(self, worker: int) -> None:
+        if not 0 <= worker < self.workers:
+            raise ShardError(
+                f"shard {self.region.shard}: worker={worker} is not in [0, {self.workers}) "
+                f"(the shard was started for {self.workers} workers)"
+            )
+
+    def step(self, grad_scale: float = 1.0, worker: int = 0) -> int:
+        """Worker ``worker``'s step; returns the rows updated once all workers arrived."""
+        self._check_worker(worker)
+        with self._cond:
+            gen = self._generation
+            if worker in self._arrived:
+                raise ShardError(
+                    f"shard {self.region.shard}: worker {worker} sent step {gen} twice"
+                )
+            self._arrived[worker] = grad_scale
+            if len(self._arrived) == self.workers:
+                scales = sorted(set(self._arrived.values()))
+                if len(scales) > 1:
+                    self._arrived.clear()
+                    self.rows.zero_grad()
+                    raise ShardError(
+                        f"shard {self.region.shard}: workers sent different grad_scale {scales} "
+                        f"for step {gen}; the step was dropped"
+                    )
+                self._touched = self._apply(grad_scale)
+                self._arrived.clear()
+                self._generation += 1
+                self._cond.notify_all()
+                return self._touched
+            if not self._cond.wait_for(lambda: self._generation != gen, self.barrier_timeout_s):
+                missing = sorted(set(range(self.workers)) - set(self._arrived))
+                self._arrived.pop(worker, None)
+                raise ShardError(
+                    f"shard {self.region.shard}: step {gen} barrier timed out after "
+                    f"{self.barrier_timeout_s:g} s waiting for workers {missing} of "
+                    f"{self.workers}; the step was not applied"
+                )
+            return self._touched
+
+    def _apply(self, grad_scale: float) -> int:
         t0 = time.perf_counter()
         touched = self.rows.step(grad_scale)
         self.counters["steps"] += 1
@@ -146,11 +223,13 @@ class ShardServer:
         return touched
 
     def zero_grad(self) -> None:
-        self.rows.zero_grad()
+        with self._cond:
+            self.rows.zero_grad()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This region's rows and optimizer state, on the CPU."""
-        return {k: v.detach().cpu().clone() for k, v in self.rows.state_dict().items()}
+        with self._cond:
+            return {k: v.detach().cpu().clone() for k, v in self.rows.state_dict().items()}
 
     def values(self) -> torch.Tensor:
         """This region's rows (a copy, on the CPU)."""
@@ -158,14 +237,26 @@ class ShardServer:
 
     def stats(self) -> dict[str, Any]:
         r = self.region
+        with self._cond:
+            counters = dict(self.counters)
+            cache = dict(self.rows.counters) if isinstance(self.rows, CachedRows) else {}
         return {
             "shard": r.shard,
             "region": [r.row_start, r.row_stop, r.col_start, r.col_stop],
             "device": str(self.device),
             "cached": isinstance(self.rows, CachedRows),
-            **dict(self.counters),
-            **(dict(self.rows.counters) if isinstance(self.rows, CachedRows) else {}),
+            "workers": self.workers,
+            **counters,
+            **cache,
         }
+
+    def where(self) -> dict[str, Any]:
+        """Where this shard runs: host, process and device (for the placement table)."""
+        import os
+        import socket
+
+        return {"shard": self.region.shard, "host": socket.gethostname(), "pid": os.getpid(),
+                "device": str(self.device)}  # fmt: skip
 
     def ping(self) -> int:
         return self.region.shard

@@ -8,16 +8,19 @@ materialises local value tables (one per memory block, or one shared pool);
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from memdist.config import ModelConfig, RunConfig
+from memdist.errors import ConfigError
 from memdist.model import Transformer
 from memdist.values import LocalTable
 
@@ -103,16 +106,57 @@ def lr_lambda(cfg: RunConfig):
     return f
 
 
-def deepspeed_config(cfg: RunConfig, rt: Runtime) -> dict[str, Any]:
-    return {
+def deepspeed_config(cfg: RunConfig, rt: Runtime) -> tuple[dict[str, Any], list[str]]:
+    """The engine's config and one note per value of the user's JSON memdist replaced.
+
+    Without ``train.deepspeed`` memdist writes the whole config from its own keys. With
+    it the user's JSON is the config; memdist fills only what the data loader and
+    precision fix (micro-batch, accumulation, bf16/fp16) and what is missing
+    (ZeRO stage, clipping), and drops ``train_batch_size`` (DeepSpeed derives it from
+    the world size). An ``optimizer`` or ``scheduler`` section replaces memdist's.
+    """
+    must: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
+        "bf16": {"enabled": rt.bf16},
+        "fp16": {"enabled": False},
+    }
+    defaults: dict[str, Any] = {
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.train.zero_stage},
-        "bf16": {"enabled": rt.bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.train.deepspeed is None:
+        return {**defaults, **must}, []
+    user = load_deepspeed_json(cfg.train.deepspeed)
+    notes = []
+    for key, value in must.items():
+        if key in user and _differs(user[key], value):
+            notes.append(f"{key}: {user[key]!r} -> {value!r} (memdist's data and precision)")
+    if "train_batch_size" in user:
+        notes.append(f"train_batch_size: {user['train_batch_size']!r} dropped (derived)")
+    merged = {k: v for k, v in user.items() if k != "train_batch_size"}
+    merged.update(must)
+    for key, value in defaults.items():
+        merged.setdefault(key, value)
+    return merged, notes
+
+
+def _differs(user: Any, ours: Any) -> bool:
+    if isinstance(ours, dict) and isinstance(user, dict):
+        return any(user.get(k) != v for k, v in ours.items())
+    return user != ours
+
+
+def load_deepspeed_json(path: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"train.deepspeed={path!r} is not a readable JSON file: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"train.deepspeed={path!r} must hold a JSON object, not {type(data)}")
+    return data
 
 
 def _free_port() -> int:
@@ -155,14 +199,26 @@ def make_optimizer(cfg: RunConfig, model: torch.nn.Module):
 
 
 def make_engine(cfg: RunConfig, model: torch.nn.Module, rt: Runtime):
-    """A DeepSpeed engine over the backbone's parameters (never the value tables)."""
+    """A DeepSpeed engine over the backbone's parameters (never the value tables).
+
+    The user's DeepSpeed JSON may bring its own optimizer and scheduler sections;
+    DeepSpeed builds those. Without an optimizer section memdist's AdamW is used (with
+    memdist's schedule unless the JSON has a scheduler); an optimizer section without a
+    scheduler trains at that optimizer's constant rate.
+    """
     if rt.device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     init_single_process()
+    ds_config, _ = deepspeed_config(cfg, rt)
     optimizer, scheduler = make_optimizer(cfg, model)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, rt)
-    )
+    kwargs: dict[str, Any] = {}
+    if "optimizer" in ds_config:
+        kwargs["model_parameters"] = [p for p in model.parameters() if p.requires_grad]
+    else:
+        kwargs["optimizer"] = optimizer
+        if "scheduler" not in ds_config:
+            kwargs["lr_scheduler"] = scheduler
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, **kwargs)
     return engine

@@ -48,9 +48,13 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def save_weights(run_dir: Path, model: torch.nn.Module, tables: list[LocalTable]) -> None:
+def save_weights(
+    run_dir: Path, model: torch.nn.Module | dict[str, torch.Tensor], tables: list[LocalTable]
+) -> None:
+    """``model`` is the backbone, or its state already gathered by ``full_state_dict``."""
     run_dir = Path(run_dir)
-    _atomic_save(full_state_dict(model), run_dir / MODEL_FILE)
+    state = model if isinstance(model, dict) else full_state_dict(model)
+    _atomic_save(state, run_dir / MODEL_FILE)
     values = {}
     for i, table in enumerate(tables):
         values.update({f"table{i}.{k}": v for k, v in table.state_dict().items()})

@@ -1,6 +1,6 @@
 """The ``memdist`` command line: ``train`` and ``eval``; the last stdout line is JSON.
 
-memdist train [CONFIG] [--set key=value ...] [--run-dir DIR]
+memdist train [CONFIG] [--set key=value ...] [--run-dir DIR] [--shards M] [--workers N]
 memdist eval RUN_DIR
 memdist configs
 """
@@ -62,6 +62,24 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="how requests reach the shards",
     )
+    t.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="data-parallel backbone workers (Ray Train); more than 1 needs --shards > 0",
+    )
+    t.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join: auto or ray://HOST:PORT (default: start a local instance)",
+    )
+    t.add_argument(
+        "--deepspeed",
+        default=None,
+        metavar="DS_JSON",
+        help="your DeepSpeed JSON as the engine config (memdist fills batch sizes, precision)",
+    )
     t.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/NAME-TIME)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e = sub.add_parser("eval", help="evaluate a finished run folder")
@@ -90,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                 "shards.count": args.shards,
                 "shards.plan": args.plan,
                 "shards.transport": args.transport,
+                "cluster.workers": args.workers,
+                "cluster.address": args.address,
+                "train.deepspeed": args.deepspeed,
             }
             overrides = args.overrides + [f"{k}={v}" for k, v in flags.items() if v is not None]
             cfg = load_config(args.config, overrides)

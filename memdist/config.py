@@ -117,6 +117,7 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     log_every: int = 10
     eval_every: int = 0  # 0 = evaluate only at the end
+    deepspeed: str | None = None  # the user's DeepSpeed JSON; memdist fills only what it must
 
 
 @dataclass(kw_only=True, slots=True)
@@ -142,6 +143,17 @@ class ShardsConfig:
     gpus_per_shard: float = 0.0
     threads_per_shard: int = 1
     payload: str = "fp32"  # dtype of scores, outputs and gradients on the wire: fp32 | bf16 | fp16
+    staleness: int = 0  # 1: a step's update may overlap the next step's lookups (not exact)
+
+
+@dataclass(kw_only=True, slots=True)
+class ClusterConfig:
+    """Where the run's processes go: data-parallel backbone workers on a Ray cluster."""
+
+    workers: int = 1  # 1 trains in this process; more run as Ray Train workers
+    address: str | None = None  # None starts a local Ray instance; "auto" or "ray://host:port"
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -155,6 +167,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def _dataclass_type(tp: Any) -> type | None:
@@ -436,6 +449,31 @@ def validate(cfg: RunConfig) -> None:
     _check(
         sh.transport in ("ray", "inprocess"),
         f"shards.transport={sh.transport!r} must be ray or inprocess",
+    )
+    _check(
+        sh.staleness in (0, 1),
+        f"shards.staleness={sh.staleness} must be 0 (synchronous) or 1 (one step of overlap)",
+    )
+    c = cfg.cluster
+    _check(c.workers >= 1, f"cluster.workers={c.workers} must be >= 1")
+    _check(c.cpus_per_worker >= 0, f"cluster.cpus_per_worker={c.cpus_per_worker} must be >= 0")
+    _check(
+        c.gpus_per_worker is None or c.gpus_per_worker >= 0,
+        f"cluster.gpus_per_worker={c.gpus_per_worker} must be >= 0 or null (auto)",
+    )
+    _check(
+        c.workers == 1 or sh.count > 0 or m.memory is None,
+        f"cluster.workers={c.workers} with a memory model needs shard servers (shards.count > 0): "
+        "workers cannot share local value tables",
+    )
+    _check(
+        c.workers == 1 or sh.transport != "inprocess",
+        f"cluster.workers={c.workers} needs shards.transport=ray: in-process shard servers "
+        "live in one worker",
+    )
+    _check(
+        t.deepspeed is None or Path(t.deepspeed).expanduser().is_file(),
+        f"train.deepspeed={t.deepspeed!r} is not a file",
     )
     _check(
         sh.payload in ("fp32", "bf16", "fp16"),

@@ -27,3 +27,7 @@ class CheckpointError(MemdistError):
 
 class ShardError(MemdistError):
     """A memory shard died, failed or did not answer in time."""
+
+
+class WorkerError(MemdistError):
+    """A data-parallel worker failed; the run stopped (no step is left half-applied)."""

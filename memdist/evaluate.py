@@ -1,7 +1,9 @@
 """Evaluation: held-out perplexity, QA exact match and F1, and memory key usage.
 
 Metrics come from torchmetrics (``Perplexity`` and ``SQuAD``'s exact match / F1),
-so a data-parallel run can synchronise them across workers. QA answers are
+so a data-parallel run synchronises them: with ``world`` > 1 every worker scores
+its own slice (``rank::world``) and ``compute()`` sums the slices' states over
+torch.distributed; key-usage counts are summed the same way. QA answers are
 greedy-decoded from the prompt until a newline; prompts of equal length are
 decoded together so no padding or attention mask is needed.
 """
@@ -60,7 +62,8 @@ def greedy_answers(
 
 @torch.no_grad()
 def perplexity(model: Transformer, texts: Sequence[str], batch_size: int) -> tuple[float, float]:
-    """Perplexity and mean loss (nats/token) of ``texts``, each scored as one sequence."""
+    """Perplexity and mean loss (nats/token) of ``texts``, each scored as one sequence
+    (over every worker's texts when torch.distributed is initialised)."""
     tok = ByteTokenizer()
     device = next(model.parameters()).device
     metric = Perplexity(ignore_index=IGNORE).to(device)
@@ -77,23 +80,38 @@ def perplexity(model: Transformer, texts: Sequence[str], batch_size: int) -> tup
             tgt[j, : len(s)] = torch.tensor(s)
         logits = model(ids[:, :-1].to(device)).float()
         metric.update(logits, tgt[:, 1:].to(device))
-    if not seqs:
+    ppl = float(metric.compute())  # a collective when distributed: every worker calls it
+    if ppl != ppl:  # no tokens anywhere
         return float("nan"), float("nan")
-    ppl = float(metric.compute())
     return ppl, float(torch.log(torch.tensor(ppl)))
 
 
 def qa_scores(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
-    """Exact match and token F1 in [0, 1], with SQuAD's answer normalisation."""
-    if not answers:
-        return {"qa_em": 0.0, "qa_f1": 0.0}
+    """Exact match and token F1 in [0, 1], with SQuAD's answer normalisation (over every
+    worker's answers when torch.distributed is initialised)."""
     metric = SQuAD()
     preds = [{"prediction_text": p, "id": str(i)} for i, p in enumerate(predictions)]
-    target = [
+    target: list[dict[str, Any]] = [
         {"answers": {"answer_start": [0], "text": [a]}, "id": str(i)} for i, a in enumerate(answers)
     ]
-    out = metric(preds, target)
-    return {"qa_em": float(out["exact_match"]) / 100, "qa_f1": float(out["f1"]) / 100}
+    if preds:
+        metric.update(preds, target)
+    out = metric.compute()  # a collective when distributed: every worker calls it
+    em, f1 = float(out["exact_match"]), float(out["f1"])
+    if em != em:  # no answers anywhere
+        return {"qa_em": 0.0, "qa_f1": 0.0}
+    return {"qa_em": em / 100, "qa_f1": f1 / 100}
+
+
+def _all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world == 1:
+        return t
+    import torch.distributed as dist
+
+    on = torch.device("cuda") if dist.get_backend() == "nccl" else t.device
+    total = t.to(on)
+    dist.all_reduce(total)
+    return total.to(t.device)
 
 
 def evaluate(
@@ -104,26 +122,36 @@ def evaluate(
     max_qa: int,
     max_new_tokens: int,
     batch_size: int,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, Any]:
-    """All eval metrics of ``model`` on held-out QA pairs (objects with prompt/answer)."""
+    """All eval metrics of ``model`` on held-out QA pairs (objects with prompt/answer).
+
+    With ``world`` > 1 this worker scores its slice and the results cover all slices;
+    every worker must call it (the metrics synchronise)."""
     was_training = model.training
     model.eval()
     layers = model.memory_layers()
     for layer in layers:
         layer.usage_V = torch.zeros(layer.table.num_rows, dtype=torch.long)
     try:
-        ppl, eval_loss = perplexity(model, ppl_texts, batch_size)
-        qa = list(qa)[:max_qa]
+        ppl, eval_loss = perplexity(model, list(ppl_texts)[rank::world], batch_size)
+        all_qa = list(qa)[:max_qa]
+        qa = all_qa[rank::world]
         preds = greedy_answers(model, [q.prompt for q in qa], max_new_tokens, batch_size)
         result: dict[str, Any] = {"eval_loss": eval_loss, "ppl": ppl}
         result.update(qa_scores(preds, [q.answer for q in qa]))
-        result["qa_n"] = len(qa)
+        result["qa_n"] = len(all_qa)
         result["qa_examples"] = [
             {"prompt": q.prompt, "answer": q.answer, "prediction": p}
             for q, p in list(zip(qa, preds, strict=True))[:3]
         ]
         if layers:
-            stats = [key_usage(layer.usage_V) for layer in layers if layer.usage_V is not None]
+            stats = [
+                key_usage(_all_sum(layer.usage_V, world))
+                for layer in layers
+                if layer.usage_V is not None
+            ]
             result["key_usage"] = sum(s["key_usage"] for s in stats) / len(stats)
             result["key_kl"] = sum(s["key_kl"] for s in stats) / len(stats)
             result["key_usage_per_layer"] = [round(s["key_usage"], 4) for s in stats]

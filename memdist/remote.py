@@ -5,10 +5,22 @@ combines the replies: row-wise shards return partial sums (added up here),
 column-wise shards return column slices (concatenated). Backward sends the output
 gradient (whole, or each shard's slice) and sums the partial score gradients; the
 row gradients stay on the shards until ``step()``. DeepSpeed never sees the values.
+
+With several data-parallel workers each holds its own ``RemoteTable`` (with its
+``worker`` rank) over the same shards; the shards apply a step once every worker's
+``step`` arrived (see ``memdist.cluster.shard``).
+
+Bounded staleness (``staleness=1``, off by default): ``step()`` sends the step and
+returns without waiting, so the next step's lookups overlap the update; the reply
+is awaited before the next backward. A lookup may then read rows from before the
+previous update (on some shards and not others), and its backward uses the
+updated rows: training is no longer identical to a local table, and not
+deterministic. The lag never exceeds one step.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -60,23 +72,52 @@ class RemoteTable:
     """Value rows held by the shards of ``plan``, reached through ``transport``."""
 
     def __init__(
-        self, plan: ShardingPlan, transport: Transport, payload: torch.dtype = torch.float32
+        self,
+        plan: ShardingPlan,
+        transport: Transport,
+        payload: torch.dtype = torch.float32,
+        *,
+        worker: int = 0,
+        staleness: int = 0,
     ) -> None:
         """``payload`` is the dtype scores, outputs and gradients travel in (fp32, bf16, fp16);
-        the shards compute in fp32 either way."""
+        the shards compute in fp32 either way. ``worker`` is this worker's rank among
+        the workers sharing the shards."""
         self.plan = plan
         self.transport = transport
         self.payload = payload
+        self.worker = worker
+        self.staleness = staleness
         self.num_rows = plan.num_rows
         self.dim = plan.dim
         self.rows_touched_last_step = 0
+        self.wait_seconds = 0.0  # time spent waiting on the shards (for step-time shares)
+        self._step_in_flight: list[Any] | None = None
+
+    def _wait(self, handles: list[Any], what: str) -> list[Any]:
+        t0 = time.perf_counter()
+        try:
+            return self.transport.wait(handles, what)
+        finally:
+            self.wait_seconds += time.perf_counter() - t0
 
     def _call_all(self, method: str, args_per_shard: list[tuple[Any, ...]]) -> list[Any]:
+        self._settle()
         handles = [self.transport.submit(s, method, *args) for s, args in enumerate(args_per_shard)]
-        return self.transport.wait(handles, method)
+        return self._wait(handles, method)
+
+    def _settle(self) -> None:
+        """Wait for a step sent without waiting (bounded staleness)."""
+        if self._step_in_flight is not None:
+            handles, self._step_in_flight = self._step_in_flight, None
+            self._record_touched(self._wait(handles, "step"))
+
+    def _record_touched(self, touched: list[int]) -> None:
+        # Column shards each touch every row read; row shards touch disjoint rows.
+        self.rows_touched_last_step = touched[0] if self.plan.kind == "column" else sum(touched)
 
     def _combine(self, handles: list[Any]) -> torch.Tensor:
-        parts = [p.float() for p in self.transport.wait(handles, "lookup")]
+        parts = [p.float() for p in self._wait(handles, "lookup")]
         if self.plan.kind == "column":
             return torch.cat(parts, dim=1)
         y = parts[0]
@@ -90,11 +131,11 @@ class RemoteTable:
         scores_NK, dy_ND = scores_NK.cpu(), dy_ND.cpu()
         if self.plan.kind == "column":
             args = [
-                (idx_NK, scores_NK, dy_ND[:, r.col_start : r.col_stop].contiguous())
+                (idx_NK, scores_NK, dy_ND[:, r.col_start : r.col_stop].contiguous(), self.worker)
                 for r in self.plan.regions
             ]
         else:
-            args = [(idx_NK, scores_NK, dy_ND)] * self.plan.shards
+            args = [(idx_NK, scores_NK, dy_ND, self.worker)] * self.plan.shards
         parts = [p.float() for p in self._call_all("backward", args)]
         dscores = parts[0]
         for part in parts[1:]:
@@ -109,10 +150,23 @@ class RemoteTable:
         return self.lookup_async(idx_NK, scores_NK).wait()
 
     def step(self, grad_scale: float = 1.0) -> int:
-        touched = self._call_all("step", [(grad_scale,)] * self.plan.shards)
-        # Column shards each touch every row read; row shards touch disjoint rows.
-        self.rows_touched_last_step = touched[0] if self.plan.kind == "column" else sum(touched)
+        """This worker's step. ``grad_scale`` must be the same on every worker (1/workers
+        for an average, as DeepSpeed averages dense gradients). Returns the rows updated
+        (with staleness on: by the previous step, whose reply was awaited here)."""
+        self._settle()
+        handles = [
+            self.transport.submit(s, "step", grad_scale, self.worker)
+            for s in range(self.plan.shards)
+        ]
+        if self.staleness:
+            self._step_in_flight = handles
+        else:
+            self._record_touched(self._wait(handles, "step"))
         return self.rows_touched_last_step
+
+    def flush(self) -> None:
+        """Wait for anything still in flight (a step sent under bounded staleness)."""
+        self._settle()
 
     def zero_grad(self) -> None:
         self._call_all("zero_grad", [()] * self.plan.shards)

@@ -13,11 +13,14 @@ Layout of a run folder::
 from __future__ import annotations
 
 import json
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm import tqdm
 
 from memdist.config import RunConfig, config_from_dict, to_dict
 from memdist.errors import CheckpointError
@@ -42,8 +45,91 @@ class RunLog:
 
     def finish(self, final: dict[str, Any]) -> None:
         (self.dir / "final.json").write_text(json.dumps(final, indent=2) + "\n")
-        self._metrics.close()
+        self.close()
         plot_loss(self.dir)
+
+    def close(self) -> None:
+        if not self._metrics.closed:
+            self._metrics.close()
+
+
+Sink = Callable[[dict[str, Any]], None]
+
+
+class RunReport:
+    """The run folder and what the user sees: records from the (lead) worker are logged
+    to ``metrics.jsonl`` and shown as a progress bar and lines on stderr.
+
+    Record kinds: ``start`` (header), ``placement`` (where a worker or shard runs),
+    ``tick`` (a step finished; bar only), ``train``, ``eval``, ``message`` (a line for
+    the user; not logged).
+    """
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, *, progress: bool = True) -> None:
+        self.dir = Path(run_dir)
+        self.log = RunLog(self.dir, cfg)
+        self.cfg = cfg
+        self.progress = progress
+        self._bar: tqdm | None = None
+
+    @property
+    def bar(self) -> tqdm:
+        """The progress bar, drawn from the first step on (start-up has its own lines)."""
+        if self._bar is None:
+            # In a log file (no terminal) redraw rarely, so the log stays readable.
+            self._bar = tqdm(
+                total=self.cfg.train.steps, desc=self.cfg.name, unit="step",
+                disable=not self.progress, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0,
+            )  # fmt: skip
+        return self._bar
+
+    def message(self, text: str) -> None:
+        tqdm.write(text, file=sys.stderr)
+
+    def handle(self, record: dict[str, Any]) -> None:
+        kind = record.get("kind")
+        if kind == "message":
+            self.message(record["text"])
+            return
+        if kind == "tick":
+            self.bar.update(record["step"] - self.bar.n)
+            return
+        self.log.log(record)
+        if kind == "placement":
+            who = (
+                f"worker {record['worker']}"
+                if record["role"] == "worker"
+                else f"shard {record['shard']}"
+            )
+            self.message(
+                f"{who}: host {record['host']} pid {record['pid']} device {record['device']}"
+            )
+        elif kind == "start":
+            self.message(json.dumps({k: v for k, v in record.items() if k != "kind"}))
+            for note in record.get("deepspeed_overrides", []):
+                self.message(f"deepspeed config: memdist set {note}")
+        elif kind == "train":
+            self.bar.update(record["step"] - self.bar.n)
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
+        elif kind == "eval":
+            keys = ("step", "eval_loss", "qa_em", "qa_f1")
+            self.message(json.dumps({k: record[k] for k in keys if k in record}))
+
+    def finish(self, final: dict[str, Any]) -> dict[str, Any]:
+        """Write final.json and the loss plot; returns ``final`` with the run folder."""
+        if self._bar is not None:
+            self._bar.close()
+        final = {**final, "run_dir": str(self.dir)}
+        self.log.finish(final)
+        return final
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self.log.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

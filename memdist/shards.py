@@ -4,6 +4,10 @@
 (the same object for layers sharing a table) and a ``ShardGroup`` to stop them. The
 plan of each table is printed. With the Ray transport a local Ray instance is
 started when none is running.
+
+Data-parallel workers reach the same shards: ``ShardGroup.spec`` (plans and actor
+handles, picklable) travels to each worker, and ``connect_tables(spec, worker)``
+builds that worker's ``RemoteTable`` objects there.
 """
 
 from __future__ import annotations
@@ -23,12 +27,51 @@ from memdist.config import RunConfig
 from memdist.remote import RemoteTable
 from memdist.transport import InProcessTransport, RayTransport
 
+PAYLOADS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class TablesSpec:
+    """What a worker needs to reach a run's shards: one plan and actor list per table."""
+
+    plans: list[ShardingPlan]
+    actors: list[list[Any]]
+    layers: int  # memory layers of the model
+    shared: bool  # all layers read table 0
+    payload: str
+    timeout_s: float
+    staleness: int
+
+
+def connect_tables(spec: TablesSpec, worker: int) -> list[RemoteTable]:
+    """Worker ``worker``'s view of the shards: one RemoteTable per memory layer."""
+    tables = [
+        RemoteTable(
+            plan,
+            RayTransport(actors, timeout_s=spec.timeout_s),
+            PAYLOADS[spec.payload],
+            worker=worker,
+            staleness=spec.staleness,
+        )  # fmt: skip
+        for plan, actors in zip(spec.plans, spec.actors, strict=True)
+    ]
+    return [tables[0] if spec.shared else tables[i] for i in range(spec.layers)]
+
 
 @dataclass
 class ShardGroup:
     plans: list[ShardingPlan] = field(default_factory=list)
     actors: list[Any] = field(default_factory=list)
     temp_dirs: list[Path] = field(default_factory=list)
+    spec: TablesSpec | None = None  # set for Ray shards, which other processes can reach
+
+    def where(self) -> list[dict[str, Any]]:
+        """Host, process and device of each shard actor (empty for in-process shards)."""
+        if not self.actors:
+            return []
+        import ray
+
+        return ray.get([a.where.remote() for a in self.actors])
 
     def stop(self) -> None:
         if self.actors:
@@ -74,6 +117,7 @@ def start_remote_tables(
         )
     group = ShardGroup()
     tables = []
+    actors_per_table = []
     for i in range(n_tables):
         plan = choose_plan(
             sh.plan, mem.rows, v_dim, sh.count, tokens=tokens, bag=mem.heads * mem.knn,
@@ -102,17 +146,26 @@ def start_remote_tables(
             ]
             transport = InProcessTransport(servers)
         else:
-            ensure_ray()
+            ensure_ray(cfg.cluster.address)
             from memdist.cluster.actors import start_shards
 
             actors = start_shards(
                 plan, seed=seed, gpus_per_shard=sh.gpus_per_shard, cpus_per_shard=sh.cpus_per_shard,
-                threads=sh.threads_per_shard, per_shard=per_shard, **server_kwargs,
+                threads=sh.threads_per_shard, per_shard=per_shard, workers=cfg.cluster.workers,
+                # The barrier gives up before the worker's own wait, so its error (naming
+                # the missing workers) is the one that reaches the worker.
+                barrier_timeout_s=0.9 * sh.timeout_s, **server_kwargs,
             )  # fmt: skip
             group.actors += actors
+            actors_per_table.append(actors)
             transport = RayTransport(actors, timeout_s=sh.timeout_s)
-        payload = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        tables.append(RemoteTable(plan, transport, payload[sh.payload]))
+        tables.append(RemoteTable(plan, transport, PAYLOADS[sh.payload], staleness=sh.staleness))
+    if sh.transport == "ray":
+        group.spec = TablesSpec(
+            plans=group.plans, actors=actors_per_table, layers=len(mem.layers),
+            shared=mem.shared_table, payload=sh.payload, timeout_s=sh.timeout_s,
+            staleness=sh.staleness,
+        )  # fmt: skip
     if mem.shared_table:
         return [tables[0] for _ in mem.layers], group
     return tables, group

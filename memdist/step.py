@@ -15,18 +15,22 @@ def loss_fn(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(engine, tables, micro_batches, device: torch.device) -> float:
-    """One optimizer step over ``micro_batches``; returns their mean loss.
+    """One optimizer step over ``micro_batches``; returns their mean loss (this worker's).
 
     DeepSpeed scales each micro-batch loss by 1/grad_accum before backward, so the
     sparse row gradients the tables collect are averaged the same way as the dense ones.
+    With several data-parallel workers DeepSpeed averages dense gradients over them;
+    shard servers sum every worker's row gradients, so the step scales them by
+    1/workers: the update is the one a single process would make on the global batch.
     """
+    grad_scale = 1.0 / engine.dp_world_size
     loss_sum = 0.0
     for inputs_BT, targets_BT in micro_batches:
         loss = loss_fn(engine(inputs_BT.to(device)), targets_BT.to(device))
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
             for table in tables:
-                table.step()
+                table.step(grad_scale)
         engine.step()
         loss_sum += float(loss.detach())
     return loss_sum / len(micro_batches)

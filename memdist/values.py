@@ -97,21 +97,25 @@ class SparseRows:
         self.state = kernels.init_optimizer_state(
             optimizer, self.num_rows, self.dim, weight_VD.device
         )
-        self._grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._grads: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.steps = 0
         self.rows_touched_last_step = 0
 
-    def accumulate(self, rows_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
-        self._grads.append((rows_U, grad_UD.float()))
+    def accumulate(self, rows_U: torch.Tensor, grad_UD: torch.Tensor, source: int = 0) -> None:
+        """Add a row gradient. ``source`` (a worker's rank) fixes the summation order:
+        gradients are added up by source, then in arrival order, so several workers
+        whose gradients arrive in any order give the same sums."""
+        self._grads.append((source, rows_U, grad_UD.float()))
 
     def pending_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The accumulated sparse gradient as (unique rows, summed grads), or None."""
         if not self._grads:
             return None
         if len(self._grads) == 1:
-            return self._grads[0]
-        rows = torch.cat([r for r, _ in self._grads])
-        grads = torch.cat([g for _, g in self._grads])
+            return self._grads[0][1:]
+        ordered = sorted(self._grads, key=lambda g: g[0])  # stable: arrival order per source
+        rows = torch.cat([r for _, r, _ in ordered])
+        grads = torch.cat([g for _, _, g in ordered])
         rows_U, inverse = torch.unique(rows, sorted=True, return_inverse=True)
         grad_UD = torch.zeros(rows_U.numel(), self.dim, dtype=grads.dtype, device=grads.device)
         grad_UD.index_add_(0, inverse, grads)

@@ -123,9 +123,9 @@ class CachedRows(SparseRows):
         return torch.from_numpy(slots_U)[inverse].to(local_NK.device)
 
     # -- gradients and steps run on slots; pinned slots stay until their step ---
-    def accumulate(self, slots_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
+    def accumulate(self, slots_U: torch.Tensor, grad_UD: torch.Tensor, source: int = 0) -> None:
         self.pinned[slots_U.cpu().numpy()] = True
-        super().accumulate(slots_U, grad_UD)
+        super().accumulate(slots_U, grad_UD, source)
 
     def _after_step(self, slots_U: torch.Tensor) -> None:
         self.dirty[slots_U.cpu().numpy()] = True

@@ -52,6 +52,8 @@ def test_override_can_turn_memory_on_for_dense():
         ("train.zero_stage=4", "train.zero_stage=4 must be 0, 1, 2 or 3"),
         ("optim.lr=fast", "optim.lr='fast' must be a number"),
         ("train.steps=2.5", "train.steps=2.5 must be an integer"),
+        ("cluster.workers=0", "cluster.workers=0 must be >= 1"),
+        ("shards.staleness=2", "shards.staleness=2 must be 0 (synchronous) or 1"),
         ("model.memory.v_dim=64", None),  # allowed with swilu on
     ],
 )
@@ -93,3 +95,12 @@ def test_yaml_file_config(tmp_path):
     )
     cfg = load_config(str(path))
     assert cfg.name == "mine" and cfg.model.dim == 64 and cfg.model.memory.rows == 64
+
+
+def test_workers_need_ray_shard_servers():
+    with pytest.raises(ConfigError, match="cluster.workers=2 with a memory model needs shard"):
+        load_config("small", ["cluster.workers=2", "shards.count=0"])
+    with pytest.raises(ConfigError, match="cluster.workers=2 needs shards.transport=ray"):
+        load_config("small", ["cluster.workers=2", "shards.transport=inprocess"])
+    assert load_config("dense", ["cluster.workers=2"]).cluster.workers == 2
+    assert load_config("small", ["cluster.workers=2"]).cluster.workers == 2

@@ -5,6 +5,7 @@ as actors on a real local Ray instance. Every plan, shard count and transport mu
 give the same lookups, gradients, updates and training losses as a local table.
 """
 
+import math
 import time
 
 import pytest
@@ -263,3 +264,55 @@ def test_bf16_payload_halves_the_bytes_and_stays_close():
         assert sent == 8 * 16 * 4 + (idx.unique().numel() * 8) + 8 * 16 * 2  # int32 map, rows, bf16
     finally:
         group.stop()
+
+
+def test_step_barrier_applies_every_workers_gradients_once_or_not_at_all():
+    """Two workers share a shard: a step waits for both, sums their row gradients in rank
+    order, scales them, and applies them once; a missing worker leaves the rows untouched."""
+    import threading
+
+    rows, dim = 40, 6
+    plan = make_plan("row", rows, dim, 1)
+    server = ShardServer(plan.regions[0], "row", dim, seed=3, optimizer="sgd", lr=1.0,
+                         workers=2, barrier_timeout_s=0.5)  # fmt: skip
+    local = LocalTable(rows, dim, optimizer="sgd", lr=1.0, seed=3)
+    g = torch.Generator().manual_seed(0)
+    grads = []
+    for worker in (0, 1):
+        idx, s = torch.randint(0, rows, (5, 3), generator=g), torch.rand(5, 3, generator=g)
+        dy = torch.randn(5, dim, generator=g)
+        server.backward(idx, s, dy, worker)
+        local.lookup(idx, s.clone().requires_grad_(True)).backward(dy)
+        grads.append(dy)
+    before = server.values()
+    # Worker 1 never arrives: worker 0's step fails, naming it, and nothing is applied.
+    with pytest.raises(ShardError, match=r"waiting for workers \[1\] of 2; the step was not"):
+        server.step(0.5, 0)
+    assert torch.equal(server.values(), before)
+    # Both arrive (in any order): one update, equal to the summed gradients, scaled.
+    results = []
+    threads = [threading.Thread(target=lambda w=w: results.append(server.step(0.5, w)))
+               for w in (1, 0)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    local.step(0.5)
+    assert results == [local.rows_touched_last_step] * 2
+    torch.testing.assert_close(server.values(), local.weight_VD, rtol=1e-6, atol=1e-7)
+    assert server.stats()["steps"] == 1
+    with pytest.raises(ShardError, match=r"worker=2 is not in \[0, 2\)"):
+        server.step(0.5, 2)
+
+
+@pytest.mark.slow
+def test_bounded_staleness_is_an_approximation_off_by_default(ray_local):
+    """staleness=1 lets a step's update overlap the next lookups: close, not exact."""
+    assert tiny().shards.staleness == 0
+    ref_losses, ref_values = run(tiny(), steps=10)
+    extra = ["shards.count=2", "shards.plan=row", "shards.transport=ray"]
+    losses, values = run(tiny(*extra, "shards.staleness=1"), steps=10)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=5e-2, atol=0)
+    # Every step was applied by the end (the last one is flushed before values are read).
+    torch.testing.assert_close(values[0], ref_values[0], rtol=0.2, atol=5e-2)

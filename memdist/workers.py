@@ -1,0 +1,133 @@
+"""Data-parallel training: backbone workers under Ray Train, sharing the memory shards.
+
+``train_with_workers`` runs ``cluster.workers`` Ray Train workers (``TorchTrainer``),
+each with a DeepSpeed engine over the backbone and its own ``RemoteTable`` view of
+the run's shard actors. Every worker reads the same global batches and trains on
+its slice of rows; DeepSpeed averages dense gradients and the shards apply a step
+once every worker's row gradients arrived (scaled by 1/workers), so N workers train
+the model one process would train on the same global batch.
+
+The driver (this process) owns the run folder: the lead worker streams its records
+through a Ray queue and hands back the final metrics and the backbone's state; the
+driver gathers the values from the shards itself. Workers want a GPU each when the
+cluster has GPUs (``cluster.gpus_per_worker``); who runs where is printed at start.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import Any
+
+import torch
+
+from memdist.assembly import unique_tables
+from memdist.config import RunConfig
+from memdist.errors import WorkerError
+from memdist.runlog import RunReport
+from memdist.shards import ShardGroup, TablesSpec, connect_tables, ensure_ray
+
+
+def worker_gpus(cfg: RunConfig) -> float:
+    """GPUs per worker: the configured number, or 1 when the cluster has a GPU per worker."""
+    import ray
+
+    if cfg.cluster.gpus_per_worker is not None:
+        return cfg.cluster.gpus_per_worker
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= cfg.cluster.workers else 0.0
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """The function each Ray Train worker runs."""
+    import ray.train
+
+    from memdist.train import WorkerContext, run_worker
+
+    cfg: RunConfig = config["cfg"]
+    spec: TablesSpec | None = config["spec"]
+    records = config["records"]
+    context = ray.train.get_context()
+    ctx = WorkerContext(rank=context.get_world_rank(), world=context.get_world_size())
+    if torch.cuda.is_available():
+        import ray.train.torch
+
+        torch.cuda.set_device(ray.train.torch.get_device())
+    elif cfg.train.threads is None:
+        torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    records.put(
+        {"kind": "placement", "role": "worker", "worker": ctx.rank, "host": socket.gethostname(),
+         "pid": os.getpid(), "device": device}
+    )  # fmt: skip
+    remote = connect_tables(spec, ctx.rank) if spec is not None else None
+    out = run_worker(cfg, remote, records.put, ctx)
+    if out is not None:
+        records.put({"kind": "result", "final": out.final, "state": out.state})
+
+
+def train_with_workers(
+    cfg: RunConfig, report: RunReport, group: ShardGroup | None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[Any]]:
+    """Train with Ray Train workers; returns the final metrics, backbone state and tables."""
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    ensure_ray(cfg.cluster.address)
+    c = cfg.cluster
+    gpus = worker_gpus(cfg)
+    resources = {"CPU": c.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+    records = Queue(actor_options={"num_cpus": 0})
+    spec = group.spec if group is not None else None
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"cfg": cfg, "spec": spec, "records": records},
+        scaling_config=ScalingConfig(
+            num_workers=c.workers, use_gpu=gpus > 0, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        run_config=RayRunConfig(
+            name="train",
+            storage_path=str((report.dir / "ray").resolve()),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    if group is not None:
+        for where in group.where():
+            report.handle({"kind": "placement", "role": "shard", **where})
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except Exception as exc:  # reported by the driver below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="memdist-ray-train", daemon=True)
+    thread.start()
+    result: dict[str, Any] | None = None
+    while True:
+        try:
+            record = records.get(timeout=0.5)
+        except Empty:
+            if thread.is_alive():
+                continue
+            if records.empty():
+                break
+            continue
+        if record["kind"] == "result":
+            result = record
+        else:
+            report.handle(record)
+    thread.join()
+    records.shutdown()
+    if "error" in outcome:
+        raise WorkerError(
+            f"training with {c.workers} workers failed: {outcome['error']}"
+        ) from outcome["error"]
+    if result is None:
+        raise WorkerError(f"training with {c.workers} workers ended without a result")
+    tables = connect_tables(spec, 0) if spec is not None else []
+    return result["final"], result["state"], unique_tables(tables)

@@ -1,0 +1,127 @@
+"""Data-parallel workers under Ray Train sharing memory shards, against one process.
+
+Every run goes through ``memdist.train.train`` as ``memdist train`` does: real Ray
+Train workers (gloo), real DeepSpeed ZeRO engines, shard actors on a local Ray
+instance. N workers x M shards at global batch B must train the same model as one
+process with a local table at batch B.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from memdist.config import load_config
+from memdist.errors import WorkerError
+from memdist.train import train
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def cfg_of(*extra):
+    return load_config("small", [
+        "model.dim=32", "model.n_heads=2", "model.n_layers=2", "model.memory.layers=[1]",
+        "model.memory.n_keys=16", "model.memory.knn=4", "model.memory.k_dim=16",
+        "model.memory.value_lr=0.01", "data.n_people=20", "data.seq_len=16",
+        "optim.warmup_steps=2", f"train.steps={STEPS}", "train.log_every=1", "eval.max_qa=6",
+        "eval.max_new_tokens=3", "eval.ppl_batches=1", "eval.batch_size=4", "train.threads=1",
+        *extra,
+    ])  # fmt: skip
+
+
+def outcome(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    final = json.loads((run_dir / "final.json").read_text())
+    return (
+        losses,
+        final,
+        load_file(run_dir / "values.safetensors"),
+        load_file(run_dir / "model.safetensors"),
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tmp_path_factory):
+    """One process, a local table, global batch 8."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    train(cfg_of("shards.count=0", "data.batch_size=8"), run_dir, progress=False)
+    return outcome(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["train.zero_stage=2", "shards.plan=row", "data.batch_size=4"],
+        ["train.zero_stage=3", "shards.plan=column", "data.batch_size=4"],
+        ["train.zero_stage=2", "shards.plan=row", "data.batch_size=2", "train.grad_accum=2"],
+    ],
+    ids=["zero2-row", "zero3-column", "zero2-grad-accum-2x2"],
+)
+def test_two_workers_two_shards_match_one_process(ray_local, reference, tmp_path, extra):
+    ref_losses, ref_final, ref_values, ref_model = reference
+    cfg = cfg_of("cluster.workers=2", "shards.count=2", "shards.transport=ray", *extra)
+    train(cfg, tmp_path, progress=False)
+    losses, final, values, model = outcome(tmp_path)
+    assert len(losses) == STEPS and ref_losses[-1] < ref_losses[0]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=0)
+    assert values.keys() == ref_values.keys()
+    for key in ref_values:  # rows and optimizer state of the memory
+        torch.testing.assert_close(values[key], ref_values[key], rtol=1e-4, atol=1e-6)
+    for key in ref_model:  # the backbone, gathered from ZeRO partitions
+        torch.testing.assert_close(model[key], ref_model[key], rtol=1e-4, atol=1e-5)
+    # Evaluation ran on both workers, each on its slice, synchronised by torchmetrics.
+    assert final["workers"] == 2 and final["tokens"] == ref_final["tokens"]
+    assert final["ppl"] == pytest.approx(ref_final["ppl"], rel=1e-4)
+    assert final["key_usage"] == pytest.approx(ref_final["key_usage"], rel=1e-6)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["memory_wait_share"] <= 1 for r in records if r["kind"] == "train")
+
+
+@pytest.mark.slow
+def test_a_crashed_worker_fails_the_run_with_a_clear_error(ray_local, tmp_path):
+    cfg = cfg_of(
+        "cluster.workers=2", "shards.count=2", "data.batch_size=4", "train.steps=100000",
+        "shards.timeout_s=20",
+    )  # fmt: skip
+    errors = []
+
+    def run():
+        try:
+            train(cfg, tmp_path, progress=False)
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # wait until training is under way
+        if metrics.is_file() and metrics.read_text().count('"train"') >= 3:
+            break
+        time.sleep(0.5)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    pids = {r["worker"]: r["pid"] for r in records if r.get("role") == "worker"}
+    assert sorted(pids) == [0, 1], (errors, metrics.read_text()[:3000])
+    os.kill(pids[1], signal.SIGKILL)
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the run hung after a worker died"
+    assert len(errors) == 1 and isinstance(errors[0], WorkerError), errors
+    assert "2 workers failed" in str(errors[0])
+    assert not (tmp_path / "final.json").exists()
