@@ -91,6 +91,7 @@ def plot(result: dict, path: Path) -> None:
     ax.bar(names, wait, label="part of the step spent waiting on shards", alpha=0.7)
     for i, r in enumerate(rows):
         ax.text(i, tps[i], f"{r['ratio_to_local']:.2f}x", ha="center", va="bottom")
+    ax.set_ylim(0, 1.3 * max(tps))  # room for the legend above the bars
     ax.set_ylabel("training tokens/s (global)")
     ax.set_title(f"small config, {result['machine']['cpu_count']} CPU cores")
     ax.legend()

@@ -25,6 +25,8 @@ Letters: N tokens, K rows per token, D row width, M entries that fall in the reg
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -252,9 +254,6 @@ class ShardServer:
 
     def where(self) -> dict[str, Any]:
         """Where this shard runs: host, process and device (for the placement table)."""
-        import os
-        import socket
-
         return {"shard": self.region.shard, "host": socket.gethostname(), "pid": os.getpid(),
                 "device": str(self.device)}  # fmt: skip
 

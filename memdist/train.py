@@ -93,6 +93,8 @@ def train(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict[str, 
             remote, group = start_remote_tables(cfg, run_dir / "shards")
             for plan in group.plans:
                 report.message(plan.describe())
+            for where in group.where():
+                report.handle({"kind": "placement", "role": "shard", **where})
         if uses_workers(cfg):
             from memdist.workers import train_with_workers
 

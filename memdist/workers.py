@@ -94,9 +94,6 @@ def train_with_workers(
             failure_config=FailureConfig(max_failures=0),
         ),
     )
-    if group is not None:
-        for where in group.where():
-            report.handle({"kind": "placement", "role": "shard", **where})
     outcome: dict[str, Any] = {}
 
     def fit() -> None:

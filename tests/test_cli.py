@@ -47,7 +47,10 @@ TINY = [
 
 
 def memdist(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    # A fresh process: not the rendezvous of this test process's own gloo group.
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env["DS_ACCELERATOR"] = "cpu"
     result = subprocess.run(
         [sys.executable, "-m", "memdist.cli", *args],
         cwd=cwd,
@@ -145,8 +148,13 @@ def test_train_with_shards(tmp_path, transport):
     out = last_json(result.stdout)
     assert out["step"] == 8 and out["tokens_per_s"] > 0
     assert "row-wise plan of 256 x 32 over 2 shards" in result.stderr
-    start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (start,) = [r for r in records if r["kind"] == "start"]
     assert start["shards"] == 2 and start["plans"] == ["row"]
+    placed = [r["shard"] for r in records if r["kind"] == "placement"]
+    assert placed == ([0, 1] if transport == "ray" else [])  # where each shard actor runs
+    (shards,) = [r for r in records if r["kind"] == "shards"]  # their counters at the end
+    assert [s["steps"] for s in shards["stats"]] == [8, 8]
     # The run folder's weights were gathered from the shards and evaluate locally.
     again = last_json(memdist("eval", str(run), cwd=tmp_path).stdout)
     assert again["qa_em"] == pytest.approx(out["qa_em"]) and again["ppl"] == pytest.approx(

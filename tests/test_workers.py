@@ -28,7 +28,9 @@ STEPS = 20
 def ray_local():
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # The cluster defines the shard resource: shard actors must ask for it.
+    ray.init(num_cpus=4, resources={"memdist_shard": 2}, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)  # fmt: skip
     yield
     ray.shutdown()
 
@@ -116,6 +118,7 @@ def test_a_crashed_worker_fails_the_run_with_a_clear_error(ray_local, tmp_path):
         if metrics.is_file() and metrics.read_text().count('"train"') >= 3:
             break
         time.sleep(0.5)
+    assert ray.available_resources().get("memdist_shard", 0) == 0  # both shards hold one
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     pids = {r["worker"]: r["pid"] for r in records if r.get("role") == "worker"}
     assert sorted(pids) == [0, 1], (errors, metrics.read_text()[:3000])
