@@ -3,7 +3,7 @@
 Three measurements, one JSON object (machine, versions, config, results):
 
 1. ``tables``: lookup + backward + sparse step per token for a local table and for
-   RemoteTables with M shards (row and column plans, in-process and Ray
+   RemoteTables with M shards (row and column plans; in-process, Ray and collective
    transports), as a ratio to the local table; bytes moved per token from the
    shards' own counters.
 2. ``cache``: the same for one shard whose zarr-backed region is 4x its row cache,
@@ -31,6 +31,7 @@ import torch
 import memdist
 from memdist.cluster.plan import make_plan
 from memdist.cluster.shard import ShardServer
+from memdist.collective import CollectiveTransport, Rendezvous, host_store
 from memdist.remote import RemoteTable
 from memdist.transport import InProcessTransport, RayTransport
 from memdist.values import LocalTable
@@ -86,11 +87,19 @@ def bench_tables(rows, dim, tokens, bag, shard_counts, transports, repeats) -> l
             for m in shard_counts:
                 plan = make_plan(kind, rows, dim, m)
                 actors = []
-                if transport == "ray":
+                t: RayTransport | InProcessTransport | CollectiveTransport
+                if transport in ("ray", "collective"):
                     from memdist.cluster.actors import start_shards, stop_shards
 
                     actors = start_shards(plan, seed=0, optimizer="adam", lr=1e-3)
-                    t: RayTransport | InProcessTransport = RayTransport(actors)
+                    t = RayTransport(actors)
+                    if transport == "collective":
+                        import ray
+
+                        store = host_store()  # alive until the next table replaces it
+                        rdv = Rendezvous(store.host, store.port, f"{kind}{m}", m, 1)
+                        ray.get([a.serve_collective.remote(rdv, s) for s, a in enumerate(actors)])
+                        t = CollectiveTransport(actors, rdv, 0)
                 else:
                     t = InProcessTransport(
                         [ShardServer(r, kind, dim, seed=0) for r in plan.regions]
@@ -216,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
             "payload": "fp32",
             "quick": args.quick,
         },  # fmt: skip
-        "tables": bench_tables(rows, dim, tokens, bag, [1, 2, 4], ["inprocess", "ray"], repeats),
+        "tables": bench_tables(
+            rows, dim, tokens, bag, [1, 2, 4], ["inprocess", "ray", "collective"], repeats
+        ),
         # A quarter of the cached table must hold one step's rows: 8 x (tokens * bag).
         "cache": bench_cache(8 * tokens * bag, 64, tokens, bag, repeats),
         "model_steps": bench_model_steps(

@@ -31,6 +31,15 @@ class ShardActor(ShardServer):
         torch.set_num_threads(threads)
         super().__init__(*args, **kwargs)
 
+    def serve_collective(self, rendezvous: Any, rank: int) -> None:
+        """Answer lookups, backwards and steps over the collective transport's group too
+        (in a thread; this returns at once, the group forms when every worker joined)."""
+        import threading
+
+        from memdist.collective import serve
+
+        threading.Thread(target=serve, args=(self, rendezvous, rank), daemon=True).start()
+
 
 def shard_options(gpus_per_shard: float, cpus_per_shard: float) -> dict[str, Any]:
     opts: dict[str, Any] = {"num_cpus": cpus_per_shard, "num_gpus": gpus_per_shard}

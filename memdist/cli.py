@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--transport",
-        choices=["ray", "inprocess"],
+        choices=["ray", "collective", "inprocess"],
         default=None,
         help="how requests reach the shards",
     )

@@ -136,7 +136,7 @@ class ShardsConfig:
 
     count: int = 0  # shard servers per table; 0 keeps a local table in the worker
     plan: str = "auto"  # row | column | auto (fewest bytes moved per step)
-    transport: str = "ray"  # ray (actors, object store) | inprocess (servers in this process)
+    transport: str = "ray"  # ray (object store) | collective (gloo group) | inprocess
     timeout_s: float = 60.0  # a shard that does not answer within this fails the step
     budget_mb: float | None = None  # per-shard memory for values + optimizer state
     cpus_per_shard: float = 0.0  # Ray resources each shard actor reserves
@@ -447,8 +447,8 @@ def validate(cfg: RunConfig) -> None:
         sh.plan in ("row", "column", "auto"), f"shards.plan={sh.plan!r} must be row, column or auto"
     )
     _check(
-        sh.transport in ("ray", "inprocess"),
-        f"shards.transport={sh.transport!r} must be ray or inprocess",
+        sh.transport in ("ray", "collective", "inprocess"),
+        f"shards.transport={sh.transport!r} must be ray, collective or inprocess",
     )
     _check(
         sh.staleness in (0, 1),
@@ -468,7 +468,7 @@ def validate(cfg: RunConfig) -> None:
     )
     _check(
         c.workers == 1 or sh.transport != "inprocess",
-        f"cluster.workers={c.workers} needs shards.transport=ray: in-process shard servers "
+        f"cluster.workers={c.workers} needs shards.transport=ray or collective: in-process shard servers "
         "live in one worker",
     )
     _check(

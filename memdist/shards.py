@@ -23,6 +23,7 @@ import torch
 from memdist.assembly import table_seed
 from memdist.cluster.plan import ShardingPlan, cache_rows_for, choose_plan
 from memdist.cluster.shard import ShardServer
+from memdist.collective import CollectiveTransport, Rendezvous, host_store
 from memdist.config import RunConfig
 from memdist.remote import RemoteTable
 from memdist.transport import InProcessTransport, RayTransport
@@ -41,6 +42,14 @@ class TablesSpec:
     payload: str
     timeout_s: float
     staleness: int
+    rendezvous: list[Rendezvous] | None = None  # per table, for the collective transport
+
+
+def _transport(spec: TablesSpec, table: int, worker: int) -> RayTransport | CollectiveTransport:
+    actors = spec.actors[table]
+    if spec.rendezvous is None:
+        return RayTransport(actors, timeout_s=spec.timeout_s)
+    return CollectiveTransport(actors, spec.rendezvous[table], worker, timeout_s=spec.timeout_s)
 
 
 def connect_tables(spec: TablesSpec, worker: int) -> list[RemoteTable]:
@@ -48,12 +57,12 @@ def connect_tables(spec: TablesSpec, worker: int) -> list[RemoteTable]:
     tables = [
         RemoteTable(
             plan,
-            RayTransport(actors, timeout_s=spec.timeout_s),
+            _transport(spec, i, worker),
             PAYLOADS[spec.payload],
             worker=worker,
             staleness=spec.staleness,
         )  # fmt: skip
-        for plan, actors in zip(spec.plans, spec.actors, strict=True)
+        for i, plan in enumerate(spec.plans)
     ]
     return [tables[0] if spec.shared else tables[i] for i in range(spec.layers)]
 
@@ -64,6 +73,7 @@ class ShardGroup:
     actors: list[Any] = field(default_factory=list)
     temp_dirs: list[Path] = field(default_factory=list)
     spec: TablesSpec | None = None  # set for Ray shards, which other processes can reach
+    store: Any = None  # the collective transport's rendezvous store, alive while shards are
 
     def where(self) -> list[dict[str, Any]]:
         """Host, process and device of each shard actor (empty for in-process shards)."""
@@ -79,6 +89,7 @@ class ShardGroup:
 
             stop_shards(self.actors)
             self.actors = []
+        self.store = None
         for path in self.temp_dirs:
             shutil.rmtree(path, ignore_errors=True)
         self.temp_dirs = []
@@ -136,7 +147,6 @@ def start_remote_tables(
                 group.temp_dirs.append(store_root)
             path = store_root / f"table{i}" / f"shard{r.shard}"
             per_shard.append({"store_path": str(path), "cache_rows": cache_rows})
-        transport: InProcessTransport | RayTransport
         if sh.transport == "inprocess":
             servers = [
                 ShardServer(
@@ -145,27 +155,37 @@ def start_remote_tables(
                 for r in plan.regions
             ]
             transport = InProcessTransport(servers)
-        else:
-            ensure_ray(cfg.cluster.address)
-            from memdist.cluster.actors import start_shards
+            tables.append(RemoteTable(plan, transport, PAYLOADS[sh.payload]))
+            continue
+        ensure_ray(cfg.cluster.address)
+        from memdist.cluster.actors import start_shards
 
-            actors = start_shards(
-                plan, seed=seed, gpus_per_shard=sh.gpus_per_shard, cpus_per_shard=sh.cpus_per_shard,
-                threads=sh.threads_per_shard, per_shard=per_shard, workers=cfg.cluster.workers,
-                # The barrier gives up before the worker's own wait, so its error (naming
-                # the missing workers) is the one that reaches the worker.
-                barrier_timeout_s=0.9 * sh.timeout_s, **server_kwargs,
-            )  # fmt: skip
-            group.actors += actors
-            actors_per_table.append(actors)
-            transport = RayTransport(actors, timeout_s=sh.timeout_s)
-        tables.append(RemoteTable(plan, transport, PAYLOADS[sh.payload], staleness=sh.staleness))
-    if sh.transport == "ray":
-        group.spec = TablesSpec(
-            plans=group.plans, actors=actors_per_table, layers=len(mem.layers),
-            shared=mem.shared_table, payload=sh.payload, timeout_s=sh.timeout_s,
-            staleness=sh.staleness,
+        actors = start_shards(
+            plan, seed=seed, gpus_per_shard=sh.gpus_per_shard, cpus_per_shard=sh.cpus_per_shard,
+            threads=sh.threads_per_shard, per_shard=per_shard, workers=cfg.cluster.workers,
+            # The barrier gives up before the worker's own wait, so its error (naming
+            # the missing workers) is the one that reaches the worker.
+            barrier_timeout_s=0.9 * sh.timeout_s, **server_kwargs,
         )  # fmt: skip
-    if mem.shared_table:
-        return [tables[0] for _ in mem.layers], group
-    return tables, group
+        group.actors += actors
+        actors_per_table.append(actors)
+    if sh.transport == "inprocess":
+        return (tables if not mem.shared_table else [tables[0] for _ in mem.layers]), group
+    rendezvous = None
+    if sh.transport == "collective":
+        import ray
+
+        group.store = host_store()
+        host, port = group.store.host, group.store.port
+        rendezvous = [
+            Rendezvous(host, port, f"memdist/table{i}", sh.count, cfg.cluster.workers)
+            for i in range(n_tables)
+        ]
+        for rdv, actors in zip(rendezvous, actors_per_table, strict=True):
+            ray.get([a.serve_collective.remote(rdv, s) for s, a in enumerate(actors)])
+    group.spec = TablesSpec(
+        plans=group.plans, actors=actors_per_table, layers=len(mem.layers),
+        shared=mem.shared_table, payload=sh.payload, timeout_s=sh.timeout_s,
+        staleness=sh.staleness, rendezvous=rendezvous,
+    )  # fmt: skip
+    return connect_tables(group.spec, 0), group

@@ -137,7 +137,7 @@ def test_corrupt_weights_are_reported(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["inprocess", "ray"])
+@pytest.mark.parametrize("transport", ["inprocess", "ray", "collective"])
 def test_train_with_shards(tmp_path, transport):
     run = tmp_path / "run"
     result = memdist(
@@ -152,7 +152,7 @@ def test_train_with_shards(tmp_path, transport):
     (start,) = [r for r in records if r["kind"] == "start"]
     assert start["shards"] == 2 and start["plans"] == ["row"]
     placed = [r["shard"] for r in records if r["kind"] == "placement"]
-    assert placed == ([0, 1] if transport == "ray" else [])  # where each shard actor runs
+    assert placed == ([] if transport == "inprocess" else [0, 1])  # where each shard actor runs
     (shards,) = [r for r in records if r["kind"] == "shards"]  # their counters at the end
     assert [s["steps"] for s in shards["stats"]] == [8, 8]
     # The run folder's weights were gathered from the shards and evaluate locally.

@@ -100,7 +100,9 @@ def test_yaml_file_config(tmp_path):
 def test_workers_need_ray_shard_servers():
     with pytest.raises(ConfigError, match="cluster.workers=2 with a memory model needs shard"):
         load_config("small", ["cluster.workers=2", "shards.count=0"])
-    with pytest.raises(ConfigError, match="cluster.workers=2 needs shards.transport=ray"):
+    with pytest.raises(
+        ConfigError, match="cluster.workers=2 needs shards.transport=ray or collective"
+    ):
         load_config("small", ["cluster.workers=2", "shards.transport=inprocess"])
     assert load_config("dense", ["cluster.workers=2"]).cluster.workers == 2
     assert load_config("small", ["cluster.workers=2"]).cluster.workers == 2

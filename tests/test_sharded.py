@@ -1,8 +1,9 @@
-"""Value tables in shard servers against a local table, over both transports.
+"""Value tables in shard servers against a local table, over every transport.
 
 The in-process transport calls shard servers directly; the Ray transport runs them
-as actors on a real local Ray instance. Every plan, shard count and transport must
-give the same lookups, gradients, updates and training losses as a local table.
+as actors on a real local Ray instance; the collective transport reaches the same
+actors over a gloo process group of its own. Every plan, shard count and transport
+must give the same lookups, gradients, updates and training losses as a local table.
 """
 
 import math
@@ -16,6 +17,7 @@ from memdist.assembly import build_model, make_engine, resolve_runtime, unique_t
 from memdist.cluster.actors import ShardActor, start_shards, stop_shards
 from memdist.cluster.plan import make_plan
 from memdist.cluster.shard import ShardServer
+from memdist.collective import CollectiveTransport, Rendezvous, host_store
 from memdist.config import load_config
 from memdist.errors import ConfigError, ShardError
 from memdist.remote import RemoteTable
@@ -32,16 +34,25 @@ def ray_local():
     ray.shutdown()
 
 
+STORES = []  # rendezvous stores of collective groups, alive for the session
+TRANSPORTS = ["inprocess", "ray", "collective"]
+
+
 def remote_table(kind, shards, transport, rows, dim, seed, **kw):
     plan = make_plan(kind, rows, dim, shards)
     if transport == "inprocess":
         servers = [ShardServer(r, kind, dim, seed=seed, **kw) for r in plan.regions]
         return RemoteTable(plan, InProcessTransport(servers)), []
     actors = start_shards(plan, seed=seed, **kw)
-    return RemoteTable(plan, RayTransport(actors, timeout_s=60)), actors
+    if transport == "ray":
+        return RemoteTable(plan, RayTransport(actors, timeout_s=60)), actors
+    STORES.append(host_store())
+    rdv = Rendezvous(STORES[-1].host, STORES[-1].port, f"test{len(STORES)}", shards, 1)
+    ray.get([a.serve_collective.remote(rdv, s) for s, a in enumerate(actors)])
+    return RemoteTable(plan, CollectiveTransport(actors, rdv, 0, timeout_s=60)), actors
 
 
-@pytest.mark.parametrize("transport", ["inprocess", "ray"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("kind", ["row", "column"])
 @pytest.mark.parametrize("shards", [1, 2, 3])
 def test_remote_table_matches_local(ray_local, transport, kind, shards):
@@ -116,7 +127,7 @@ def run(cfg, steps=20):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["inprocess", "ray"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("kind", ["row", "column"])
 @pytest.mark.parametrize("shards", [1, 2, 3])
 def test_training_matches_local_table(ray_local, transport, kind, shards):
@@ -165,6 +176,34 @@ def test_dead_shard_is_named(ray_local):
     stop_shards(actors[:1])
 
 
+def test_dead_shard_is_named_over_the_collective_transport(ray_local):
+    remote, actors = remote_table("row", 2, "collective", 100, 8, 0)
+    idx, scores = torch.randint(0, 100, (4, 3)), torch.rand(4, 3)
+    remote.lookup(idx, scores)
+    ray.kill(actors[1])
+    t0 = time.time()
+    with pytest.raises(ShardError, match="memory shard 1 (died|is unreachable) during lookup"):
+        for _ in range(3):  # the first send may still be buffered when the peer goes
+            remote.lookup(idx, scores)
+    assert time.time() - t0 < 30
+    stop_shards(actors[:1])
+
+
+def test_shard_errors_come_back_over_the_collective_transport(ray_local):
+    remote, actors = remote_table("row", 2, "collective", 100, 8, 0)
+    try:
+        idx, scores, dy = torch.tensor([[1, 2]]), torch.ones(1, 2), torch.ones(1, 3)  # 3 != 8
+        with pytest.raises(ShardError, match=r"memory shard 0 failed during backward: \w+Error"):
+            remote.transport.wait(
+                [remote.transport.submit(0, "backward", idx, scores, dy)], "backward"
+            )
+        # The group still serves after an error.
+        y = remote.lookup(torch.tensor([[1, 99]]), torch.ones(1, 2))
+        torch.testing.assert_close(y, remote.values()[[1, 99]].sum(0, keepdim=True))
+    finally:
+        stop_shards(actors)
+
+
 @ray.remote
 class StuckShard(ShardServer):
     """A real shard whose lookups never return in time."""
@@ -187,7 +226,7 @@ def test_silent_shard_times_out_and_is_named(ray_local):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["inprocess", "ray"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("kind", ["row", "column"])
 def test_training_with_quarter_budget_cache_matches_in_memory_shards(ray_local, transport, kind):
     # 4096 rows; each shard's region is 4x its budget, a step reads at most 256 rows.

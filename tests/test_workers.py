@@ -73,12 +73,18 @@ def reference(ray_local, tmp_path_factory):
         ["train.zero_stage=2", "shards.plan=row", "data.batch_size=4"],
         ["train.zero_stage=3", "shards.plan=column", "data.batch_size=4"],
         ["train.zero_stage=2", "shards.plan=row", "data.batch_size=2", "train.grad_accum=2"],
+        [
+            "train.zero_stage=1",
+            "shards.plan=row",
+            "data.batch_size=4",
+            "shards.transport=collective",
+        ],
     ],
-    ids=["zero2-row", "zero3-column", "zero2-grad-accum-2x2"],
+    ids=["zero2-row", "zero3-column", "zero2-grad-accum-2x2", "zero1-row-collective"],
 )
 def test_two_workers_two_shards_match_one_process(ray_local, reference, tmp_path, extra):
     ref_losses, ref_final, ref_values, ref_model = reference
-    cfg = cfg_of("cluster.workers=2", "shards.count=2", "shards.transport=ray", *extra)
+    cfg = cfg_of("cluster.workers=2", "shards.count=2", *extra)
     train(cfg, tmp_path, progress=False)
     losses, final, values, model = outcome(tmp_path)
     assert len(losses) == STEPS and ref_losses[-1] < ref_losses[0]
