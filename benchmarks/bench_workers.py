@@ -1,4 +1,5 @@
-"""Data-parallel benchmark: tokens/s of 1 and 2 backbone workers sharing 2 memory shards.
+"""Data-parallel benchmark: tokens/s of 1 and 2 backbone workers sharing 2 memory shards,
+over the Ray and the collective transport.
 
 Each layout trains the same config end to end through ``memdist.train.train`` (as
 ``memdist train`` does) on a local Ray instance, and the figures come from the run's
@@ -32,6 +33,16 @@ LAYOUTS = {
     "local_table_1_process": ["shards.count=0"],
     "1_worker_2_shards": ["shards.count=2", "cluster.workers=1"],
     "2_workers_2_shards": ["shards.count=2", "cluster.workers=2"],
+    "1_worker_2_shards_collective": [
+        "shards.count=2",
+        "cluster.workers=1",
+        "shards.transport=collective",
+    ],
+    "2_workers_2_shards_collective": [
+        "shards.count=2",
+        "cluster.workers=2",
+        "shards.transport=collective",
+    ],
 }
 
 
@@ -83,8 +94,8 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["layouts"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    names = [r["layout"].replace("_", " ") for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    names = [r["layout"].replace("_shards_", " shards\n").replace("_", " ") for r in rows]
     tps = [r["tokens_per_s"] for r in rows]
     wait = [r.get("memory_wait_share", 0.0) * r["tokens_per_s"] for r in rows]
     ax.bar(names, tps, label="tokens/s")
