@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     rows, dim, tokens, bag = 65536, 128, (512 if args.quick else 2048), 64
     repeats = 2 if args.quick else 5
     started = time.time()

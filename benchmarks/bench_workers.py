@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     warmup = max(1, args.steps // 6)
     # Same global batch (16 x 128 tokens) for every layout: 2 workers take 8 rows each.
     common = [f"train.steps={args.steps}", "train.max_minutes=null", "train.log_every=5",

@@ -96,10 +96,12 @@ class ShardGroup:
 
 
 def ensure_ray(address: str | None = None) -> None:
+    """Connect to the cluster at ``address``, or with None start a local instance (never
+    an instance that happens to be recorded on this machine by ``ray start``)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                  configure_logging=False)  # fmt: skip
 
 

@@ -46,11 +46,17 @@ TINY = [
 ]
 
 
-def memdist(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def clean_env(**extra: str) -> dict[str, str]:
     # A fresh process: not the rendezvous of this test process's own gloo group.
     rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     env = {k: v for k, v in os.environ.items() if k not in rendezvous}
-    env["DS_ACCELERATOR"] = "cpu"
+    return {**env, "DS_ACCELERATOR": "cpu", **extra}
+
+
+def memdist(
+    *args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = env or clean_env()
     result = subprocess.run(
         [sys.executable, "-m", "memdist.cli", *args],
         cwd=cwd,
@@ -160,3 +166,61 @@ def test_train_with_shards(tmp_path, transport):
     assert again["qa_em"] == pytest.approx(out["qa_em"]) and again["ppl"] == pytest.approx(
         out["ppl"]
     )
+
+
+@pytest.mark.slow
+def test_train_joins_a_running_ray_cluster(tmp_path):
+    """--address: 2 workers and 2 collective shards on a cluster started by `ray start`."""
+    import shutil
+    import signal
+    import socket
+    import tempfile
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = clean_env(RAY_AUTH_MODE="disabled")  # the test cluster runs without tokens
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", f"--port={port}", "--num-cpus=4", "--block",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        run = tmp_path / "run"
+        result = memdist(
+            "train", *TINY, "--set", f"data.cache_dir={tmp_path / 'd'}", "--set", "shards.count=2",
+            "--workers", "2", "--transport", "collective", "--address", f"127.0.0.1:{port}",
+            "--run-dir", str(run), "--no-progress", cwd=tmp_path, env=env,
+        )  # fmt: skip
+        out = last_json(result.stdout)
+        assert out["step"] == 8 and out["workers"] == 2
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        placed = sorted((r["role"], r.get("worker", r.get("shard"))) for r in records
+                        if r["kind"] == "placement")  # fmt: skip
+        assert placed == [("shard", 0), ("shard", 1), ("worker", 0), ("worker", 1)]
+        head.send_signal(signal.SIGTERM)  # --block: the head drains and stops its processes
+        head.wait(timeout=90)
+        # With no --address a run starts its own instance, even though `ray start` left
+        # the dead cluster recorded as this machine's current one.
+        result = memdist(
+            "train", *TINY, "--set", f"data.cache_dir={tmp_path / 'd'}", "--set", "train.steps=2",
+            "--shards", "2", "--run-dir", str(tmp_path / "local"), "--no-progress",
+            cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert last_json(result.stdout)["step"] == 2
+    finally:
+        if head.poll() is None:
+            head.send_signal(signal.SIGTERM)
+            head.wait(timeout=90)
+        # `ray start` recorded this cluster as the machine's current one; it is gone now.
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()

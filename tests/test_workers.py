@@ -29,7 +29,7 @@ def ray_local():
     if ray.is_initialized():
         ray.shutdown()
     # The cluster defines the shard resource: shard actors must ask for it.
-    ray.init(num_cpus=4, resources={"memdist_shard": 2}, include_dashboard=False,
+    ray.init(address="local", num_cpus=4, resources={"memdist_shard": 2}, include_dashboard=False,
              log_to_driver=False, configure_logging=False)  # fmt: skip
     yield
     ray.shutdown()
