@@ -73,7 +73,8 @@ class ShardServer:
         self.barrier_timeout_s = barrier_timeout_s
         self._cond = threading.Condition(threading.RLock())
         self._arrived: dict[int, float] = {}  # worker -> grad_scale, for the step in progress
-        self._generation = 0  # steps applied by the barrier
+        self._generation = 0  # barrier rounds completed (applied or dropped)
+        self._dropped = -1  # the last round dropped for inconsistent scales
         self._touched = 0
         self.kind = kind
         self.device = torch.device(device)
@@ -197,6 +198,9 @@ class ShardServer:
                 if len(scales) > 1:
                     self._arrived.clear()
                     self.rows.zero_grad()
+                    self._dropped = gen  # the waiting workers fail too, at once
+                    self._generation += 1
+                    self._cond.notify_all()
                     raise ShardError(
                         f"shard {self.region.shard}: workers sent different grad_scale {scales} "
                         f"for step {gen}; the step was dropped"
@@ -213,6 +217,11 @@ class ShardServer:
                     f"shard {self.region.shard}: step {gen} barrier timed out after "
                     f"{self.barrier_timeout_s:g} s waiting for workers {missing} of "
                     f"{self.workers}; the step was not applied"
+                )
+            if self._dropped == gen:
+                raise ShardError(
+                    f"shard {self.region.shard}: step {gen} was dropped: the workers sent "
+                    "different grad_scale values"
                 )
             return self._touched
 

@@ -131,7 +131,7 @@ class CollectiveTransport:
         self.timeout_s = timeout_s
         self._ray = RayTransport(actors, timeout_s=timeout_s)
         self._pg: Any = None
-        self._ids = itertools.count(FIRST_REQUEST)
+        self._ids = itertools.count()
 
     def _group(self):
         if self._pg is None:
@@ -142,7 +142,7 @@ class CollectiveTransport:
         if method not in METHODS:
             return ("ray", self._ray.submit(shard, method, *args))
         pg = self._group()
-        req = next(self._ids)
+        req = FIRST_REQUEST + next(self._ids) % 2**30  # gloo tags are 32-bit
         tensors = _encode(method, args)
         header = torch.tensor([METHODS.index(method), self.worker, len(tensors), req])
         try:

@@ -348,6 +348,24 @@ def test_step_barrier_applies_every_workers_gradients_once_or_not_at_all():
     assert server.stats()["steps"] == 1
     with pytest.raises(ShardError, match=r"worker=2 is not in \[0, 2\)"):
         server.step(0.5, 2)
+    # Workers that disagree on the scale: both fail at once, nothing is applied.
+    server.barrier_timeout_s = 30.0
+    before, errors = server.values(), []
+
+    def step(worker, scale):
+        try:
+            server.step(scale, worker)
+        except ShardError as exc:
+            errors.append(str(exc))
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=step, args=(w, 0.5 * (w + 1))) for w in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert len(errors) == 2 and all("grad_scale" in e for e in errors), errors
+    assert time.monotonic() - t0 < 10 and torch.equal(server.values(), before)
 
 
 @pytest.mark.slow
