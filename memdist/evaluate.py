@@ -103,7 +103,8 @@ def qa_scores(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, f
     return {"qa_em": em / 100, "qa_f1": f1 / 100}
 
 
-def _all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+def all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    """``t`` summed over the ``world`` data-parallel workers (every worker calls it)."""
     if world == 1:
         return t
     import torch.distributed as dist
@@ -148,7 +149,7 @@ def evaluate(
         ]
         if layers:
             stats = [
-                key_usage(_all_sum(layer.usage_V, world))
+                key_usage(all_sum(layer.usage_V, world))
                 for layer in layers
                 if layer.usage_V is not None
             ]

@@ -30,7 +30,7 @@ from memdist.assembly import (
 )
 from memdist.config import RunConfig
 from memdist.data.prepare import EvalSets, prepare_data
-from memdist.evaluate import evaluate
+from memdist.evaluate import all_sum, evaluate
 from memdist.model import Transformer, flops_per_token
 from memdist.runlog import RunReport, Sink
 from memdist.step import train_step
@@ -122,18 +122,6 @@ def global_batch_slices(stream, ctx: WorkerContext, batch_size: int):
         yield inputs_BT[lo:hi], targets_BT[lo:hi]
 
 
-def _all_sum(values: list[float], ctx: WorkerContext) -> list[float]:
-    if ctx.world == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def eval_model(cfg: RunConfig, engine, tables, ctx: WorkerContext):
     """The backbone to evaluate: the engine's own, or under ZeRO-3 with several workers a
     whole copy (each worker decodes its own questions, so forwards are not in step and
@@ -201,7 +189,8 @@ def run_worker(
         dt = time.perf_counter() - t0
         out_of_time = deadline is not None and time.perf_counter() > deadline
         # Workers agree on the mean loss and on stopping (the lead's clock decides).
-        loss_sum, stop = _all_sum([loss, float(out_of_time and ctx.lead)], ctx)
+        agreed = torch.tensor([loss, float(out_of_time and ctx.lead)], dtype=torch.float64)
+        loss_sum, stop = all_sum(agreed, ctx.world).tolist()
         last_loss = loss_sum / ctx.world
         train_seconds += dt
         tokens += tokens_per_step
