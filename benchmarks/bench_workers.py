@@ -46,6 +46,10 @@ LAYOUTS = {
 }
 
 
+CACHE_COUNTERS = ("lookups", "cache_hits", "cache_misses", "prefetched", "prefetch_hits",
+                  "prefetch_skipped", "evictions", "writebacks", "prefetch_ns")  # fmt: skip
+
+
 def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "gpu": gpu}
@@ -84,6 +88,8 @@ def measure(name: str, overrides: list[str], common: list[str], warmup_steps: in
         out["shard_bytes_per_token"] = (
             sum(s["bytes_in"] + s["bytes_out"] for s in shards) / (final["tokens"])
         )
+        if any(s["cached"] for s in shards):  # zarr-backed shards: the row caches' counters
+            out["cache"] = {k: sum(s.get(k, 0) for s in shards) for k in CACHE_COUNTERS}
     return out
 
 

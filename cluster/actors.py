@@ -6,7 +6,8 @@
 onto whatever node has room. ``stop_shards`` kills them.
 
 Actors are threaded (``max_concurrency``): while some workers wait at a shard's
-step barrier, the others' lookups and backwards are served.
+step barrier, the others' lookups and backwards are served (in arrival order, on
+one thread of their own).
 """
 
 from __future__ import annotations
@@ -21,15 +22,32 @@ from memdist.cluster.shard import ShardServer
 SHARD_RESOURCE = "memdist_shard"
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"rows": 1})  # type: ignore[call-overload]
 class ShardActor(ShardServer):
-    """A ShardServer in its own process; torch uses ``threads`` intra-op threads there."""
+    """A ShardServer in its own process; torch uses ``threads`` intra-op threads there.
+
+    Lookups, backwards and prefetch hints run on one thread (the ``rows`` group), so a
+    worker's requests are served in the order it sent them (a hint before the lookup it
+    prepares); steps, which may wait at the barrier, and control calls run beside them.
+    """
 
     def __init__(self, *args: Any, threads: int = 1, **kwargs: Any) -> None:
         import torch
 
         torch.set_num_threads(threads)
         super().__init__(*args, **kwargs)
+
+    @ray.method(concurrency_group="rows")
+    def lookup(self, *args: Any) -> Any:
+        return super().lookup(*args)
+
+    @ray.method(concurrency_group="rows")
+    def backward(self, *args: Any) -> Any:
+        return super().backward(*args)
+
+    @ray.method(concurrency_group="rows")
+    def prefetch(self, *args: Any) -> Any:
+        return super().prefetch(*args)
 
     def serve_collective(self, rendezvous: Any, rank: int) -> None:
         """Answer lookups, backwards and steps over the collective transport's group too

@@ -11,6 +11,8 @@ scores again), so a lost reply never leaves half a step behind.
 - ``backward(idx_NK, scores_NK, dy) -> dscores_NK`` partial (summed over shards by the
   client); the region's row gradients are accumulated for ``step``.
 - ``step(grad_scale, worker)`` applies the sparse optimizer to the touched rows.
+- ``prefetch(rows)`` warms a zarr-backed shard's row cache with rows a coming
+  lookup will read (a hint: values and results do not change).
 
 Several data-parallel workers share a shard: each sends its own backward (tagged
 with its rank) and its own ``step``. ``step`` is a barrier: the update is applied
@@ -175,6 +177,25 @@ class ShardServer:
         self.counters["kernel_ns"] += int((time.perf_counter() - t0) * 1e9)
         self._count_io(wire_in, dscores_NK)
         return dscores_NK.to(wire_in[2].dtype).cpu()
+
+    def prefetch(self, rows: torch.Tensor) -> int:
+        """Load the given global rows (1-D, unique) of this region into the row cache ahead
+        of the lookup that will read them; returns the rows read from zarr. A shard that
+        holds its whole region in memory has nothing to do."""
+        if not isinstance(self.rows, CachedRows):
+            return 0
+        with self._cond:
+            t0 = time.perf_counter()
+            r0, r1 = self.region.row_start, self.region.row_stop  # column regions: every row
+            rows = rows.to(torch.int64).cpu()
+            rows = rows[(rows >= r0) & (rows < r1)] - r0  # a hint's other rows are not ours
+            if self.kind == "row":  # entries of other shards read local row 0 (weight 0)
+                rows = torch.cat([rows, torch.zeros(1, dtype=torch.int64)])
+            rows = torch.unique(rows)  # sorted, as zarr reads want
+            loaded = self.rows.prefetch(rows.numpy())
+            self.counters["prefetch_ns"] += int((time.perf_counter() - t0) * 1e9)
+            self.counters["bytes_in"] += rows.numel() * rows.element_size()
+            return loaded
 
     def _check_worker(self, worker: int) -> None:
         if not 0 <= worker < self.workers:

@@ -1,8 +1,8 @@
 """The collective transport: the hot path over a torch.distributed group of memdist's own.
 
-Lookups, backwards and steps (indices, scores, pooled outputs, gradients) travel as
-point-to-point messages in a gloo ``ProcessGroupGloo`` that spans one table's shards
-and the workers. The group is built from its own ``TCPStore`` rendezvous (hosted by
+Lookups, backwards, steps and prefetch hints (indices, scores, pooled outputs,
+gradients) travel as point-to-point messages in a gloo ``ProcessGroupGloo`` that
+spans one table's shards and the workers. The group is built from its own ``TCPStore`` rendezvous (hosted by
 the process that started the shards, under a prefix per table) and is never the
 default group, so DeepSpeed's group is untouched. Control calls (values, state,
 stats, ping) still go through Ray: they are rare and carry Python objects.
@@ -33,7 +33,8 @@ from memdist.errors import ShardError
 from memdist.transport import RayTransport
 from memdist.wire import PackedIndices
 
-METHODS = ("lookup", "backward", "step")
+METHODS = ("lookup", "backward", "step", "prefetch")
+SCALAR_REPLIES = ("step", "prefetch")  # methods that answer one int
 DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32, torch.bfloat16,
           torch.float16, torch.uint8)  # fmt: skip
 META = 8  # int64 words: dtype code, ndim, up to 6 sizes
@@ -108,6 +109,8 @@ def _encode(method: str, args: tuple[Any, ...]) -> list[torch.Tensor]:
 def _decode(method: str, tensors: list[torch.Tensor], worker: int) -> tuple[Any, ...]:
     if method == "step":
         return (float(tensors[0]), worker)
+    if method == "prefetch":
+        return (tensors[0],)
     n_idx = 2 if len(tensors) == (3 if method == "lookup" else 4) else 1
     idx = PackedIndices(tensors[0], tensors[1]) if n_idx == 2 else tensors[0]
     rest = tuple(tensors[n_idx:])
@@ -179,27 +182,37 @@ class CollectiveTransport:
             message = bytes(out[0].tolist()).decode(errors="replace")
             raise ShardError(f"memory shard {shard} failed during {what}: {message}")
         result = out[0]
-        return int(result) if what == "step" else result
+        return int(result) if what in SCALAR_REPLIES else result
 
 
 # -- the shard's side --------------------------------------------------------------------
 def serve(server: Any, rendezvous: Rendezvous, rank: int) -> None:
     """Answer requests from the workers until the group breaks (a worker went away).
 
-    Each request runs in a pool thread, so a step waiting at the barrier does not hold
-    up the other workers' requests (the server's own lock keeps its state consistent).
+    Lookups, backwards and hints run one at a time in arrival order (a worker's hint is
+    served before the lookup it prepares); steps run in a pool, so a step waiting at the
+    barrier does not hold up the other workers' requests (the server's own lock keeps
+    its state consistent).
     A gloo receive that times out is abandoned for good, so the wait for the next
     request has no practical limit: an idle shard keeps serving.
     """
     pg = rendezvous.join(rank)
     timeout = datetime.timedelta(seconds=getattr(server, "barrier_timeout_s", 60.0) + 30)
     send_locks = {w: threading.Lock() for w in range(rendezvous.workers)}
-    pool = ThreadPoolExecutor(max_workers=2 * rendezvous.workers + 2)
+    pool = ThreadPoolExecutor(max_workers=4 * rendezvous.workers + 2)
+    in_order = ThreadPoolExecutor(max_workers=1)  # lookups, backwards, hints: arrival order
+
+    def delivered(works: list[Any]) -> None:
+        try:
+            for work, _ in works:
+                work.wait(timeout)
+        except RuntimeError:
+            pass  # the worker went away; the receive loop sees the group break
 
     def answer(method: str, worker: int, req: int, tensors: list[torch.Tensor]) -> None:
         try:
             result = getattr(server, method)(*_decode(method, tensors, worker))
-            reply = [torch.tensor([int(result)]) if method == "step" else result]
+            reply = [torch.tensor([int(result)]) if method in SCALAR_REPLIES else result]
             status = 0
         except Exception as exc:  # goes back to the worker, which raises ShardError
             message = f"{type(exc).__name__}: {exc}".encode()
@@ -208,8 +221,9 @@ def serve(server: Any, rendezvous: Rendezvous, rank: int) -> None:
         dst = rendezvous.shards + worker
         with send_locks[worker]:  # one reply's messages leave together
             works = _send(pg, [torch.tensor([status, len(reply)]), *reply], dst, req)
-        for work, _ in works:
-            work.wait(timeout)
+        # A send completes when the worker receives it, which for a hint's reply is at its
+        # next step: wait elsewhere, so the requests behind this one are not held up.
+        pool.submit(delivered, works)
 
     while True:
         header = torch.zeros(4, dtype=torch.int64)
@@ -219,5 +233,8 @@ def serve(server: Any, rendezvous: Rendezvous, rank: int) -> None:
             tensors = [_recv(pg, rendezvous.shards + worker, req, timeout) for _ in range(n)]
         except RuntimeError:
             break  # the group broke: a worker died or the run ended
-        pool.submit(answer, METHODS[method], worker, req, tensors)
+        (pool if METHODS[method] == "step" else in_order).submit(
+            answer, METHODS[method], worker, req, tensors
+        )
     pool.shutdown(wait=False)
+    in_order.shutdown(wait=False)

@@ -144,6 +144,7 @@ class ShardsConfig:
     threads_per_shard: int = 1
     payload: str = "fp32"  # dtype of scores, outputs and gradients on the wire: fp32 | bf16 | fp16
     staleness: int = 0  # 1: a step's update may overlap the next step's lookups (not exact)
+    prefetch: bool = False  # hint the next batch's rows to zarr-backed shards (exact)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -453,6 +454,11 @@ def validate(cfg: RunConfig) -> None:
     _check(
         sh.staleness in (0, 1),
         f"shards.staleness={sh.staleness} must be 0 (synchronous) or 1 (one step of overlap)",
+    )
+    _check(
+        not sh.prefetch or sh.count > 0,
+        "shards.prefetch=true needs shard servers (shards.count > 0): "
+        "a local table has nothing to prefetch",
     )
     c = cfg.cluster
     _check(c.workers >= 1, f"cluster.workers={c.workers} must be >= 1")

@@ -103,10 +103,15 @@ class MemoryLayer(nn.Module):
         scores_NHK = torch.softmax(raw_NHK.float(), dim=-1).to(x_ND.dtype)
         return idx_NHK.reshape(n, -1), scores_NHK.reshape(n, -1)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, *, rows_only: bool = False) -> torch.Tensor:
+        """Output ``(B, T, D)``; with ``rows_only`` the row indices ``(N, H*K)`` it would
+        read, without the lookup (called as a module, so wrappers that gather parameters
+        before a forward, like ZeRO-3's, do so)."""
         b, t, d = x_BTD.shape
         x_ND = x_BTD.reshape(b * t, d)
         idx_NK, scores_NK = self.select(x_ND)
+        if rows_only:
+            return idx_NK
         if self.usage_V is not None:
             self.usage_V += torch.bincount(idx_NK.flatten(), minlength=self.usage_V.numel()).to(
                 self.usage_V.device

@@ -126,18 +126,33 @@ class Transformer(nn.Module):
     def memory_layers(self) -> list[MemoryLayer]:
         return [b.ffn for b in self.block_list() if isinstance(b.ffn, MemoryLayer)]
 
-    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) for the next token at each position."""
+    def _embed(self, tokens_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = tokens_BT.shape[1]
         if t > self.cfg.max_seq_len:
             raise ShapeError(
                 f"sequence of {t} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}"
             )
-        x = self.tok_emb(tokens_BT)
-        cos_TS, sin_TS = self.rope_cos[:t], self.rope_sin[:t]  # type: ignore[index]
+        return self.tok_emb(tokens_BT), self.rope_cos[:t], self.rope_sin[:t]  # type: ignore[index]
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) for the next token at each position."""
+        x, cos_TS, sin_TS = self._embed(tokens_BT)
         for block in self.blocks:
             x = block(x, cos_TS, sin_TS)
         return self.lm_head(self.norm(x))
+
+    @torch.no_grad()
+    def first_memory_rows(self, tokens_BT: torch.Tensor) -> tuple[MemoryLayer, torch.Tensor] | None:
+        """The first memory layer and the row indices ``(N, H*K)`` it will read for these
+        tokens: the forward up to that layer's top-k, without the lookup. Later memory
+        layers' queries depend on its output, so only the first one can be known early."""
+        x, cos_TS, sin_TS = self._embed(tokens_BT)
+        for block in self.block_list():
+            if isinstance(block.ffn, MemoryLayer):
+                x = x + block.attn(block.attn_norm(x), cos_TS, sin_TS)
+                return block.ffn, block.ffn(block.ffn_norm(x), rows_only=True)
+            x = block(x, cos_TS, sin_TS)
+        return None
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:

@@ -93,6 +93,8 @@ class RemoteTable:
         self.rows_touched_last_step = 0
         self.wait_seconds = 0.0  # time spent waiting on the shards (for step-time shares)
         self._step_in_flight: list[Any] | None = None
+        self._prefetches: list[Any] = []  # hints sent, replies not yet collected
+        self.rows_prefetched = 0  # rows the shards read from zarr on this worker's hints
 
     def _wait(self, handles: list[Any], what: str) -> list[Any]:
         t0 = time.perf_counter()
@@ -149,11 +151,27 @@ class RemoteTable:
     def lookup(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
         return self.lookup_async(idx_NK, scores_NK).wait()
 
+    def prefetch(self, idx_NK: torch.Tensor) -> None:
+        """Tell the shards which rows a coming lookup will read, without waiting: a shard
+        whose region lives in zarr behind a row cache loads them meanwhile. Only where
+        rows are changes, never a value. Replies are collected at the next ``step()``."""
+        rows_U = torch.unique(idx_NK.detach().cpu().to(torch.int64))
+        for s, r in enumerate(self.plan.regions):
+            mine = rows_U[(rows_U >= r.row_start) & (rows_U < r.row_stop)]  # column: all
+            if mine.numel():
+                self._prefetches.append(self.transport.submit(s, "prefetch", mine))
+
+    def _collect_prefetches(self) -> None:
+        handles, self._prefetches = self._prefetches, []
+        if handles:
+            self.rows_prefetched += sum(self._wait(handles, "prefetch"))
+
     def step(self, grad_scale: float = 1.0) -> int:
         """This worker's step. ``grad_scale`` must be the same on every worker (1/workers
         for an average, as DeepSpeed averages dense gradients). Returns the rows updated
         (with staleness on: by the previous step, whose reply was awaited here)."""
         self._settle()
+        self._collect_prefetches()
         handles = [
             self.transport.submit(s, "step", grad_scale, self.worker)
             for s in range(self.plan.shards)
@@ -165,8 +183,9 @@ class RemoteTable:
         return self.rows_touched_last_step
 
     def flush(self) -> None:
-        """Wait for anything still in flight (a step sent under bounded staleness)."""
+        """Wait for anything still in flight (a step sent under bounded staleness, hints)."""
         self._settle()
+        self._collect_prefetches()
 
     def zero_grad(self) -> None:
         self._call_all("zero_grad", [()] * self.plan.shards)

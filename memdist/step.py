@@ -14,8 +14,14 @@ def loss_fn(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten())
 
 
-def train_step(engine, tables, micro_batches, device: torch.device) -> float:
+def train_step(engine, tables, micro_batches, device: torch.device, *, hint=None,
+               next_inputs: torch.Tensor | None = None) -> float:  # fmt: skip
     """One optimizer step over ``micro_batches``; returns their mean loss (this worker's).
+
+    ``hint(inputs_BT)``, when given, is called after each micro-batch with the inputs of
+    the one that follows (``next_inputs`` after the last: the next step's first), once
+    the parameters that micro-batch will see are in place, so the rows it will read
+    can be prefetched while this worker goes on.
 
     DeepSpeed scales each micro-batch loss by 1/grad_accum before backward, so the
     sparse row gradients the tables collect are averaged the same way as the dense ones.
@@ -25,7 +31,7 @@ def train_step(engine, tables, micro_batches, device: torch.device) -> float:
     """
     grad_scale = 1.0 / engine.dp_world_size
     loss_sum = 0.0
-    for inputs_BT, targets_BT in micro_batches:
+    for i, (inputs_BT, targets_BT) in enumerate(micro_batches):
         loss = loss_fn(engine(inputs_BT.to(device)), targets_BT.to(device))
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
@@ -33,4 +39,7 @@ def train_step(engine, tables, micro_batches, device: torch.device) -> float:
                 table.step(grad_scale)
         engine.step()
         loss_sum += float(loss.detach())
+        following = micro_batches[i + 1][0] if i + 1 < len(micro_batches) else next_inputs
+        if hint is not None and following is not None:
+            hint(following.to(device))
     return loss_sum / len(micro_batches)

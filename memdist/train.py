@@ -134,6 +134,18 @@ def eval_model(cfg: RunConfig, engine, tables, ctx: WorkerContext):
     return copy
 
 
+def prefetch_hint(model: Transformer):
+    """A ``train_step`` hint: the rows the first memory layer will read for the coming
+    inputs, sent to its shards ahead of the lookup (``shards.prefetch``)."""
+
+    def hint(inputs_BT: torch.Tensor) -> None:
+        found = model.first_memory_rows(inputs_BT)
+        if found is not None and hasattr(found[0].table, "prefetch"):
+            found[0].table.prefetch(found[1])
+
+    return hint
+
+
 def run_worker(
     cfg: RunConfig, remote, sink: Sink, ctx: WorkerContext = WorkerContext()
 ) -> WorkerResult | None:
@@ -177,15 +189,24 @@ def run_worker(
     tokens_per_step = b * ctx.world * cfg.data.seq_len * cfg.train.grad_accum
     deadline = t_start + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
     batches = global_batch_slices(stream, ctx, b)
+    hint = prefetch_hint(engine.module) if cfg.shards.prefetch and remote is not None else None
     window_loss, window_seconds = 0.0, 0.0
     window_steps = 0
     step, tokens, last_loss = 0, 0, float("nan")
     train_seconds = 0.0
     wait0 = sum(getattr(t, "wait_seconds", 0.0) for t in tables)
+
+    def take() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [next(batches) for _ in range(cfg.train.grad_accum)]
+
+    upcoming = take()  # read one step ahead, so the next step's rows can be hinted
+    if hint is not None:
+        hint(upcoming[0][0].to(rt.device))
     for step in range(1, cfg.train.steps + 1):
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(cfg.train.grad_accum)]
-        loss = train_step(engine, tables, micro, rt.device)
+        micro, upcoming = upcoming, (take() if step < cfg.train.steps else [])
+        next_inputs = upcoming[0][0] if upcoming else None
+        loss = train_step(engine, tables, micro, rt.device, hint=hint, next_inputs=next_inputs)
         dt = time.perf_counter() - t0
         out_of_time = deadline is not None and time.perf_counter() > deadline
         # Workers agree on the mean loss and on stopping (the lead's clock decides).

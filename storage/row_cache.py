@@ -7,6 +7,11 @@ reading misses from zarr and evicting the least recently used unpinned slots
 until ``step()``, which updates them in their slots and marks them dirty. The
 optimizer math is per row, so results equal those of a fully resident table.
 
+``prefetch`` loads rows a coming request will read (the next batch's, when the
+worker knows them) into slots that are free or hold neither pinned rows nor the
+hint's own rows, so the request then finds them resident. It never changes a value,
+only where a row is, so training with or without it is the same.
+
 Letters: C cache slots, D columns, U unique rows in a request.
 """
 
@@ -58,6 +63,7 @@ class CachedRows(SparseRows):
         self.dirty = np.zeros(self.capacity, dtype=bool)
         self.pinned = np.zeros(self.capacity, dtype=bool)
         self.last_used = np.zeros(self.capacity, dtype=np.int64)
+        self.prefetched = np.zeros(self.capacity, dtype=bool)  # loaded by a hint, not yet read
         self.clock = 0
         self.counters: Counter[str] = Counter()
 
@@ -76,45 +82,74 @@ class CachedRows(SparseRows):
         self.slot_of[rows[rows >= 0]] = -1
         self.row_of[slots] = -1
         self.dirty[slots] = False
+        self.prefetched[slots] = False
+
+    def _room(self) -> tuple[np.ndarray, np.ndarray]:
+        """Free slots, and the slots that may be evicted (least recently used first):
+        resident, not pinned, and not used at the current clock."""
+        free = np.flatnonzero(self.row_of < 0)
+        candidates = np.flatnonzero(
+            (self.row_of >= 0) & ~self.pinned & (self.last_used < self.clock)
+        )
+        return free, candidates[np.argsort(self.last_used[candidates], kind="stable")]
+
+    def _load(self, load_rows: np.ndarray, free: np.ndarray, victims: np.ndarray) -> np.ndarray:
+        """Read ``load_rows`` from zarr into free slots, evicting as many victims as needed."""
+        need = load_rows.size
+        if free.size < need:
+            victims = victims[: need - free.size]
+            self._evict(victims)
+            self.counters["evictions"] += int(victims.size)
+            free = np.flatnonzero(self.row_of < 0)
+        new_slots = free[:need]
+        data = self.store.read(load_rows)
+        t = torch.from_numpy(new_slots).to(self.device)
+        self.weight_VD[t] = torch.from_numpy(data["values"]).to(self.device)
+        for k, v in self.state.items():
+            v[t] = torch.from_numpy(data[k]).to(self.device)
+        self.slot_of[load_rows] = new_slots
+        self.row_of[new_slots] = load_rows
+        return new_slots
 
     def resolve(self, rows_U: np.ndarray) -> np.ndarray:
         """Slots holding region rows ``rows_U`` (unique), loading misses from zarr."""
         self.clock += 1
         slots = self.slot_of[rows_U]
         miss = slots < 0
-        self.counters["cache_hits"] += int((~miss).sum())
+        hits = slots[~miss]
+        self.counters["cache_hits"] += int(hits.size)
         self.counters["cache_misses"] += int(miss.sum())
+        self.counters["prefetch_hits"] += int(self.prefetched[hits].sum())
+        self.prefetched[hits] = False
         if miss.any():
-            need = int(miss.sum())
-            self.last_used[slots[~miss]] = self.clock  # keep this request's hits
-            free = np.flatnonzero(self.row_of < 0)
-            if free.size < need:
-                candidates = np.flatnonzero(
-                    (self.row_of >= 0) & ~self.pinned & (self.last_used < self.clock)
+            self.last_used[hits] = self.clock  # keep this request's hits
+            free, victims = self._room()
+            if free.size + victims.size < miss.sum():
+                raise ShardError(
+                    f"row cache of {self.capacity} rows cannot hold the {rows_U.size} rows of "
+                    f"one request plus {int(self.pinned.sum())} rows awaiting their step: "
+                    "raise shards.budget_mb or use more shards"
                 )
-                if free.size + candidates.size < need:
-                    raise ShardError(
-                        f"row cache of {self.capacity} rows cannot hold the {rows_U.size} rows of "
-                        f"one request plus {int(self.pinned.sum())} rows awaiting their step: "
-                        "raise shards.budget_mb or use more shards"
-                    )
-                victims = candidates[np.argsort(self.last_used[candidates], kind="stable")]
-                victims = victims[: need - free.size]
-                self._evict(victims)
-                self.counters["evictions"] += int(victims.size)
-                free = np.flatnonzero(self.row_of < 0)
-            new_slots = free[:need]
-            load_rows = rows_U[miss]
-            data = self.store.read(load_rows)
-            t = torch.from_numpy(new_slots).to(self.device)
-            self.weight_VD[t] = torch.from_numpy(data["values"]).to(self.device)
-            for k, v in self.state.items():
-                v[t] = torch.from_numpy(data[k]).to(self.device)
-            self.slot_of[load_rows] = new_slots
-            self.row_of[new_slots] = load_rows
+            self._load(rows_U[miss], free, victims)
             slots = self.slot_of[rows_U]
         self.last_used[slots] = self.clock
         return slots
+
+    def prefetch(self, rows_U: np.ndarray) -> int:
+        """Load the region rows ``rows_U`` (unique) that are not resident, as many as fit
+        without evicting pinned rows or the hint's own; returns how many were read."""
+        self.clock += 1
+        resident = self.slot_of[rows_U] >= 0
+        self.last_used[self.slot_of[rows_U[resident]]] = self.clock  # the hint keeps these
+        free, victims = self._room()
+        load_rows = rows_U[~resident][: free.size + victims.size]
+        if load_rows.size:
+            slots = self._load(load_rows, free, victims)
+            self.last_used[slots] = self.clock
+            self.prefetched[slots] = True
+        self.counters["prefetched"] += int(load_rows.size)
+        self.counters["prefetch_skipped"] += int((~resident).sum()) - int(load_rows.size)
+        return int(load_rows.size)
 
     def to_slots(self, local_NK: torch.Tensor) -> torch.Tensor:
         """Region-local row indices mapped to cache slots (same shape)."""

@@ -36,12 +36,53 @@ def test_quarter_budget_cache_matches_resident_shard(tmp_path, kind, optimizer):
             torch.testing.assert_close(cached.backward(idx, scores, dy),
                                        resident.backward(idx, scores, dy), rtol=0, atol=0)  # fmt: skip
         assert cached.step() == resident.step()
+        hint = torch.randint(0, rows, (40,), generator=g)  # rows a coming lookup may read
+        assert resident.prefetch(hint) == 0  # nothing to load: every row is in memory
+        cached.prefetch(hint)
     a, b = cached.state_dict(), resident.state_dict()
     for key in b:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     stats = cached.stats()
     assert stats["cached"] and stats["cache_misses"] > 0 and stats["evictions"] > 0
     assert stats["writebacks"] > 0 and stats["cache_hits"] > 0
+    assert stats["prefetched"] > 0 and stats["prefetch_hits"] > 0
+
+
+def _cache(tmp_path, rows=64, capacity=8):
+    spec = state_spec("sgd", 3)
+    store = ZarrRegion(tmp_path / "r", rows, 3, spec, chunk_rows=8,
+                       init_rows=lambda r0, r1: init_values(r0, r1, 3, seed=2).numpy())  # fmt: skip
+    return CachedRows(store, capacity, optimizer="sgd", lr=1.0)
+
+
+def test_prefetched_rows_are_hits_and_hold_their_values(tmp_path):
+    cache = _cache(tmp_path)
+    assert cache.prefetch(np.array([3, 9, 30])) == 3
+    slots = cache.resolve(np.array([3, 9, 30, 31]))
+    c = cache.counters
+    assert (c["prefetched"], c["prefetch_hits"], c["cache_hits"], c["cache_misses"]) == (3, 3, 3, 1)
+    expected = init_values(0, 64, 3, seed=2)[[3, 9, 30, 31]]
+    torch.testing.assert_close(cache.weight_VD[torch.from_numpy(slots)], expected, rtol=0, atol=0)
+    assert cache.prefetch(np.array([3, 9])) == 0  # resident already: nothing read
+
+
+def test_prefetch_never_evicts_rows_awaiting_their_step(tmp_path):
+    cache = _cache(tmp_path, capacity=8)
+    pending = np.arange(6)
+    slots = cache.resolve(pending)
+    cache.accumulate(torch.from_numpy(slots), torch.ones(6, 3))  # pinned until step()
+    # 10 rows hinted, room for 2: the rest is skipped, the pending rows stay.
+    assert cache.prefetch(np.arange(20, 30)) == 2
+    assert cache.counters["prefetch_skipped"] == 8
+    np.testing.assert_array_equal(cache.slot_of[pending], slots)
+    cache.step()
+    np.testing.assert_allclose(cache.weight_VD[torch.from_numpy(slots)].numpy(),
+                               init_values(0, 6, 3, seed=2).numpy() - 1.0, rtol=1e-6)  # fmt: skip
+    # After the step nothing is pinned: a hint may now replace the least recently used rows,
+    # which are written back first.
+    assert cache.prefetch(np.arange(40, 48)) == 8
+    np.testing.assert_allclose(cache.store.read(pending)["values"],
+                               init_values(0, 6, 3, seed=2).numpy() - 1.0, rtol=1e-6)  # fmt: skip
 
 
 def test_store_persists_and_reopens(tmp_path):

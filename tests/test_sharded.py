@@ -23,6 +23,7 @@ from memdist.errors import ConfigError, ShardError
 from memdist.remote import RemoteTable
 from memdist.shards import start_remote_tables
 from memdist.step import train_step
+from memdist.train import prefetch_hint
 from memdist.transport import InProcessTransport, RayTransport
 from memdist.values import LocalTable
 
@@ -111,7 +112,10 @@ def batches(cfg, n):
     return [(d[:, :-1], d[:, 1:]) for d in data]
 
 
-def run(cfg, steps=20):
+def run(cfg, steps=20, stats=None):
+    """Losses and final values of ``steps`` training steps; ``stats`` collects the
+    shards' counters. With ``shards.prefetch`` the next step's rows are hinted as in
+    ``memdist train``."""
     remote, group = (None, None)
     if cfg.shards.count:
         remote, group = start_remote_tables(cfg)
@@ -119,13 +123,19 @@ def run(cfg, steps=20):
         model, tables = build_model(cfg, torch.device("cpu"), remote)
         tables = unique_tables(tables)
         engine = make_engine(cfg, model, resolve_runtime(cfg))
+        hint = prefetch_hint(engine.module) if cfg.shards.prefetch else None
         ga = cfg.train.grad_accum
-        data = batches(cfg, steps * ga)
+        data = batches(cfg, steps * ga) + [(None, None)]
         cpu = torch.device("cpu")
-        losses = [
-            train_step(engine, tables, data[s * ga : (s + 1) * ga], cpu) for s in range(steps)
-        ]
+        if hint is not None:
+            hint(data[0][0])
+        losses = []
+        for s in range(steps):
+            micro, following = data[s * ga : (s + 1) * ga], data[(s + 1) * ga][0]
+            losses.append(train_step(engine, tables, micro, cpu, hint=hint, next_inputs=following))
         values = [t.state_dict()["weight"] for t in tables]
+        if stats is not None:
+            stats.extend(s for t in tables if hasattr(t, "stats") for s in t.stats())
         return losses, values
     finally:
         if group is not None:
@@ -236,6 +246,36 @@ def test_training_with_quarter_budget_cache_matches_in_memory_shards(ray_local, 
     for a, b in zip(values, mem_values, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "transport, kind, zero",
+    [(t, k, 2) for t in TRANSPORTS for k in ("row", "column")] + [("inprocess", "row", 3)],
+)
+def test_prefetching_the_next_batch_makes_every_lookup_a_hit(ray_local, transport, kind, zero):
+    """Each micro-batch hints the next one's rows (the forward up to the memory layer's
+    top-k, run with the parameters it will use; under ZeRO-3 too), so every lookup finds
+    its rows in the cache, while losses and values stay those of in-memory shards."""
+    extra = ["model.memory.n_keys=64", "data.batch_size=2", "data.seq_len=8", "shards.count=2",
+             f"shards.plan={kind}", f"shards.transport={transport}", "train.grad_accum=2",
+             f"train.zero_stage={zero}", f"shards.budget_mb={4096 * 32 * 4 * 3 // 2 / 4 / 2**20}"]  # fmt: skip
+    mem_losses, mem_values = run(tiny(*extra[:-1]), steps=8)
+    plain, prefetched = [], []
+    losses_plain, _ = run(tiny(*extra), steps=8, stats=plain)
+    losses, values = run(tiny(*extra, "shards.prefetch=true"), steps=8, stats=prefetched)
+    assert losses == mem_losses == losses_plain
+    for a, b in zip(values, mem_values, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert sum(s["cache_misses"] for s in plain) > 0
+    assert sum(s["cache_misses"] for s in prefetched) == 0  # the hints were exact
+    assert sum(s["prefetch_hits"] for s in prefetched) == sum(s["prefetched"] for s in prefetched)
+    assert sum(s["prefetched"] for s in prefetched) > 0
+
+
+def test_prefetch_needs_shard_servers():
+    with pytest.raises(ConfigError, match="shards.prefetch=true needs shard servers"):
+        tiny("shards.prefetch=true")
 
 
 def test_budget_too_small_for_one_step_is_refused():
