@@ -1,15 +1,18 @@
-"""Prefetch benchmark: training with zarr-backed shards whose row cache holds a quarter
-of their rows, with and without hinting the next batch's rows, against in-memory shards.
+"""Prefetch benchmark: training with zarr-backed shards whose row cache holds a fraction
+of their rows (a quarter by default), with and without hinting the next batch's rows,
+against in-memory shards.
 
 Every layout trains the same config end to end through ``memdist.train.train`` on a
-local Ray instance (2 Ray shard actors, row plan, 262144 x 128 table, 512 tokens per
-step). With ``shards.prefetch`` each step runs the next batch's forward up to the
-memory layer's top-k and sends those rows to the shards, which load them while the
-worker goes on. Reported: tokens/s after warm-up and its ratio to the in-memory shards
-(the peer, in the same run), the share of step time the worker waited on the shards,
-and the caches' counters (misses at lookups, rows prefetched, prefetched rows read).
+local Ray instance (2 Ray shard actors, row plan, 262144 x 128 table, batch x 128
+tokens per step). With ``shards.prefetch`` each step runs the next batch's forward up
+to the memory layer's top-k and sends those rows to the shards, which load them while
+the worker goes on; ``in_memory_shards_hints`` sends the same hints to shards that have
+nothing to load, which isolates what computing the hints costs. Reported: tokens/s
+after warm-up and its ratio to the in-memory shards (the peer, in the same run), the
+share of step time the worker waited on the shards, and the caches' counters (rows
+read at lookups, rows prefetched and then read, evictions, write-backs).
 
-    python benchmarks/bench_prefetch.py [--steps N] [--out DIR]
+    python benchmarks/bench_prefetch.py [--steps N] [--budget-fraction F] [--batch-size B] [--out DIR]
 """
 
 from __future__ import annotations
@@ -23,11 +26,16 @@ from bench_workers import machine, measure, versions
 
 ROWS, DIM, SHARDS = 512**2, 128, 2
 REGION_MB = ROWS // SHARDS * DIM * 4 * 3 / 2**20  # values + Adam's two moments
-LAYOUTS = {
-    "in_memory_shards": [],
-    "cache_1/4": [f"shards.budget_mb={REGION_MB / 4}"],
-    "cache_1/4_prefetch": [f"shards.budget_mb={REGION_MB / 4}", "shards.prefetch=true"],
-}
+
+
+def layouts(fraction: float) -> dict[str, list[str]]:
+    budget = f"shards.budget_mb={REGION_MB * fraction}"
+    return {
+        "in_memory_shards": [],
+        "in_memory_shards_hints": ["shards.prefetch=true"],  # the hints' cost: nothing to load
+        "cache": [budget],
+        "cache_prefetch": [budget, "shards.prefetch=true"],
+    }
 
 
 def plot(result: dict, path: Path) -> None:
@@ -68,6 +76,9 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--budget-fraction", type=float, default=0.25,
+                   help="each shard's row cache as a fraction of its region")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=4, help="rows of 128 tokens per step")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     import ray
@@ -76,11 +87,15 @@ def main(argv: list[str] | None = None) -> dict:
     warmup = max(1, args.steps // 6)
     common = [f"train.steps={args.steps}", "train.max_minutes=null", "train.log_every=5",
               "eval.max_qa=16", "eval.ppl_batches=1", "model.memory.n_keys=512",
-              "data.batch_size=4", f"shards.count={SHARDS}", "shards.plan=row"]  # fmt: skip
+              f"data.batch_size={args.batch_size}", f"shards.count={SHARDS}",
+              "shards.plan=row"]  # fmt: skip
     started = time.time()
-    layouts = [measure(name, extra, common, warmup) for name, extra in LAYOUTS.items()]
-    base = layouts[0]["tokens_per_s"]
-    for r in layouts:
+    runs = [
+        measure(name, extra, common, warmup)
+        for name, extra in layouts(args.budget_fraction).items()
+    ]
+    base = runs[0]["tokens_per_s"]
+    for r in runs:
         r["ratio_to_in_memory"] = r["tokens_per_s"] / base
     result = {
         "benchmark": "prefetch",
@@ -92,11 +107,12 @@ def main(argv: list[str] | None = None) -> dict:
             "rows": ROWS,
             "dim": DIM,
             "region_mb": REGION_MB,
+            "budget_fraction": args.budget_fraction,
             "steps": args.steps,
             "warmup_steps_skipped": warmup,
             "peer": "in_memory_shards",
         },  # fmt: skip
-        "layouts": layouts,
+        "layouts": runs,
         "seconds": time.time() - started,
     }
     ray.shutdown()

@@ -8,9 +8,10 @@ Three measurements, one JSON object (machine, versions, config, results):
    shards' own counters.
 2. ``cache``: the same for one shard whose zarr-backed region is 4x its row cache,
    against the in-memory shard.
-3. ``model_steps``: a full training step of the small model (local table) for
-   tables of growing rows at nearly equal FLOPs: the memory layer's cost should
-   stay flat while parameters grow.
+3. ``model_steps``: a full training step of the small model (local table, SGD
+   values) for tables of 64K, 1M (and with ``--big`` 16M) rows at equal FLOPs
+   (``k_dim`` shrinks as the product keys grow): the step time should stay flat
+   while parameters grow.
 
     python benchmarks/bench_sharded.py [--quick] [--big] [--out DIR]
 """
@@ -138,6 +139,13 @@ def bench_cache(rows, dim, tokens, bag, repeats) -> list[dict]:
     return results
 
 
+# Equal FLOPs for every table size: the memory layer's query projection and key scoring
+# cost 2 * heads * k_dim * (dim + n_keys), so k_dim shrinks as n_keys grows
+# (66 x (128 + 256) = 22 x (128 + 1024) = 6 x (128 + 4096)); the value part (heads x knn
+# rows of v_dim) is the same for all.
+EQUAL_FLOPS_K_DIM = {256: 66, 1024: 22, 4096: 6}
+
+
 def bench_model_steps(n_keys_list, steps) -> list[dict]:
     from memdist.assembly import build_model, make_optimizer, unique_tables
     from memdist.config import load_config
@@ -146,8 +154,9 @@ def bench_model_steps(n_keys_list, steps) -> list[dict]:
 
     out = []
     for n_keys in n_keys_list:
-        cfg = load_config("small", [f"model.memory.n_keys={n_keys}", "shards.count=0",
-                                    "model.memory.value_optimizer=sgd"])  # fmt: skip
+        k_dim = EQUAL_FLOPS_K_DIM[n_keys]
+        cfg = load_config("small", [f"model.memory.n_keys={n_keys}", f"model.memory.k_dim={k_dim}",
+                                    "shards.count=0", "model.memory.value_optimizer=sgd"])  # fmt: skip
         model, tables = build_model(cfg, torch.device("cpu"))
         tables = unique_tables(tables)
         opt, _ = make_optimizer(cfg, model)
@@ -164,8 +173,9 @@ def bench_model_steps(n_keys_list, steps) -> list[dict]:
                 table.step()
             if i >= 2:
                 times.append(time.perf_counter() - t0)
-        out.append({"rows": n_keys**2, "value_params": n_keys**2 * cfg.model.dim,
-                    "flops_per_token": flops_per_token(cfg.model, t)["forward"],
+        flops = flops_per_token(cfg.model, t)
+        out.append({"rows": n_keys**2, "k_dim": k_dim, "value_params": n_keys**2 * cfg.model.dim,
+                    "flops_per_token": flops["forward"], "memory_layer_flops": flops["memory_layer"],
                     "step_ms": sorted(times)[len(times) // 2] * 1e3})  # fmt: skip
         del model, tables
     return out
@@ -178,7 +188,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    rows = [r for r in result["tables"] if r["shards"]]
+    rows = [r for r in result.get("tables", []) if r["shards"]]
     for impl in sorted({r["impl"] for r in rows}):
         pts = [r for r in rows if r["impl"] == impl]
         a.plot([r["shards"] for r in pts], [r["vs_local"] for r in pts], "o-", label=impl)
@@ -187,7 +197,7 @@ def plot(result: dict, path: Path) -> None:
     a.set_ylabel("lookup+backward+step time / local")
     a.legend()
     a.grid(True, alpha=0.3)
-    steps = result["model_steps"]
+    steps = result.get("model_steps", [])
     b.plot([r["rows"] for r in steps], [r["step_ms"] for r in steps], "o-")
     b.set_xscale("log")
     b.set_xlabel("table rows")
@@ -204,7 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--big", action="store_true", help="also a 16M-row table (8 GB of values)")
     p.add_argument("--out", type=Path, default=None)
+    parts = ("tables", "cache", "model_steps")
+    p.add_argument("--only", choices=parts, action="append", help="run only these parts")
     args = p.parse_args(argv)
+    run = set(args.only or parts)
     import ray
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -225,15 +238,16 @@ def main(argv: list[str] | None = None) -> dict:
             "payload": "fp32",
             "quick": args.quick,
         },  # fmt: skip
-        "tables": bench_tables(
-            rows, dim, tokens, bag, [1, 2, 4], ["inprocess", "ray", "collective"], repeats
-        ),
-        # A quarter of the cached table must hold one step's rows: 8 x (tokens * bag).
-        "cache": bench_cache(8 * tokens * bag, 64, tokens, bag, repeats),
-        "model_steps": bench_model_steps(
-            [256, 1024] + ([4096] if args.big else []), 3 if args.quick else 8
-        ),  # fmt: skip
     }
+    if "tables" in run:
+        result["tables"] = bench_tables(
+            rows, dim, tokens, bag, [1, 2, 4], ["inprocess", "ray", "collective"], repeats
+        )
+    if "cache" in run:  # a quarter of the cached table must hold one step's rows
+        result["cache"] = bench_cache(8 * tokens * bag, 64, tokens, bag, repeats)
+    if "model_steps" in run:
+        n_keys = [256, 1024] + ([4096] if args.big else [])
+        result["model_steps"] = bench_model_steps(n_keys, 3 if args.quick else 8)
     result["seconds"] = time.time() - started
     ray.shutdown()
     if args.out is not None:

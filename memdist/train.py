@@ -232,8 +232,11 @@ def run_worker(
                 "tokens_per_s": tokens_per_step * window_steps / window_seconds,
                 "rows_touched": sum(t.rows_touched_last_step for t in tables),
             }
-            if remote is not None:  # the share of step time this worker waited on shards
-                rec["memory_wait_share"] = (wait - wait0) / window_seconds
+            if remote is not None:  # the share of step time workers waited on shards
+                waited = all_sum(torch.tensor([wait - wait0], dtype=torch.float64), ctx.world)
+                rec["memory_wait_share"] = float(waited) / ctx.world / window_seconds
+            if hint is not None:  # rows this worker's hints had the shards read so far
+                rec["rows_prefetched"] = sum(getattr(t, "rows_prefetched", 0) for t in tables)
             wait0 = wait
             emit(rec)
             window_loss, window_seconds, window_steps = 0.0, 0.0, 0

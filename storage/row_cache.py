@@ -181,6 +181,7 @@ class CachedRows(SparseRows):
             self.store.write(self.row_of[dirty], data)
             self.counters["writebacks"] += int(dirty.size)
             self.dirty[dirty] = False
+        self.store.sync()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole region (read from zarr after a flush): rows and optimizer state."""

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from memdist.cluster.plan import make_plan
 from memdist.cluster.shard import ShardServer
@@ -100,6 +101,41 @@ def test_store_persists_and_reopens(tmp_path):
     np.testing.assert_allclose(got[[0, 1, 3]], start[[1, 2, 40]] - 1.0, rtol=1e-6)
     np.testing.assert_array_equal(got[2], start[3])
     assert store.arrays["values"].chunks == (8, 5)
+
+
+@pytest.mark.parametrize("layout", ["raw", "compressed"])
+def test_rows_written_are_what_zarr_itself_reads(tmp_path, layout):
+    """Rows go through memory maps of the raw chunk files; zarr reading the same arrays
+    must see them, and arrays laid out otherwise (compressed) go through zarr."""
+    spec = state_spec("adam", 6)
+    path = tmp_path / "r"
+    if layout == "compressed":  # e.g. written by another tool: zstd chunks
+        group = zarr.open_group(str(path), mode="w")
+        for name, (trailing, dtype) in {"values": ((6,), "float32"), **spec}.items():
+            group.create_array(name, shape=(70, *trailing), chunks=(16, *trailing), dtype=dtype,
+                               fill_value=0)  # fmt: skip
+    region = ZarrRegion(path, 70, 6, spec, chunk_rows=16)
+    assert region.mapped == (layout == "raw")
+    g = np.random.default_rng(0)
+    truth = {name: np.asarray(arr[:]) for name, arr in region.arrays.items()}
+    for _ in range(5):
+        rows = np.unique(g.integers(0, 70, 20))
+        data = {name: g.standard_normal((rows.size, *t.shape[1:])).astype(t.dtype)
+                for name, t in truth.items()}  # fmt: skip
+        region.write(rows, data)
+        for name in truth:
+            truth[name][rows] = data[name]
+        rows = np.unique(g.integers(0, 70, 30))
+        got = region.read(rows)
+        assert set(got) == set(truth)
+        for name in truth:
+            np.testing.assert_array_equal(got[name], truth[name][rows], err_msg=name)
+    region.sync()
+    for name, arr in zarr.open_group(str(path), mode="r").arrays():
+        np.testing.assert_array_equal(arr[:], truth[name], err_msg=name)
+    rows = np.array([0, 15, 16, 69])  # chunk edges and the last, partial chunk
+    for name, got in region.read(rows).items():
+        np.testing.assert_array_equal(got, truth[name][rows], err_msg=name)
 
 
 def test_cache_too_small_for_one_request_is_a_clear_error(tmp_path):
