@@ -46,7 +46,7 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["layouts"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    names = [r["layout"].replace("_", " ") for r in rows]
+    names = [r["layout"].replace("_", "\n") for r in rows]
     tps = [r["tokens_per_s"] for r in rows]
     ax.bar(names, tps, label="tokens/s")
     ax.bar(names, [r["memory_wait_share"] * t for r, t in zip(rows, tps, strict=True)],
@@ -65,7 +65,9 @@ def plot(result: dict, path: Path) -> None:
            strict=True)], width=0.4, label="rows read ahead (prefetched)")  # fmt: skip
     bx.set_xticks(list(x), [r["layout"].replace("_", " ") for r in cached])
     bx.set_ylabel("zarr rows read per step (both shards)")
-    bx.legend()
+    bx.set_ylim(0, 1.4 * max(r["cache"]["cache_misses"] + r["cache"]["prefetched"] for r in cached)
+                / min(steps))  # fmt: skip
+    bx.legend(loc="upper center")
     fig.suptitle(f"{ROWS} x {DIM} table in {SHARDS} shards, {result['machine']['cpu_count']} "
                  "CPU cores")  # fmt: skip
     fig.tight_layout()

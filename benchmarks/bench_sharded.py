@@ -187,23 +187,31 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     rows = [r for r in result.get("tables", []) if r["shards"]]
-    for impl in sorted({r["impl"] for r in rows}):
-        pts = [r for r in rows if r["impl"] == impl]
-        a.plot([r["shards"] for r in pts], [r["vs_local"] for r in pts], "o-", label=impl)
-    a.axhline(1.0, color="gray", lw=1, ls="--", label="local table")
-    a.set_xlabel("shards")
-    a.set_ylabel("lookup+backward+step time / local")
-    a.legend()
-    a.grid(True, alpha=0.3)
     steps = result.get("model_steps", [])
-    b.plot([r["rows"] for r in steps], [r["step_ms"] for r in steps], "o-")
-    b.set_xscale("log")
-    b.set_xlabel("table rows")
-    b.set_ylabel("training step (ms)")
-    b.set_ylim(bottom=0)
-    b.grid(True, alpha=0.3)
+    panels = int(bool(rows)) + int(bool(steps))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+    if rows:
+        a = axes.pop(0)
+        for impl in sorted({r["impl"] for r in rows}):
+            pts = [r for r in rows if r["impl"] == impl]
+            a.plot([r["shards"] for r in pts], [r["vs_local"] for r in pts], "o-", label=impl)
+        a.axhline(1.0, color="gray", lw=1, ls="--", label="local table")
+        a.set_xlabel("shards")
+        a.set_ylabel("lookup+backward+step time / local")
+        a.legend()
+        a.grid(True, alpha=0.3)
+    if steps:
+        b = axes.pop(0)
+        b.plot([r["rows"] for r in steps], [r["step_ms"] for r in steps], "o-")
+        b.set_xscale("log")
+        b.set_xlabel(f"table rows (forward FLOPs/token {steps[0]['flops_per_token']:.0f} for all)")
+        b.set_ylabel("training step (ms)")
+        b.set_ylim(bottom=0)
+        b.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

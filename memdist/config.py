@@ -139,6 +139,9 @@ class ShardsConfig:
     transport: str = "ray"  # ray (object store) | collective (gloo group) | inprocess
     timeout_s: float = 60.0  # a shard that does not answer within this fails the step
     budget_mb: float | None = None  # per-shard memory for values + optimizer state
+    # Where shards over budget keep their zarr arrays: a folder on each shard's own node
+    # (a run gets its own subfolder); None: the run folder's shards/ (one machine).
+    store_dir: str | None = None
     cpus_per_shard: float = 0.0  # Ray resources each shard actor reserves
     gpus_per_shard: float = 0.0
     threads_per_shard: int = 1

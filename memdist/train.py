@@ -90,7 +90,9 @@ def train(cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> dict[str, 
         if cfg.model.memory is not None and cfg.shards.count > 0:
             from memdist.shards import start_remote_tables
 
-            remote, group = start_remote_tables(cfg, run_dir / "shards")
+            stores = cfg.shards.store_dir
+            store_root = Path(stores) / run_dir.name if stores else run_dir / "shards"
+            remote, group = start_remote_tables(cfg, store_root)
             for plan in group.plans:
                 report.message(plan.describe())
             for where in group.where():

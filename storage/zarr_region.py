@@ -31,6 +31,7 @@ from memdist.errors import CheckpointError
 
 # Values and optimizer state are dense floats that do not compress, so chunks are raw.
 CHUNK_BYTES = 4 * 2**20
+MAX_MAPS = 4096  # open chunk maps per region (Linux allows about 65530 per process)
 WRITE_EVERY_CHUNK: ArrayConfigParams = {"write_empty_chunks": True}  # zeros are a file too
 
 
@@ -100,6 +101,9 @@ class ZarrRegion:
     def _map(self, name: str, c: int) -> np.memmap:
         mm = self._maps.get((name, c))
         if mm is None:
+            if len(self._maps) >= MAX_MAPS:  # a process may hold only so many mappings
+                self.sync()
+                self._maps.clear()
             arr = self.arrays[name]
             shape = (self.chunk_rows, *arr.shape[1:])  # edge chunks are stored whole
             dtype = np.dtype(arr.dtype).newbyteorder("<")

@@ -8,6 +8,7 @@ import zarr
 from memdist.cluster.plan import make_plan
 from memdist.cluster.shard import ShardServer
 from memdist.errors import ShardError
+from memdist.storage import zarr_region
 from memdist.storage.row_cache import CachedRows, state_spec
 from memdist.storage.zarr_region import ZarrRegion
 from memdist.values import init_values
@@ -104,9 +105,10 @@ def test_store_persists_and_reopens(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["raw", "compressed"])
-def test_rows_written_are_what_zarr_itself_reads(tmp_path, layout):
+def test_rows_written_are_what_zarr_itself_reads(tmp_path, layout, monkeypatch):
     """Rows go through memory maps of the raw chunk files; zarr reading the same arrays
     must see them, and arrays laid out otherwise (compressed) go through zarr."""
+    monkeypatch.setattr(zarr_region, "MAX_MAPS", 3)  # 20 chunk maps: closed and reopened
     spec = state_spec("adam", 6)
     path = tmp_path / "r"
     if layout == "compressed":  # e.g. written by another tool: zstd chunks

@@ -80,15 +80,20 @@ def test_time_budget_stops_early(tmp_path):
 
 def test_prefetch_in_the_loop_changes_no_loss(tmp_path):
     """``shards.prefetch`` in ``memdist train``'s own loop (one step read ahead, the first
-    step hinted too): the same losses, and the shards read the hinted rows ahead."""
+    step hinted too): the same losses, and the shards read the hinted rows ahead. Also
+    where the zarr arrays go: the run folder, or ``shards.store_dir``."""
     cache = f"data.cache_dir={tmp_path / 'data'}"
     # 4096 rows in 2 in-process shards, each caching half of its region over zarr.
     sharded = [*TINY, cache, "model.memory.n_keys=64", "data.batch_size=2", "shards.count=2",
                "shards.transport=inprocess", "shards.plan=row", "shards.budget_mb=0.375"]  # fmt: skip
     train(load_config("small", sharded), tmp_path / "plain", progress=False)
-    train(load_config("small", [*sharded, "shards.prefetch=true"]), tmp_path / "hinted",
-          progress=False)  # fmt: skip
+    hinted = [*sharded, "shards.prefetch=true", f"shards.store_dir={tmp_path / 'disk'}"]
+    train(load_config("small", hinted), tmp_path / "hinted", progress=False)
     assert losses(tmp_path / "hinted") == losses(tmp_path / "plain")
+    # The zarr arrays went to shards.store_dir, in a folder named like the run's.
+    assert (tmp_path / "plain" / "shards" / "table0" / "shard1" / "values").is_dir()
+    assert (tmp_path / "disk" / "hinted" / "table0" / "shard1" / "values").is_dir()
+    assert not (tmp_path / "hinted" / "shards").exists()
     records = [
         json.loads(x) for x in (tmp_path / "hinted" / "metrics.jsonl").read_text().splitlines()
     ]
