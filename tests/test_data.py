@@ -1,5 +1,8 @@
 """Built-in corpus, byte tokenizer, Parquet round trip and the streaming loader."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -111,6 +114,22 @@ def test_write_corpus_round_trip_and_reuse(tmp_path):
     second = write_corpus(generate_corpus(30, seed=1), tmp_path / "b")
     for key in first:
         assert first[key].read_bytes() == second[key].read_bytes()
+
+
+def test_writers_racing_for_one_cold_cache_all_succeed(tmp_path):
+    """Data-parallel workers that find no cached corpus all write it at once."""
+    corpus = generate_corpus(30, seed=1)
+    barrier = threading.Barrier(4)
+
+    def write(_):
+        barrier.wait()  # start together, so the renames collide if names are shared
+        return write_corpus(corpus, tmp_path)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(write, range(4)))
+    assert all(r == results[0] for r in results)
+    assert read_qa(results[0]["qa_eval"]) == corpus.qa_eval
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in results[0].values())
 
 
 def write_texts(path, texts, column="text"):

@@ -2,6 +2,7 @@
 
 Files are written under temporary names and renamed, and a ``corpus.json`` summary
 written last marks a complete set: a second call with the same corpus reuses it.
+Several processes may write the same set at once (each under its own temporary names).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,8 +22,14 @@ from memdist.errors import DataError
 QA_COLUMNS = ("prompt", "answer", "person", "attribute")
 
 
+def _temp_name(path: Path) -> Path:
+    """A temporary name of this writer's own: data-parallel workers that find no cached
+    corpus all write it at once (the same bytes), and each renames its own file."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
 def _write_table(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temp_name(path)
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
@@ -52,7 +60,7 @@ def write_corpus(corpus: FactCorpus, directory: Path | str) -> dict[str, Path]:
     _write_table(pa.table({"text": docs}), paths["train"])
     _write_table(_qa_table(corpus.qa_eval), paths["qa_eval"])
     _write_table(_qa_table(corpus.cloze_eval), paths["cloze_eval"])
-    tmp = paths["summary"].with_name("corpus.json.tmp")
+    tmp = _temp_name(paths["summary"])
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, paths["summary"])
     return paths
