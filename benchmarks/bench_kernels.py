@@ -26,44 +26,15 @@ DIR/kernels.png.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import machine, versions, write
 from torch.utils import benchmark as tbench
 
-import memdist
 from memdist import kernels
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-
-
-def versions() -> dict:
-    out = {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "memdist": memdist.__version__,
-    }
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
 
 
 def timeit(fn, min_run_time: float) -> float:
@@ -201,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "kernels",
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
-        "versions": versions(),
+        "versions": versions("triton"),
         "config": {
             "device": str(device),
             "tokens": tokens,
@@ -224,12 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
             r["forward_vs_copy"] = r["forward_GBps"] / copy
             r["backward_vs_copy"] = r["backward_GBps"] / copy
     out["seconds"] = time.time() - started
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "kernels.json").write_text(json.dumps(out, indent=2))
-        plot(out, args.out / "kernels.png")
-    print(json.dumps(out))
-    return out
+    return write(out, args.out, "kernels", plot)
 
 
 if __name__ == "__main__":

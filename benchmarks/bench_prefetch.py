@@ -18,11 +18,11 @@ read at lookups, rows prefetched and then read, evictions, write-backs).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from bench_workers import machine, measure, versions
+from bench_workers import measure
+from report import machine, versions, write
 
 ROWS, DIM, SHARDS = 512**2, 128, 2
 REGION_MB = ROWS // SHARDS * DIM * 4 * 3 / 2**20  # values + Adam's two moments
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "prefetch",
         "machine": machine(),
-        "versions": versions(),
+        "versions": versions("ray", "deepspeed", "zarr"),
         "config": {
             "name": "small",
             "overrides": common,
@@ -118,12 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": time.time() - started,
     }
     ray.shutdown()
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "prefetch.json").write_text(json.dumps(result, indent=2))
-        plot(result, args.out / "prefetch.png")
-    print(json.dumps(result))
-    return result
+    return write(result, args.out, "prefetch", plot)
 
 
 if __name__ == "__main__":

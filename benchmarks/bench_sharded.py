@@ -19,35 +19,19 @@ Three measurements, one JSON object (machine, versions, config, results):
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from report import machine, versions, write
 
-import memdist
 from memdist.cluster.plan import make_plan
 from memdist.cluster.shard import ShardServer
 from memdist.collective import CollectiveTransport, Rendezvous, host_store
 from memdist.remote import RemoteTable
 from memdist.transport import InProcessTransport, RayTransport
 from memdist.values import LocalTable
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}  # fmt: skip
-
-
-def versions() -> dict:
-    import ray
-
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__,
-            "memdist": memdist.__version__}  # fmt: skip
 
 
 def workload(rows: int, tokens: int, bag: int, dim: int, seed: int = 0):
@@ -235,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "sharded",
         "machine": machine(),
-        "versions": versions(),
+        "versions": versions("ray"),
         "config": {
             "rows": rows,
             "dim": dim,
@@ -258,12 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["model_steps"] = bench_model_steps(n_keys, 3 if args.quick else 8)
     result["seconds"] = time.time() - started
     ray.shutdown()
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sharded.json").write_text(json.dumps(result, indent=2))
-        plot(result, args.out / "sharded.png")
-    print(json.dumps(result))
-    return result
+    return write(result, args.out, "sharded", plot)
 
 
 if __name__ == "__main__":

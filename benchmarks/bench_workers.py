@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from report import machine, versions, write
 
-import memdist
 from memdist.config import load_config
 from memdist.train import train
 
@@ -48,19 +44,6 @@ LAYOUTS = {
 
 CACHE_COUNTERS = ("lookups", "cache_hits", "cache_misses", "prefetched", "prefetch_hits",
                   "prefetch_skipped", "evictions", "writebacks", "prefetch_ns")  # fmt: skip
-
-
-def machine() -> dict:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "gpu": gpu}
-
-
-def versions() -> dict:
-    import deepspeed
-    import ray
-
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__,
-            "deepspeed": deepspeed.__version__, "memdist": memdist.__version__}  # fmt: skip
 
 
 def measure(name: str, overrides: list[str], common: list[str], warmup_steps: int) -> dict:
@@ -141,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "workers",
         "machine": machine(),
-        "versions": versions(),
+        "versions": versions("ray", "deepspeed"),
         "config": {
             "name": "small",
             "steps": args.steps,
@@ -155,12 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": time.time() - started,
     }
     ray.shutdown()
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "workers.json").write_text(json.dumps(result, indent=2))
-        plot(result, args.out / "workers.png")
-    print(json.dumps(result))
-    return result
+    return write(result, args.out, "workers", plot)
 
 
 if __name__ == "__main__":

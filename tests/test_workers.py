@@ -103,6 +103,29 @@ def test_two_workers_two_shards_match_one_process(ray_local, reference, tmp_path
 
 
 @pytest.mark.slow
+def test_two_workers_prefetching_into_zarr_backed_shards_change_nothing(ray_local, tmp_path):
+    """Both workers hint their next micro-batch's rows (ZeRO-3: the hint's forward gathers
+    parameters on both) to shards caching half their region: the same training as
+    in-memory shards."""
+    common = ["cluster.workers=2", "shards.count=2", "shards.plan=row", "train.zero_stage=3",
+              "data.batch_size=2", "model.memory.n_keys=64", "train.steps=8"]  # fmt: skip
+    train(cfg_of(*common), tmp_path / "memory", progress=False)
+    cached = [*common, "shards.budget_mb=0.375", "shards.prefetch=true"]  # 1024 of 2048 rows
+    train(cfg_of(*cached), tmp_path / "cached", progress=False)
+    ref_losses, _, ref_values, _ = outcome(tmp_path / "memory")
+    losses, _, values, _ = outcome(tmp_path / "cached")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-6, atol=0)
+    for key in ref_values:
+        torch.testing.assert_close(values[key], ref_values[key], rtol=1e-6, atol=1e-7)
+    records = [
+        json.loads(x) for x in (tmp_path / "cached" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r for r in records if r["kind"] == "train"][-1]["rows_prefetched"] > 0
+    stats = [s for r in records if r["kind"] == "shards" for s in r["stats"]]
+    assert all(s["cached"] for s in stats) and sum(s["prefetch_hits"] for s in stats) > 0
+
+
+@pytest.mark.slow
 def test_a_crashed_worker_fails_the_run_with_a_clear_error(ray_local, tmp_path):
     cfg = cfg_of(
         "cluster.workers=2", "shards.count=2", "data.batch_size=4", "train.steps=100000",
