@@ -27,7 +27,7 @@ from zarr.codecs import BytesCodec
 from zarr.core.array_spec import ArrayConfigParams
 from zarr.storage import LocalStore
 
-from memdist.errors import CheckpointError
+from memdist.errors import CheckpointError, ConfigError
 
 # Values and optimizer state are dense floats that do not compress, so chunks are raw.
 CHUNK_BYTES = 4 * 2**20
@@ -48,8 +48,9 @@ class ZarrRegion:
         chunk_rows: int | None = None,
         init_rows: Any = None,
     ) -> None:
-        """``state_spec`` maps a state name to (trailing shape, dtype); ``init_rows(r0, r1)``
-        returns the initial values of local rows ``[r0, r1)`` for a new region."""
+        """``state_spec`` maps a state name to (trailing shape, dtype). With ``init_rows(r0,
+        r1)`` (the initial values of local rows ``[r0, r1)``) a new region is created and
+        ``path`` must not hold one yet; without it an existing region is opened."""
         self.path = Path(path)
         self.rows, self.cols = rows, cols
         if chunk_rows is None:  # about CHUNK_BYTES of values per chunk
@@ -57,6 +58,11 @@ class ZarrRegion:
         self.chunk_rows = max(1, min(chunk_rows, rows))
         specs = {"values": ((cols,), "float32"), **state_spec}
         exists = (self.path / "zarr.json").is_file()
+        if exists and init_rows is not None:
+            raise ConfigError(
+                f"{self.path} already holds a zarr region (another run's rows?); a new table "
+                "starts from its initial values: remove it or choose another shards.store_dir"
+            )
         self.group = zarr.open_group(str(self.path), mode="a")
         self.arrays: dict[str, Any] = {}
         for name, (trailing, dtype) in specs.items():

@@ -7,7 +7,7 @@ import zarr
 
 from memdist.cluster.plan import make_plan
 from memdist.cluster.shard import ShardServer
-from memdist.errors import ShardError
+from memdist.errors import ConfigError, ShardError
 from memdist.storage import zarr_region
 from memdist.storage.row_cache import CachedRows, state_spec
 from memdist.storage.zarr_region import ZarrRegion
@@ -102,6 +102,9 @@ def test_store_persists_and_reopens(tmp_path):
     np.testing.assert_allclose(got[[0, 1, 3]], start[[1, 2, 40]] - 1.0, rtol=1e-6)
     np.testing.assert_array_equal(got[2], start[3])
     assert store.arrays["values"].chunks == (8, 5)
+    # A new table never silently continues from rows found on disk.
+    with pytest.raises(ConfigError, match="already holds a zarr region"):
+        ZarrRegion(tmp_path / "r", 50, 5, spec, init_rows=lambda r0, r1: np.zeros((r1 - r0, 5)))
 
 
 @pytest.mark.parametrize("layout", ["raw", "compressed"])
