@@ -2,10 +2,11 @@
 
 Lookups, backwards, steps and prefetch hints (indices, scores, pooled outputs,
 gradients) travel as point-to-point messages in a gloo ``ProcessGroupGloo`` that
-spans one table's shards and the workers. The group is built from its own ``TCPStore`` rendezvous (hosted by
-the process that started the shards, under a prefix per table) and is never the
-default group, so DeepSpeed's group is untouched. Control calls (values, state,
-stats, ping) still go through Ray: they are rare and carry Python objects.
+spans one table's shards and the workers. The group is built from its own
+``TCPStore`` rendezvous (hosted by the process that started the shards, under a
+prefix per table) and is never the default group, so DeepSpeed's group is untouched.
+Control calls (values, state, stats, ping) still go through Ray: they are rare and
+carry Python objects.
 
 Ranks: shards are 0..M-1, worker w is M + w. Every tensor travels as a meta word
 vector (dtype, shape) and then its data. A request is ``[method, worker, n, id]``
