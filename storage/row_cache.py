@@ -84,10 +84,12 @@ class CachedRows(SparseRows):
         self.dirty[slots] = False
         self.prefetched[slots] = False
 
-    def _room(self) -> tuple[np.ndarray, np.ndarray]:
-        """Free slots, and the slots that may be evicted (least recently used first):
-        resident, not pinned, and not used at the current clock."""
+    def _room(self, need: int) -> tuple[np.ndarray, np.ndarray]:
+        """Free slots, and when they are fewer than ``need`` the slots that may be evicted
+        (least recently used first): resident, not pinned, not used at the current clock."""
         free = np.flatnonzero(self.row_of < 0)
+        if free.size >= need:  # no eviction: skip sorting the whole cache
+            return free, free[:0]
         candidates = np.flatnonzero(
             (self.row_of >= 0) & ~self.pinned & (self.last_used < self.clock)
         )
@@ -123,7 +125,7 @@ class CachedRows(SparseRows):
         self.prefetched[hits] = False
         if miss.any():
             self.last_used[hits] = self.clock  # keep this request's hits
-            free, victims = self._room()
+            free, victims = self._room(int(miss.sum()))
             if free.size + victims.size < miss.sum():
                 raise ShardError(
                     f"row cache of {self.capacity} rows cannot hold the {rows_U.size} rows of "
@@ -141,7 +143,7 @@ class CachedRows(SparseRows):
         self.clock += 1
         resident = self.slot_of[rows_U] >= 0
         self.last_used[self.slot_of[rows_U[resident]]] = self.clock  # the hint keeps these
-        free, victims = self._room()
+        free, victims = self._room(int((~resident).sum()))
         load_rows = rows_U[~resident][: free.size + victims.size]
         if load_rows.size:
             slots = self._load(load_rows, free, victims)
