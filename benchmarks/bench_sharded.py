@@ -29,9 +29,12 @@ from report import machine, versions, write
 from memdist.cluster.plan import make_plan
 from memdist.cluster.shard import ShardServer
 from memdist.collective import CollectiveTransport, Rendezvous, host_store
+from memdist.kernels import OptimizerSpec
 from memdist.remote import RemoteTable
 from memdist.transport import InProcessTransport, RayTransport
 from memdist.values import LocalTable
+
+ADAM = OptimizerSpec("adam", lr=1e-3)  # the values' optimizer in every table here
 
 
 def workload(rows: int, tokens: int, bag: int, dim: int, seed: int = 0):
@@ -63,7 +66,7 @@ def shard_bytes(table) -> int:
 def bench_tables(rows, dim, tokens, bag, shard_counts, transports, repeats) -> list[dict]:
     batches = [workload(rows, tokens, bag, dim, seed) for seed in range(3)]
     n_tokens = tokens * len(batches)
-    local = LocalTable(rows, dim, optimizer="adam", lr=1e-3, seed=0)
+    local = LocalTable(rows, dim, ADAM, seed=0)
     base = time_table(local, batches, repeats)
     out = [{"impl": "local", "shards": 0, "us_per_token": base / n_tokens * 1e6, "vs_local": 1.0,
             "bytes_per_token": 0.0}]  # fmt: skip
@@ -76,7 +79,7 @@ def bench_tables(rows, dim, tokens, bag, shard_counts, transports, repeats) -> l
                 if transport in ("ray", "collective"):
                     from memdist.cluster.actors import start_shards, stop_shards
 
-                    actors = start_shards(plan, seed=0, optimizer="adam", lr=1e-3)
+                    actors = start_shards(plan, ADAM, seed=0)
                     t = RayTransport(actors)
                     if transport == "collective":
                         import ray
@@ -87,9 +90,9 @@ def bench_tables(rows, dim, tokens, bag, shard_counts, transports, repeats) -> l
                         t = CollectiveTransport(actors, rdv, 0)
                 else:
                     t = InProcessTransport(
-                        [ShardServer(r, kind, dim, seed=0) for r in plan.regions]
+                        [ShardServer(r, kind, dim, ADAM, seed=0) for r in plan.regions]
                     )
-                table = RemoteTable(plan, t)
+                table = RemoteTable(plan, t, ADAM)
                 sec = time_table(table, batches, repeats)
                 passes = repeats + 1
                 out.append({
@@ -110,8 +113,8 @@ def bench_cache(rows, dim, tokens, bag, repeats) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for label, kw in (("in_memory", {}),
                           ("zarr_cache_1/4", {"store_path": tmp + "/s", "cache_rows": rows // 4})):  # fmt: skip
-            server = ShardServer(region, "row", dim, seed=0, optimizer="adam", lr=1e-3, **kw)
-            table = RemoteTable(make_plan("row", rows, dim, 1), InProcessTransport([server]))
+            server = ShardServer(region, "row", dim, ADAM, seed=0, **kw)
+            table = RemoteTable(make_plan("row", rows, dim, 1), InProcessTransport([server]), ADAM)
             sec = time_table(table, batches, repeats)
             stats = server.stats()
             results.append({"impl": label, "us_per_token": sec / n_tokens * 1e6,

@@ -8,7 +8,11 @@
   traffic is tokens x D, input traffic shards x tokens x K.
 
 ``make_plan`` builds either; ``choose_plan`` (``auto``) picks the one that moves
-fewer bytes per step, after checking that a shard's region fits its memory budget.
+fewer bytes per step among the plans that can run the value optimizer exactly, after
+checking that a shard's region fits its memory budget. Row-wise Adagrad keeps one
+accumulator per row fed by the mean square of the row's whole gradient, which no
+column shard sees: the column plan is never chosen for it, and asking for it is an
+error that says so.
 Indices are int64 throughout: tables of 2**32 rows and more are addressable.
 """
 
@@ -19,6 +23,11 @@ from dataclasses import dataclass
 from memdist.errors import ConfigError
 
 PLANS = ("row", "column", "auto")
+# Value optimizers a column plan cannot run exactly, and why.
+COLUMN_INEXACT = {
+    "adagrad": "row-wise Adagrad scales a row by the mean square of its whole gradient, "
+    "and a column shard sees only its slice of the row",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,12 +139,20 @@ def choose_plan(
     bag: int,
     budget_bytes: int | None = None,
     state_floats_per_value: float = 2.0,
+    optimizer: str = "adam",
 ) -> ShardingPlan:
-    """The requested plan, or for ``auto`` the one moving fewer bytes per step."""
+    """The requested plan, or for ``auto`` the one moving fewer bytes per step among
+    those that run ``optimizer`` exactly."""
     if kind not in PLANS:
         raise ConfigError(f"plan={kind!r} must be one of {PLANS}")
+    if kind == "column" and optimizer in COLUMN_INEXACT:
+        raise ConfigError(
+            f"shards.plan='column' with model.memory.value_optimizer={optimizer!r} is not "
+            f"supported: {COLUMN_INEXACT[optimizer]}; use shards.plan=row or auto, or "
+            "another value optimizer"
+        )
     candidates = ["row", "column"] if kind == "auto" else [kind]
-    if kind == "auto" and shards > dim:
+    if kind == "auto" and (shards > dim or optimizer in COLUMN_INEXACT):
         candidates = ["row"]
     plans = [make_plan(k, num_rows, dim, shards) for k in candidates]
     if budget_bytes is not None:

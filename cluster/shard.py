@@ -5,21 +5,25 @@ actor (``memdist.cluster.actors``). Requests carry global int64 indices; the sha
 keeps nothing between a lookup and its backward (the client sends the indices and
 scores again), so a lost reply never leaves half a step behind.
 
-- ``lookup(idx_NK, scores_NK) -> y`` pooled partial output, fp32: for a row-wise
-  region the weighted sum of its own rows (other rows weigh zero), shape (N, D); for
-  a column-wise region its slice of every row, shape (N, cols).
-- ``backward(idx_NK, scores_NK, dy) -> dscores_NK`` partial (summed over shards by the
-  client); the region's row gradients are accumulated for ``step``.
-- ``step(grad_scale, worker)`` applies the sparse optimizer to the touched rows.
-- ``prefetch(rows)`` warms a zarr-backed shard's row cache with rows a coming
-  lookup will read (a hint: values and results do not change).
+Requests are the typed messages of ``memdist.wire``, answered by ``handle``:
+
+- ``Lookup -> y`` pooled partial output, fp32: for a row-wise region the weighted
+  sum of its own rows (other rows weigh zero), shape (N, D); for a column-wise
+  region its slice of every row, shape (N, cols).
+- ``Backward -> dscores_NK`` partial (summed over shards by the client); the
+  region's row gradients are accumulated for the step.
+- ``GradNorm`` and ``Step``: the squared norm of the region's gradient (for clipping
+  over the whole table), and the sparse optimizer on the touched rows.
+- ``Prefetch`` warms a zarr-backed shard's row cache with rows a coming lookup will
+  read (a hint: values and results do not change).
+- ``ReadRows``/``WriteRows``/``SetSteps``/``Flush``: state by row ranges.
 
 Several data-parallel workers share a shard: each sends its own backward (tagged
-with its rank) and its own ``step``. ``step`` is a barrier: the update is applied
-once, when every worker's step has arrived, with the gradients summed in rank order
-(so arrival order does not change the result), and every worker's call returns
-after it. A worker that never arrives makes the others' calls fail after
-``barrier_timeout_s`` with the step not applied: the table never holds half a step.
+with its rank) and its own ``GradNorm``/``Step``. Those are barriers: the work is
+done once, when every worker's request has arrived, with the gradients summed in
+rank order (so arrival order does not change the result), and every worker's call
+returns its result. A worker that never arrives makes the others' calls fail after
+``barrier_timeout_s`` with nothing applied: the table never holds half a step.
 Methods take a lock, so a threaded actor can serve several workers at once.
 
 Letters: N tokens, K rows per token, D row width, M entries that fall in the region.
@@ -32,6 +36,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,10 +44,27 @@ import torch
 from memdist import kernels
 from memdist.cluster.plan import ShardRegion
 from memdist.errors import ConfigError, ShardError
+from memdist.kernels import OptimizerSpec
 from memdist.storage.row_cache import CachedRows, state_spec
 from memdist.storage.zarr_region import ZarrRegion
 from memdist.values import SparseRows, init_values
-from memdist.wire import PackedIndices, unpack
+from memdist.wire import (
+    Backward,
+    Flush,
+    GradNorm,
+    Lookup,
+    PackedIndices,
+    Prefetch,
+    ReadRows,
+    Request,
+    SetSteps,
+    Stats,
+    Step,
+    StepReply,
+    WriteRows,
+    ZeroGrad,
+    unpack,
+)  # fmt: skip
 
 
 class ShardServer:
@@ -51,13 +73,9 @@ class ShardServer:
         region: ShardRegion,
         kind: str,
         dim: int,
+        spec: OptimizerSpec,
         *,
         seed: int,
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        eps: float = 1e-8,
-        betas: tuple[float, float] = (0.9, 0.999),
         backend: str = "auto",
         device: str = "cpu",
         store_path: str | None = None,
@@ -74,15 +92,13 @@ class ShardServer:
         self.workers = workers
         self.barrier_timeout_s = barrier_timeout_s
         self._cond = threading.Condition(threading.RLock())
-        self._arrived: dict[int, float] = {}  # worker -> grad_scale, for the step in progress
+        self._arrived: dict[int, tuple[Any, ...]] = {}  # worker -> its request's terms
         self._generation = 0  # barrier rounds completed (applied or dropped)
-        self._dropped = -1  # the last round dropped for inconsistent scales
-        self._touched = 0
+        self._dropped = -1  # the last round dropped for inconsistent requests
+        self._outcome: Any = None  # the last round's result, for every worker
         self.kind = kind
         self.device = torch.device(device)
-        opt = dict(optimizer=optimizer, lr=lr, weight_decay=weight_decay, eps=eps, betas=betas,
-                   backend=backend)  # fmt: skip
-        self.rows: SparseRows | CachedRows
+        self.rows: SparseRows
         if cache_rows is not None and cache_rows < region.rows:
             if store_path is None:
                 raise ConfigError(
@@ -90,21 +106,54 @@ class ShardServer:
                     "needs a store_path for the zarr arrays"
                 )
             store = ZarrRegion(
-                store_path, region.rows, region.cols, state_spec(optimizer, region.cols),
+                store_path, region.rows, region.cols, state_spec(spec.name, region.cols),
                 init_rows=lambda r0, r1: init_values(
                     region.row_start + r0, region.row_start + r1, dim, seed,
                     col_start=region.col_start, col_stop=region.col_stop,
                 ).numpy(),
             )  # fmt: skip
-            self.rows = CachedRows(store, cache_rows, device=self.device, **opt)
+            self.rows = CachedRows(store, cache_rows, spec, backend=backend, device=self.device)
         else:
             values = init_values(
                 region.row_start, region.row_stop, dim, seed,
                 col_start=region.col_start, col_stop=region.col_stop, device=self.device,
             )  # fmt: skip
-            self.rows = SparseRows(values, **opt)  # type: ignore[arg-type]
+            self.rows = SparseRows(values, spec, backend=backend)
         self.backend = backend
         self.counters: Counter[str] = Counter()
+
+    def handle(self, req: Request) -> Any:
+        """Answer one request (the only entry point transports use)."""
+        match req:
+            case Lookup(idx, scores):
+                return self.lookup(idx, scores)
+            case Backward(idx, scores, dy, worker):
+                return self.backward(idx, scores, dy, worker)
+            case GradNorm(scale, worker):
+                return self._barrier(worker, ("grad_norm", scale), lambda: self.rows.grad_sq(scale))
+            case Step(scale, worker, clip):
+                return self._barrier(
+                    worker, ("step", scale, clip), lambda: self._apply(scale, clip)
+                )
+            case Prefetch(rows):
+                return self.prefetch(rows)
+            case ZeroGrad():
+                with self._cond:
+                    return self.rows.zero_grad()
+            case Flush():
+                with self._cond:
+                    return self.rows.flush()
+            case ReadRows(start, stop):
+                return self.read_rows(start, stop)
+            case WriteRows(start, state):
+                return self.write_rows(start, state)
+            case SetSteps(steps):
+                with self._cond:
+                    self.rows.steps = steps
+                    return None
+            case Stats():
+                return self.stats()
+        raise ShardError(f"shard {self.region.shard}: unknown request {req!r}")
 
     def _local(self, idx_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Region-local indices, and for a row-wise region the mask of entries it owns."""
@@ -204,68 +253,81 @@ class ShardServer:
                 f"(the shard was started for {self.workers} workers)"
             )
 
-    def step(self, grad_scale: float = 1.0, worker: int = 0) -> int:
-        """Worker ``worker``'s step; returns the rows updated once all workers arrived."""
+    def _barrier(self, worker: int, terms: tuple[Any, ...], action: Callable[[], Any]) -> Any:
+        """Run ``action`` once every worker sent a request with the same ``terms``; every
+        worker's call returns its result. Different terms drop the round (pending
+        gradients too) and fail every caller at once."""
         self._check_worker(worker)
         with self._cond:
             gen = self._generation
             if worker in self._arrived:
                 raise ShardError(
-                    f"shard {self.region.shard}: worker {worker} sent step {gen} twice"
+                    f"shard {self.region.shard}: worker {worker} sent round {gen} twice"
                 )
-            self._arrived[worker] = grad_scale
+            self._arrived[worker] = terms
             if len(self._arrived) == self.workers:
-                scales = sorted(set(self._arrived.values()))
-                if len(scales) > 1:
-                    self._arrived.clear()
-                    self.rows.zero_grad()
-                    self._dropped = gen  # the waiting workers fail too, at once
-                    self._generation += 1
-                    self._cond.notify_all()
-                    raise ShardError(
-                        f"shard {self.region.shard}: workers sent different grad_scale {scales} "
-                        f"for step {gen}; the step was dropped"
-                    )
-                self._touched = self._apply(grad_scale)
+                sent = sorted(set(self._arrived.values()))
                 self._arrived.clear()
                 self._generation += 1
-                self._cond.notify_all()
-                return self._touched
+                if len(sent) > 1:
+                    self.rows.zero_grad()
+                    self._dropped = gen  # the waiting workers fail too, at once
+                    self._cond.notify_all()
+                    raise ShardError(
+                        f"shard {self.region.shard}: workers sent different requests {sent} "
+                        f"in round {gen}; the step was dropped"
+                    )
+                try:
+                    self._outcome = action()
+                finally:
+                    self._cond.notify_all()
+                return self._outcome
             if not self._cond.wait_for(lambda: self._generation != gen, self.barrier_timeout_s):
                 missing = sorted(set(range(self.workers)) - set(self._arrived))
                 self._arrived.pop(worker, None)
                 raise ShardError(
-                    f"shard {self.region.shard}: step {gen} barrier timed out after "
-                    f"{self.barrier_timeout_s:g} s waiting for workers {missing} of "
+                    f"shard {self.region.shard}: {terms[0]} round {gen} barrier timed out "
+                    f"after {self.barrier_timeout_s:g} s waiting for workers {missing} of "
                     f"{self.workers}; the step was not applied"
                 )
             if self._dropped == gen:
                 raise ShardError(
-                    f"shard {self.region.shard}: step {gen} was dropped: the workers sent "
-                    "different grad_scale values"
+                    f"shard {self.region.shard}: round {gen} was dropped: the workers sent "
+                    "different requests"
                 )
-            return self._touched
+            return self._outcome
 
-    def _apply(self, grad_scale: float) -> int:
+    def _apply(self, grad_scale: float, clip: float) -> StepReply:
         t0 = time.perf_counter()
-        touched = self.rows.step(grad_scale)
+        grad_sq = self.rows.grad_sq(grad_scale)
+        touched = self.rows.step(grad_scale, clip)
         self.counters["steps"] += 1
         self.counters["rows_touched"] += touched
         self.counters["kernel_ns"] += int((time.perf_counter() - t0) * 1e9)
-        return touched
+        return StepReply(touched, grad_sq)
 
-    def zero_grad(self) -> None:
+    def _part(self, start: int, stop: int) -> tuple[int, int]:
+        """Global rows ``[start, stop)`` clipped to this region, as region-local rows."""
+        r = self.region
+        lo, hi = max(start, r.row_start), min(stop, r.row_stop)
+        return lo - r.row_start, max(lo, hi) - r.row_start
+
+    def read_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """This region's part of global rows ``[start, stop)``: values and state (CPU)."""
+        lo, hi = self._part(start, stop)
         with self._cond:
-            self.rows.zero_grad()
+            return self.rows.read_rows(lo, hi)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """This region's rows and optimizer state, on the CPU."""
+    def write_rows(self, start: int, state: dict[str, torch.Tensor]) -> None:
+        """``state`` holds global rows from ``start`` (this region's columns); the rows
+        that fall in this region are written."""
+        n = state["weight"].shape[0]
+        lo, hi = self._part(start, start + n)
+        if hi <= lo:
+            return
+        offset = lo + self.region.row_start - start
         with self._cond:
-            return {k: v.detach().cpu().clone() for k, v in self.rows.state_dict().items()}
-
-    def values(self) -> torch.Tensor:
-        """This region's rows (a copy, on the CPU)."""
-        return self.state_dict()["weight"]
+            self.rows.write_rows(lo, {k: v[offset : offset + hi - lo] for k, v in state.items()})
 
     def stats(self) -> dict[str, Any]:
         r = self.region
@@ -277,6 +339,7 @@ class ShardServer:
             "region": [r.row_start, r.row_stop, r.col_start, r.col_stop],
             "device": str(self.device),
             "cached": isinstance(self.rows, CachedRows),
+            "optimizer_steps": self.rows.steps,
             "workers": self.workers,
             **counters,
             **cache,

@@ -34,10 +34,12 @@ import torch
 
 from memdist.errors import ConfigError, DataError, IndexOutOfRangeError, ShapeError
 from memdist.kernels import reference, torch_ops
+from memdist.kernels.spec import OPTIMIZERS, OptimizerSpec
 
 __all__ = [
     "BACKENDS",
     "OPTIMIZERS",
+    "OptimizerSpec",
     "GradSink",
     "WeightedEmbeddingBag",
     "bag_backward_scores",
@@ -50,7 +52,6 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "torch", "triton", "reference")
-OPTIMIZERS = ("sgd", "adagrad", "adam")
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
 GradSink = Callable[[torch.Tensor, torch.Tensor], None]
@@ -271,17 +272,6 @@ def _check_state(optimizer: str, values_VD: torch.Tensor, state: dict[str, torch
             raise ShapeError(f"optimizer state {key!r} must be contiguous")
 
 
-def _check_hyper(optimizer: str, lr: float, eps: float, betas: tuple, weight_decay: float) -> None:
-    if not lr >= 0:
-        raise ConfigError(f"learning rate lr={lr} must be >= 0")
-    if not weight_decay >= 0:
-        raise ConfigError(f"weight_decay={weight_decay} must be >= 0")
-    if optimizer != "sgd" and not eps > 0:
-        raise ConfigError(f"eps={eps} must be > 0 for {optimizer}")
-    if optimizer == "adam" and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
-        raise ConfigError(f"adam betas={betas} must be two numbers in [0, 1)")
-
-
 def _check_unique(rows_U: torch.Tensor) -> None:
     # The backward hands over sorted rows, so the common case costs one comparison.
     if rows_U.numel() < 2 or bool((rows_U[1:] > rows_U[:-1]).all()):
@@ -296,26 +286,22 @@ def _check_unique(rows_U: torch.Tensor) -> None:
 
 
 def sparse_update_(
-    optimizer: str,
+    spec: OptimizerSpec,
     values_VD: torch.Tensor,
     state: dict[str, torch.Tensor],
     rows_U: torch.Tensor,
     grad_UD: torch.Tensor,
     *,
-    lr: float,
-    eps: float = 1e-8,
-    betas: tuple[float, float] = (0.9, 0.999),
-    weight_decay: float = 0.0,
     backend: str = "auto",
 ) -> None:
-    """Apply ``optimizer`` in place to ``values_VD[rows_U]`` and its state rows.
+    """Apply ``spec``'s optimizer in place to ``values_VD[rows_U]`` and its state rows.
 
     ``rows_U`` must be unique (any order); rows not listed, and their state, are left
-    bit-for-bit unchanged. ``state`` comes from ``init_optimizer_state``.
+    bit-for-bit unchanged. ``state`` comes from ``init_optimizer_state``. ``grad_UD``
+    is used as given: clipping is the table's business (``spec.grad_clip``).
     """
     _check_values(values_VD)
-    _check_state(optimizer, values_VD, state)
-    _check_hyper(optimizer, lr, eps, betas, weight_decay)
+    _check_state(spec.name, values_VD, state)
     if rows_U.ndim != 1 or rows_U.dtype not in INDEX_DTYPES:
         raise ShapeError(
             f"rows_U must be a 1-D int64/int32 tensor, got {rows_U.dtype} {_shape(rows_U)}"
@@ -331,17 +317,7 @@ def sparse_update_(
     _check_unique(rows_U)
     if rows_U.numel() == 0:
         return
-    ops.sparse_update_(
-        optimizer,
-        values_VD,
-        state,
-        rows_U.long(),
-        grad_UD,
-        lr=float(lr),
-        eps=float(eps),
-        betas=(float(betas[0]), float(betas[1])),
-        weight_decay=float(weight_decay),
-    )
+    ops.sparse_update_(spec, values_VD, state, rows_U.long(), grad_UD)
 
 
 # --- autograd --------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from memdist.kernels.spec import OptimizerSpec
+
 
 def bag_forward(
     values_VD: torch.Tensor, idx_NK: torch.Tensor, scores_NK: torch.Tensor
@@ -34,18 +36,20 @@ def bag_backward_values(
 
 
 def sparse_update_(
-    optimizer: str,
+    spec: OptimizerSpec,
     values_VD: torch.Tensor,
     state: dict[str, torch.Tensor],
     rows_U: torch.Tensor,
     grad_UD: torch.Tensor,
-    *,
-    lr: float,
-    eps: float,
-    betas: tuple[float, float],
-    weight_decay: float,
 ) -> None:
     """Row by row, in fp32, the update each optimizer defines (see memdist.kernels)."""
+    optimizer, lr, eps, betas, weight_decay = (
+        spec.name,
+        spec.lr,
+        spec.eps,
+        spec.betas,
+        spec.weight_decay,
+    )
     for u, row in enumerate(rows_U.tolist()):
         w_D = values_VD[row].float()
         g_D = grad_UD[u].float()

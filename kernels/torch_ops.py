@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from memdist.kernels.spec import OptimizerSpec
+
 
 def bag_forward(
     values_VD: torch.Tensor, idx_NK: torch.Tensor, scores_NK: torch.Tensor
@@ -56,17 +58,19 @@ def bag_backward_values(
 
 
 def sparse_update_(
-    optimizer: str,
+    spec: OptimizerSpec,
     values_VD: torch.Tensor,
     state: dict[str, torch.Tensor],
     rows_U: torch.Tensor,
     grad_UD: torch.Tensor,
-    *,
-    lr: float,
-    eps: float,
-    betas: tuple[float, float],
-    weight_decay: float,
 ) -> None:
+    optimizer, lr, eps, betas, weight_decay = (
+        spec.name,
+        spec.lr,
+        spec.eps,
+        spec.betas,
+        spec.weight_decay,
+    )
     w_UD = values_VD.index_select(0, rows_U).float()
     g_UD = grad_UD.float()
     if weight_decay:

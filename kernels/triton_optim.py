@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from memdist.errors import ShapeError
+from memdist.kernels.spec import OptimizerSpec
 from memdist.kernels.triton_bag import INTERPRETED
 
 OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "adam": 2}
@@ -98,17 +99,19 @@ def _sparse_update_kernel(
 
 
 def sparse_update_(
-    optimizer: str,
+    spec: OptimizerSpec,
     values_VD: torch.Tensor,
     state: dict[str, torch.Tensor],
     rows_U: torch.Tensor,
     grad_UD: torch.Tensor,
-    *,
-    lr: float,
-    eps: float,
-    betas: tuple[float, float],
-    weight_decay: float,
 ) -> None:
+    optimizer, lr, eps, betas, weight_decay = (
+        spec.name,
+        spec.lr,
+        spec.eps,
+        spec.betas,
+        spec.weight_decay,
+    )
     if values_VD.stride(1) != 1:
         # A contiguous copy would take the update and leave the caller's table stale.
         raise ShapeError(

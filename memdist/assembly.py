@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from memdist.config import ModelConfig, RunConfig
+from memdist.config import MemoryConfig, ModelConfig, RunConfig
 from memdist.errors import ConfigError
+from memdist.kernels import OptimizerSpec
 from memdist.model import Transformer
 from memdist.values import LocalTable
 
@@ -53,19 +54,27 @@ def table_seed(run_seed: int, table: int) -> int:
     return run_seed * 1000 + table
 
 
+def value_optimizer(mem: MemoryConfig) -> OptimizerSpec:
+    """The values' optimizer, built once from the config and handed down to the kernels."""
+    return OptimizerSpec(
+        name=mem.value_optimizer, lr=mem.value_lr, eps=mem.value_eps,
+        betas=(mem.value_betas[0], mem.value_betas[1]), weight_decay=mem.value_weight_decay,
+        grad_clip=mem.value_grad_clip,
+    )  # fmt: skip
+
+
 def build_tables(cfg: ModelConfig, device: torch.device, seed: int) -> list[LocalTable]:
     """One local table per memory block, or the same object for all when shared."""
     mem = cfg.memory
     if mem is None:
         return []
     v_dim = mem.v_dim if mem.v_dim is not None else cfg.dim
+    spec = value_optimizer(mem)
 
     def make(i: int) -> LocalTable:
         return LocalTable(
-            mem.rows, v_dim, optimizer=mem.value_optimizer, lr=mem.value_lr,
-            weight_decay=mem.value_weight_decay, eps=mem.value_eps, backend=mem.backend,
-            device=device, seed=table_seed(seed, i),
-        )  # fmt: skip
+            mem.rows, v_dim, spec, backend=mem.backend, device=device, seed=table_seed(seed, i)
+        )
 
     if mem.shared_table:
         shared = make(0)

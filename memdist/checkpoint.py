@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from memdist.errors import CheckpointError
-from memdist.values import LocalTable
+from memdist.table import ValueTable
 
 MODEL_FILE = "model.safetensors"
 VALUES_FILE = "values.safetensors"
@@ -49,7 +49,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(
-    run_dir: Path, model: torch.nn.Module | dict[str, torch.Tensor], tables: list[LocalTable]
+    run_dir: Path, model: torch.nn.Module | dict[str, torch.Tensor], tables: list[ValueTable]
 ) -> None:
     """``model`` is the backbone, or its state already gathered by ``full_state_dict``."""
     run_dir = Path(run_dir)
@@ -61,7 +61,7 @@ def save_weights(
     _atomic_save(values, run_dir / VALUES_FILE)
 
 
-def load_weights(run_dir: Path, model: torch.nn.Module, tables: list[LocalTable]) -> None:
+def load_weights(run_dir: Path, model: torch.nn.Module, tables: list[ValueTable]) -> None:
     run_dir = Path(run_dir)
     state = _load(run_dir / MODEL_FILE)
     try:

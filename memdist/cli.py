@@ -1,6 +1,7 @@
 """The ``memdist`` command line: ``train`` and ``eval``; the last stdout line is JSON.
 
-memdist train [CONFIG] [--set key=value ...] [--run-dir DIR] [--shards M] [--workers N]
+memdist train [CONFIG] [--set key=value ...] [--run-dir DIR [--overwrite]] [--shards M]
+              [--workers N]
 memdist eval RUN_DIR
 memdist configs
 """
@@ -80,7 +81,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DS_JSON",
         help="your DeepSpeed JSON as the engine config (memdist fills batch sizes, precision)",
     )
-    t.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/NAME-TIME)")
+    t.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="run folder (default runs/NAME-TIME); new or empty",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="empty the run folder first if it holds an earlier run (only that folder's contents)",
+    )
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e = sub.add_parser("eval", help="evaluate a finished run folder")
     e.add_argument("run_dir", type=Path)
@@ -115,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = args.overrides + [f"{k}={v}" for k, v in flags.items() if v is not None]
             cfg = load_config(args.config, overrides)
             run_dir = args.run_dir or default_run_dir(cfg)
-            result = train(cfg, run_dir, progress=not args.no_progress)
+            result = train(cfg, run_dir, progress=not args.no_progress, overwrite=args.overwrite)
         else:
             from memdist.train import evaluate_run
 

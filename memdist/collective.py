@@ -9,10 +9,13 @@ Control calls (values, state, stats, ping) still go through Ray: they are rare a
 carry Python objects.
 
 Ranks: shards are 0..M-1, worker w is M + w. Every tensor travels as a meta word
-vector (dtype, shape) and then its data. A request is ``[method, worker, n, id]``
-on ``REQUEST_TAG`` followed by n tensors tagged with the request's own tag; the
-reply uses that tag too (``[status, n]`` and n tensors, or the error message as
-bytes), so replies to concurrent requests cannot be confused.
+vector (dtype, shape) and then its data. A request (one of ``memdist.wire.HOT``,
+encoded by ``wire.to_tensors``) is ``[kind, worker, n, id]`` on ``REQUEST_TAG``
+followed by n tensors tagged with the request's own tag; the reply uses that tag
+too (``[status, n]`` and n tensors, or the error message as bytes), so replies to
+concurrent requests cannot be confused. A reply that does not come within the
+timeout raises ``ShardTimeoutError`` (gloo reports it as a plain RuntimeError, so
+the transport keeps its own deadline).
 
 Letters: N tokens, K rows per token, D row width.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,12 +34,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from memdist import wire
 from memdist.errors import ShardError
-from memdist.transport import RayTransport
-from memdist.wire import PackedIndices
+from memdist.transport import RayTransport, Transport, timed_out
 
-METHODS = ("lookup", "backward", "step", "prefetch")
-SCALAR_REPLIES = ("step", "prefetch")  # methods that answer one int
 DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32, torch.bfloat16,
           torch.float16, torch.uint8)  # fmt: skip
 META = 8  # int64 words: dtype code, ndim, up to 6 sizes
@@ -99,28 +101,9 @@ def _recv(pg, src: int, tag: int, timeout: datetime.timedelta) -> torch.Tensor:
     return t
 
 
-def _encode(method: str, args: tuple[Any, ...]) -> list[torch.Tensor]:
-    if method == "step":
-        return [torch.tensor([float(args[0])], dtype=torch.float64)]
-    idx, rest = args[0], [a for a in args[1:] if isinstance(a, torch.Tensor)]
-    parts = [idx.rows_U, idx.inverse_NK] if isinstance(idx, PackedIndices) else [idx]
-    return parts + rest
-
-
-def _decode(method: str, tensors: list[torch.Tensor], worker: int) -> tuple[Any, ...]:
-    if method == "step":
-        return (float(tensors[0]), worker)
-    if method == "prefetch":
-        return (tensors[0],)
-    n_idx = 2 if len(tensors) == (3 if method == "lookup" else 4) else 1
-    idx = PackedIndices(tensors[0], tensors[1]) if n_idx == 2 else tensors[0]
-    rest = tuple(tensors[n_idx:])
-    return (idx, *rest, worker) if method == "backward" else (idx, *rest)
-
-
 # -- the worker's side -------------------------------------------------------------------
-class CollectiveTransport:
-    """Lookups, backwards and steps over the group; other calls through Ray actors.
+class CollectiveTransport(Transport):
+    """Lookups, backwards and steps over the group; other requests through Ray actors.
 
     The group is joined on the first hot-path call, so a process that only reads
     state (the driver of a multi-worker run) never joins it.
@@ -142,19 +125,19 @@ class CollectiveTransport:
             self._pg = self.rendezvous.join(self.rendezvous.shards + self.worker)
         return self._pg
 
-    def submit(self, shard: int, method: str, *args: Any) -> Any:
-        if method not in METHODS:
-            return ("ray", self._ray.submit(shard, method, *args))
+    def submit(self, shard: int, req: wire.Request) -> Any:
+        if not isinstance(req, wire.HOT):
+            return ("ray", self._ray.submit(shard, req))
         pg = self._group()
-        req = FIRST_REQUEST + next(self._ids) % 2**30  # gloo tags are 32-bit
-        tensors = _encode(method, args)
-        header = torch.tensor([METHODS.index(method), self.worker, len(tensors), req])
+        tag = FIRST_REQUEST + next(self._ids) % 2**30  # gloo tags are 32-bit
+        tensors = wire.to_tensors(req)
+        header = torch.tensor([wire.HOT.index(type(req)), self.worker, len(tensors), tag])
         try:
             works = [(pg.send([header], shard, REQUEST_TAG), header)]
-            works += _send(pg, tensors, shard, req)
+            works += _send(pg, tensors, shard, tag)
         except RuntimeError as exc:
             return ("failed", shard, exc)
-        return ("pg", shard, req, works)
+        return ("pg", shard, tag, works, req)
 
     def wait(self, handles: Sequence[Any], what: str) -> list[Any]:
         if handles and all(h[0] == "ray" for h in handles):
@@ -165,25 +148,22 @@ class CollectiveTransport:
         if handle[0] == "failed":
             _, shard, exc = handle
             raise ShardError(f"memory shard {shard} is unreachable during {what}: {exc}") from exc
-        _, shard, req, works = handle
+        _, shard, tag, works, req = handle
         pg = self._group()
+        deadline = time.monotonic() + self.timeout_s
         try:
-            status = _recv(pg, shard, req, self.timeout)
+            status = _recv(pg, shard, tag, self.timeout)
             for work, _ in works:
                 work.wait(self.timeout)
-            out = [_recv(pg, shard, req, self.timeout) for _ in range(int(status[1]))]
+            out = [_recv(pg, shard, tag, self.timeout) for _ in range(int(status[1]))]
         except RuntimeError as exc:
-            if "imed out" in str(exc):
-                raise ShardError(
-                    f"memory shard {shard} did not answer {what} within {self.timeout_s:g} s "
-                    "(shard timeout); it may be dead or overloaded"
-                ) from exc
+            if time.monotonic() >= deadline:
+                raise timed_out(shard, what, self.timeout_s) from exc
             raise ShardError(f"memory shard {shard} died during {what}: {exc}") from exc
         if int(status[0]) != 0:
             message = bytes(out[0].tolist()).decode(errors="replace")
             raise ShardError(f"memory shard {shard} failed during {what}: {message}")
-        result = out[0]
-        return int(result) if what in SCALAR_REPLIES else result
+        return wire.reply_from_tensor(req, out[0])
 
 
 # -- the shard's side --------------------------------------------------------------------
@@ -198,7 +178,7 @@ def serve(server: Any, rendezvous: Rendezvous, rank: int) -> None:
     request has no practical limit: an idle shard keeps serving.
     """
     pg = rendezvous.join(rank)
-    timeout = datetime.timedelta(seconds=getattr(server, "barrier_timeout_s", 60.0) + 30)
+    timeout = datetime.timedelta(seconds=server.barrier_timeout_s + 30)
     send_locks = {w: threading.Lock() for w in range(rendezvous.workers)}
     pool = ThreadPoolExecutor(max_workers=4 * rendezvous.workers + 2)
     in_order = ThreadPoolExecutor(max_workers=1)  # lookups, backwards, hints: arrival order
@@ -210,10 +190,10 @@ def serve(server: Any, rendezvous: Rendezvous, rank: int) -> None:
         except RuntimeError:
             pass  # the worker went away; the receive loop sees the group break
 
-    def answer(method: str, worker: int, req: int, tensors: list[torch.Tensor]) -> None:
+    def answer(kind: type, worker: int, tag: int, tensors: list[torch.Tensor]) -> None:
         try:
-            result = getattr(server, method)(*_decode(method, tensors, worker))
-            reply = [torch.tensor([int(result)]) if method in SCALAR_REPLIES else result]
+            req = wire.from_tensors(kind, tensors, worker)
+            reply = [wire.reply_to_tensor(req, server.handle(req))]
             status = 0
         except Exception as exc:  # goes back to the worker, which raises ShardError
             message = f"{type(exc).__name__}: {exc}".encode()
@@ -221,7 +201,7 @@ def serve(server: Any, rendezvous: Rendezvous, rank: int) -> None:
             status = 1
         dst = rendezvous.shards + worker
         with send_locks[worker]:  # one reply's messages leave together
-            works = _send(pg, [torch.tensor([status, len(reply)]), *reply], dst, req)
+            works = _send(pg, [torch.tensor([status, len(reply)]), *reply], dst, tag)
         # A send completes when the worker receives it, which for a hint's reply is at its
         # next step: wait elsewhere, so the requests behind this one are not held up.
         pool.submit(delivered, works)
@@ -230,12 +210,13 @@ def serve(server: Any, rendezvous: Rendezvous, rank: int) -> None:
         header = torch.zeros(4, dtype=torch.int64)
         try:
             pg.recv_anysource([header], REQUEST_TAG).wait(IDLE_LIMIT)  # type: ignore[attr-defined]
-            method, worker, n, req = (int(x) for x in header)
-            tensors = [_recv(pg, rendezvous.shards + worker, req, timeout) for _ in range(n)]
+            code, worker, n, tag = (int(x) for x in header)
+            tensors = [_recv(pg, rendezvous.shards + worker, tag, timeout) for _ in range(n)]
         except RuntimeError:
             break  # the group broke: a worker died or the run ended
-        (pool if METHODS[method] == "step" else in_order).submit(
-            answer, METHODS[method], worker, req, tensors
+        kind = wire.HOT[code]
+        (in_order if issubclass(kind, wire.ORDERED) else pool).submit(
+            answer, kind, worker, tag, tensors
         )
     pool.shutdown(wait=False)
     in_order.shutdown(wait=False)

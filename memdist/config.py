@@ -10,6 +10,8 @@ config that is written into each run folder.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +45,8 @@ class MemoryConfig:
     value_lr: float = 1e-3  # values have their own, fixed learning rate (paper: 1e-3)
     value_weight_decay: float = 0.0
     value_eps: float = 1e-8
+    value_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # lazy Adam's
+    value_grad_clip: float | None = None  # max norm of the values' gradient (null: off)
     backend: str = "auto"  # kernels: auto | torch | triton | reference
 
     @property
@@ -305,18 +309,42 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def _is_path(name: str) -> bool:
+    """A path has a separator or a YAML suffix; anything else names a config."""
+    seps = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    return any(sep in name for sep in seps) or Path(name).suffix in (".yaml", ".yml")
+
+
 def resolve_config_path(name_or_path: str | None) -> Path:
-    """A named config (``small``, ``dense``) or a path to a YAML file."""
+    """A named config (``small``, ``dense``) or a path to a YAML file.
+
+    The form decides, not what happens to exist: a name without a separator or a
+    ``.yaml``/``.yml`` suffix is a named config even when the working directory has a
+    file or folder of that name (``memdist train dense`` next to a ``dense/`` folder
+    must not change meaning); a one-line note on stderr says so. ``./NAME`` is the file.
+    """
     name = name_or_path or DEFAULT_CONFIG
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if _is_path(name):
+        path = Path(name)
+        if not path.exists():
+            raise ConfigError(f"config file {name!r} does not exist")
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            raise ConfigError(f"config file {name!r} is not a file")
         return path
     named = CONFIG_DIR / f"{name}.yaml"
+    local = Path(name)
     if not named.is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown config {name!r}: not a file and not one of {known}")
+        hint = f"; a file {name!r} is here: write ./{name} to use it" if local.is_file() else ""
+        raise ConfigError(
+            f"unknown config {name!r}: not one of the named configs {known} (a path needs "
+            f"a / or a .yaml suffix){hint}"
+        )
+    if local.exists():
+        print(
+            f"memdist: {name!r} is the named config; write ./{name} to use the file",
+            file=sys.stderr,
+        )
     return named
 
 
@@ -372,6 +400,19 @@ def validate_memory(mem: MemoryConfig, dim: int, n_layers: int | None = None) ->
         f"model.memory.value_optimizer={mem.value_optimizer!r} must be one of {VALUE_OPTIMIZERS}",
     )
     _check(mem.value_lr > 0, f"model.memory.value_lr={mem.value_lr} must be > 0")
+    _check(
+        mem.value_eps > 0 and mem.value_weight_decay >= 0,
+        f"model.memory.value_eps={mem.value_eps} must be > 0 and "
+        f"model.memory.value_weight_decay={mem.value_weight_decay} >= 0",
+    )
+    _check(
+        len(mem.value_betas) == 2 and all(0 <= b < 1 for b in mem.value_betas),
+        f"model.memory.value_betas={mem.value_betas} must be two numbers in [0, 1)",
+    )
+    _check(
+        mem.value_grad_clip is None or mem.value_grad_clip > 0,
+        f"model.memory.value_grad_clip={mem.value_grad_clip} must be > 0 or null (off)",
+    )
     _check(
         mem.backend in ("auto", "torch", "triton", "reference"),
         f"model.memory.backend={mem.backend!r} must be auto, torch, triton or reference",
@@ -465,6 +506,18 @@ def validate(cfg: RunConfig) -> None:
     )
     c = cfg.cluster
     _check(c.workers >= 1, f"cluster.workers={c.workers} must be >= 1")
+    # An address sends even one worker to Ray Train (memdist.train.uses_workers); the
+    # driver saves the values it can reach, so they must be in shard actors, not inside
+    # the worker (values.safetensors would come back empty).
+    _check(
+        c.address is None
+        or m.memory is None
+        or (sh.count > 0 and sh.transport in ("ray", "collective")),
+        f"cluster.address={c.address!r} needs value tables in shard servers reachable from "
+        f"the driver: shards.count > 0 with shards.transport=ray or collective (got "
+        f"shards.count={sh.count}, shards.transport={sh.transport!r}); a local table or "
+        "in-process shards live inside the worker and would not come back",
+    )
     _check(c.cpus_per_worker >= 0, f"cluster.cpus_per_worker={c.cpus_per_worker} must be >= 0")
     _check(
         c.gpus_per_worker is None or c.gpus_per_worker >= 0,

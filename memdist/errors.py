@@ -29,5 +29,9 @@ class ShardError(MemdistError):
     """A memory shard died, failed or did not answer in time."""
 
 
+class ShardTimeoutError(ShardError):
+    """A memory shard did not answer within ``shards.timeout_s`` (dead, hung or overloaded)."""
+
+
 class WorkerError(MemdistError):
     """A data-parallel worker failed; the run stopped (no step is left half-applied)."""

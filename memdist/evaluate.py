@@ -5,7 +5,10 @@ so a data-parallel run synchronises them: with ``world`` > 1 every worker scores
 its own slice (``rank::world``) and ``compute()`` sums the slices' states over
 torch.distributed; key-usage counts are summed the same way. QA answers are
 greedy-decoded from the prompt until a newline; prompts of equal length are
-decoded together so no padding or attention mask is needed.
+decoded together so no padding or attention mask is needed. Decoding re-runs the
+whole sequence each step (no KV cache), so it tells the memory layers to count only
+the reads of positions not counted yet: each position's reads once, as one forward
+over the final sequences would count them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from torchmetrics.text import Perplexity, SQuAD
 
 from memdist.data.tokenizer import ByteTokenizer
-from memdist.memory import key_usage
+from memdist.memory import MemoryLayer, key_usage
 from memdist.model import Transformer
 
 IGNORE = -100
@@ -29,35 +32,63 @@ NEWLINE = ord("\n")
 def greedy_answers(
     model: Transformer, prompts: Sequence[str], max_new_tokens: int, batch_size: int
 ) -> list[str]:
-    """Greedy continuation of each prompt up to the first newline (or EOS)."""
+    """Greedy continuation of each prompt up to the first newline (or EOS).
+
+    Memory layers counting key usage count each position once: a position's reads
+    depend only on its prefix, so after a group's first forward only the newest
+    position is counted."""
     tok = ByteTokenizer()
     device = next(model.parameters()).device
+    layers = model.memory_layers()
     by_len: dict[int, list[int]] = defaultdict(list)
     encoded = [tok.encode(p) for p in prompts]
     for i, ids in enumerate(encoded):
         by_len[len(ids)].append(i)
     answers = [""] * len(prompts)
     limit = model.cfg.max_seq_len
-    for _, members in sorted(by_len.items()):
-        for start in range(0, len(members), batch_size):
-            group = members[start : start + batch_size]
-            seq_BT = torch.tensor([encoded[i] for i in group], dtype=torch.long, device=device)
-            out: list[list[int]] = [[] for _ in group]
-            done = torch.zeros(len(group), dtype=torch.bool, device=device)
-            for _ in range(max_new_tokens):
-                if seq_BT.shape[1] >= limit:
-                    break
-                next_B = model(seq_BT)[:, -1].argmax(-1)
-                for j, t in enumerate(next_B.tolist()):
-                    if not done[j]:
-                        out[j].append(t)
-                done |= (next_B == NEWLINE) | (next_B == tok.eos_id)
-                if bool(done.all()):
-                    break
-                seq_BT = torch.cat([seq_BT, next_B[:, None]], dim=1)
-            for j, i in enumerate(group):
-                answers[i] = tok.decode(out[j]).split("\n")[0].strip()
+    try:
+        for _, members in sorted(by_len.items()):
+            for start in range(0, len(members), batch_size):
+                group = members[start : start + batch_size]
+                answers_of_group = _greedy_group(
+                    model, layers, [encoded[i] for i in group], max_new_tokens, limit, device
+                )
+                for i, answer in zip(group, answers_of_group, strict=True):
+                    answers[i] = answer
+    finally:
+        for layer in layers:
+            layer.usage_from_t = 0
     return answers
+
+
+def _greedy_group(
+    model: Transformer,
+    layers: Sequence[MemoryLayer],
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    limit: int,
+    device: torch.device,
+) -> list[str]:
+    """Greedy answers of prompts of equal length, decoded as one batch."""
+    tok = ByteTokenizer()
+    seq_BT = torch.tensor(prompts, dtype=torch.long, device=device)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        if seq_BT.shape[1] >= limit:
+            break
+        # The first forward counts the prompt; later ones only the token just appended.
+        for layer in layers:
+            layer.usage_from_t = 0 if step == 0 else seq_BT.shape[1] - 1
+        next_B = model(seq_BT)[:, -1].argmax(-1)
+        for j, t in enumerate(next_B.tolist()):
+            if not done[j]:
+                out[j].append(t)
+        done |= (next_B == NEWLINE) | (next_B == tok.eos_id)
+        if bool(done.all()):
+            break
+        seq_BT = torch.cat([seq_BT, next_B[:, None]], dim=1)
+    return [tok.decode(o).split("\n")[0].strip() for o in out]
 
 
 @torch.no_grad()

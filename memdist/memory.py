@@ -6,6 +6,20 @@ top-``knn`` are kept (the cartesian product trick), indexing a table of ``n_keys
 rows. The output is the softmax-weighted sum of those rows, summed over heads, then
 (Memory+) ``W_o(y * silu(W_1 x))`` and an optional sigmoid gate.
 
+qk-norm (``cfg.qk_norm``), symmetric as in Chameleon's: for head h and half i,
+
+    qn = g_q[h,i] * rms(q[h,i]),   kn_c = g_k[h,i] * rms(k[h,i,c]),   s_c = <qn, kn_c> / sqrt(Q)
+
+with ``rms(v) = v / sqrt(mean(v**2) + eps)`` and learned elementwise gains of width Q,
+one per head and half for queries and for keys (initialised to 1). Each (head, half)
+has its own key set, top-k and share of the softmax logits, so its own gains let it
+learn its own temperature; one gain per half shared by the heads would tie all heads
+to one. Only the product ``g_q * g_k`` enters a score, so the two gains are redundant
+as a function but keep the form symmetric. Dividing by sqrt(Q) as in scaled
+dot-product attention makes the unit-gain scores those of RMS-normalised queries
+against L2-normalised keys: ``|s_c| <= sqrt(Q)`` at init, and the temperature is then
+learned through the gains instead of being fixed by the normalisation.
+
 The layer does not own its values: it is given a ``ValueTable`` and only calls its
 ``lookup``. Several layers share one table by being given the same object.
 
@@ -22,7 +36,7 @@ from torch import nn
 
 from memdist.config import MemoryConfig, validate_memory
 from memdist.errors import ConfigError
-from memdist.values import ValueTable
+from memdist.table import ValueTable
 
 
 def product_key_topk(
@@ -45,8 +59,37 @@ def product_key_topk(
     return best_NHK, r1.long() * n_keys + r2.long()
 
 
+class GainRMSNorm(nn.Module):
+    """RMS normalisation over the last dim (Q) times a learned gain of any broadcastable
+    ``shape``, e.g. one gain vector per (head, half).
+
+    The gain is stored flat (one dim, like ``nn.RMSNorm``'s weight) so optimizer rules
+    that treat 1-D parameters as norm gains (no weight decay) apply to it; decaying a
+    gain toward zero would lower the scores' temperature.
+    """
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = shape
+        self.weight = nn.Parameter(torch.empty(int(torch.Size(shape).numel())))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # eps None: the dtype's machine epsilon, as nn.RMSNorm.
+        return F.rms_norm(x, (self.shape[-1],)) * self.weight.view(self.shape)
+
+
 class MemoryLayer(nn.Module):
-    """Product-key memory replacing a block's FFN; values come from ``table``."""
+    """Product-key memory replacing a block's FFN; values come from ``table``.
+
+    With ``usage_V`` set (a long tensor of ``n_keys**2`` counts) each forward adds the
+    rows read at positions ``t >= usage_from_t``: a caller that re-runs a prefix it has
+    already counted (greedy decoding without a KV cache) moves ``usage_from_t`` past it,
+    since a causal model's reads at a position depend only on its prefix.
+    """
 
     def __init__(self, dim: int, cfg: MemoryConfig, table: ValueTable) -> None:
         super().__init__()
@@ -63,7 +106,8 @@ class MemoryLayer(nn.Module):
         half = cfg.k_dim // 2
         self.query_proj = nn.Linear(dim, cfg.heads * cfg.k_dim, bias=False)
         self.keys = nn.Parameter(torch.empty(cfg.heads, 2, cfg.n_keys, half))
-        self.query_norm = nn.RMSNorm(half) if cfg.qk_norm else None
+        self.query_norm = GainRMSNorm((cfg.heads, 2, half)) if cfg.qk_norm else None
+        self.key_norm = GainRMSNorm((cfg.heads, 2, 1, half)) if cfg.qk_norm else None
         if cfg.swilu:
             self.w1 = nn.Linear(dim, v_dim, bias=False)
             self.wo = nn.Linear(v_dim, dim, bias=False)
@@ -71,6 +115,7 @@ class MemoryLayer(nn.Module):
         # Not a submodule: the table's rows are not parameters of the backbone.
         self._table = table
         self.usage_V: torch.Tensor | None = None  # read counts, when statistics are on
+        self.usage_from_t = 0  # first position whose reads are counted
         self.reset_parameters()
 
     @property
@@ -78,6 +123,7 @@ class MemoryLayer(nn.Module):
         return self._table
 
     def reset_parameters(self, std: float = 0.02) -> None:
+        """Initialise every parameter of the layer (callers must not re-init its parts)."""
         bound = self.cfg.k_dim**-0.5  # the paper: keys uniform in +-1/sqrt(k_dim)
         nn.init.uniform_(self.keys, -bound, bound)
         nn.init.normal_(self.query_proj.weight, std=std)
@@ -87,8 +133,9 @@ class MemoryLayer(nn.Module):
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
-        if self.query_norm is not None:
+        if self.query_norm is not None and self.key_norm is not None:
             self.query_norm.reset_parameters()
+            self.key_norm.reset_parameters()
 
     def select(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row indices ``(N, H*K)`` and softmax scores ``(N, H*K)`` for each token."""
@@ -96,9 +143,11 @@ class MemoryLayer(nn.Module):
         n = x_ND.shape[0]
         q_NH2Q = self.query_proj(x_ND).view(n, cfg.heads, 2, cfg.k_dim // 2)
         keys_H2CQ: torch.Tensor = self.keys
-        if self.query_norm is not None:
-            q_NH2Q = self.query_norm(q_NH2Q)
-            keys_H2CQ = F.normalize(keys_H2CQ, dim=-1)
+        if self.query_norm is not None and self.key_norm is not None:
+            # The scores' 1/sqrt(Q), folded into the queries: a positive factor on every
+            # score, so it commutes with the dot products and the top-k.
+            q_NH2Q = self.query_norm(q_NH2Q) * (cfg.k_dim // 2) ** -0.5
+            keys_H2CQ = self.key_norm(keys_H2CQ)
         raw_NHK, idx_NHK = product_key_topk(q_NH2Q, keys_H2CQ, cfg.knn)
         scores_NHK = torch.softmax(raw_NHK.float(), dim=-1).to(x_ND.dtype)
         return idx_NHK.reshape(n, -1), scores_NHK.reshape(n, -1)
@@ -113,16 +162,16 @@ class MemoryLayer(nn.Module):
         if rows_only:
             return idx_NK
         if self.usage_V is not None:
-            self.usage_V += torch.bincount(idx_NK.flatten(), minlength=self.usage_V.numel()).to(
-                self.usage_V.device
-            )
+            counted_BTK = idx_NK.view(b, t, -1)[:, self.usage_from_t :]
+            self.usage_V += torch.bincount(
+                counted_BTK.flatten(), minlength=self.usage_V.numel()
+            ).to(self.usage_V.device)
         # One bag of H*K rows per token: summing the heads' pooled outputs. A table that
         # can (remote shards) starts the lookup now, so the branches below overlap with it.
-        start = getattr(self._table, "lookup_async", None)
-        pending = start(idx_NK, scores_NK) if start is not None else None
+        pending = self._table.lookup_async(idx_NK, scores_NK)
         up_NE = F.silu(self.w1(x_ND)) if self.cfg.swilu else None
         gate_N1 = torch.sigmoid(self.gate(x_ND)) if self.gate is not None else None
-        y_NE = pending.wait() if pending is not None else self._table.lookup(idx_NK, scores_NK)
+        y_NE = pending.wait()
         if up_NE is not None:
             y_NE = self.wo(y_NE * up_NE)
         if gate_N1 is not None:

@@ -6,6 +6,10 @@ tables they read are passed in (``tables[i]`` for the i-th memory block), so the
 code that assembles a run decides where values live. ``flops_per_token`` counts
 the forward cost so that memory and dense configs can be matched.
 
+Every module initialises its own parameters in ``reset_parameters`` and a parent
+calls its children's, once each: a generic walk over ``modules()`` would reach a
+memory layer's linears after the layer and undo its init (the gate's zeros).
+
 Letters: B batch, T time, D width, H attention heads, S head width, V vocabulary.
 """
 
@@ -20,7 +24,7 @@ from torch import nn
 from memdist.config import ModelConfig
 from memdist.errors import ConfigError, ShapeError
 from memdist.memory import MemoryLayer
-from memdist.values import ValueTable
+from memdist.table import ValueTable
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,6 +47,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
 
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.qkv.weight, std=std)
+        nn.init.normal_(self.out.weight, std=out_std)
+
     def forward(
         self, x_BTD: torch.Tensor, cos_TS: torch.Tensor, sin_TS: torch.Tensor
     ) -> torch.Tensor:
@@ -61,17 +69,27 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
+    def reset_parameters(self, std: float) -> None:
+        for w in (self.w1, self.w3, self.w2):
+            nn.init.normal_(w.weight, std=std)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, ffn: nn.Module) -> None:
+    def __init__(self, cfg: ModelConfig, ffn: SwiGLU | MemoryLayer) -> None:
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.n_heads)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn = ffn
+        self.ffn: SwiGLU | MemoryLayer = ffn
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        self.attn_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attn.reset_parameters(std, out_std)
+        self.ffn.reset_parameters(std)
 
     def forward(self, x: torch.Tensor, cos_TS: torch.Tensor, sin_TS: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos_TS, sin_TS)
@@ -97,7 +115,7 @@ class Transformer(nn.Module):
         for i in range(cfg.n_layers):
             if i in table_of:
                 assert cfg.memory is not None
-                ffn: nn.Module = MemoryLayer(cfg.dim, cfg.memory, table_of[i])
+                ffn: SwiGLU | MemoryLayer = MemoryLayer(cfg.dim, cfg.memory, table_of[i])
             else:
                 ffn = SwiGLU(cfg.dim, cfg.hidden)
             blocks.append(Block(cfg, ffn))
@@ -110,15 +128,16 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Initialise every parameter once: normal(init_std) weights, unit norm gains,
+        and each memory layer as its own ``reset_parameters`` says."""
         std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, MemoryLayer):
-                module.reset_parameters(std)
+        nn.init.normal_(self.tok_emb.weight, std=std)
+        nn.init.normal_(self.lm_head.weight, std=std)
+        self.norm.reset_parameters()
         # Scaled init of the residual projections (GPT-2 style) keeps early steps stable.
+        out_std = std / (2 * self.cfg.n_layers) ** 0.5
         for block in self.block_list():
-            nn.init.normal_(block.attn.out.weight, std=std / (2 * self.cfg.n_layers) ** 0.5)
+            block.reset_parameters(std, out_std)
 
     def block_list(self) -> list[Block]:
         return [b for b in self.blocks if isinstance(b, Block)]
@@ -160,6 +179,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
 
     Attention scores use the mean causal context, ``seq_len / 2``. The memory layer's
     cost does not depend on the number of rows, only on heads, n_keys, knn and widths.
+    Norms (RMSNorm, the memory's qk-norm), softmaxes and top-k are left out, as
+    elementwise work next to the matmuls; the qk-norm's key side runs once per batch,
+    not per token.
     """
     d, h = cfg.dim, cfg.hidden
     ctx = seq_len / 2

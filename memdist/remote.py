@@ -8,7 +8,10 @@ row gradients stay on the shards until ``step()``. DeepSpeed never sees the valu
 
 With several data-parallel workers each holds its own ``RemoteTable`` (with its
 ``worker`` rank) over the same shards; the shards apply a step once every worker's
-``step`` arrived (see ``memdist.cluster.shard``).
+``step`` arrived (see ``memdist.cluster.shard``). With ``spec.grad_clip`` a step is
+two rounds: the shards' squared gradient norms are summed (every worker sums the
+same parts in the same order, so all agree on the factor), then the step is sent
+with the clipping factor: exact over shards and workers.
 
 Bounded staleness (``staleness=1``, off by default): ``step()`` sends the step and
 returns without waiting, so the next step's lookups overlap the update; the reply
@@ -20,13 +23,19 @@ deterministic. The lag never exceeds one step.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from memdist import kernels, wire
 from memdist.cluster.plan import ShardingPlan
+from memdist.kernels import OptimizerSpec
+from memdist.table import PendingLookup, StepResult, ValueTable
 from memdist.transport import Transport
+from memdist.values import check_rows_state, clip_coef
 from memdist.wire import PackedIndices
 
 
@@ -48,7 +57,7 @@ class _RemoteBag(torch.autograd.Function):
         return dscores.to(scores_NK.dtype), None
 
 
-class PendingLookup:
+class RemoteLookup(PendingLookup):
     """A lookup whose requests are on their way to the shards; ``wait()`` gives y."""
 
     def __init__(self, table: RemoteTable, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> None:
@@ -57,7 +66,7 @@ class PendingLookup:
         self.packed = PackedIndices.pack(idx_NK.detach().cpu())
         payload = scores_NK.detach().cpu().to(table.payload)
         self.handles = [
-            table.transport.submit(s, "lookup", self.packed, payload)
+            table.transport.submit(s, wire.Lookup(self.packed, payload))
             for s in range(table.plan.shards)
         ]
 
@@ -68,55 +77,65 @@ class PendingLookup:
         return _RemoteBag.apply(self.scores_NK, self).to(device)
 
 
-class RemoteTable:
+class RemoteTable(ValueTable):
     """Value rows held by the shards of ``plan``, reached through ``transport``."""
 
     def __init__(
         self,
         plan: ShardingPlan,
         transport: Transport,
+        spec: OptimizerSpec,
         payload: torch.dtype = torch.float32,
         *,
         worker: int = 0,
         staleness: int = 0,
     ) -> None:
-        """``payload`` is the dtype scores, outputs and gradients travel in (fp32, bf16, fp16);
-        the shards compute in fp32 either way. ``worker`` is this worker's rank among
-        the workers sharing the shards."""
+        """``spec`` is the shards' optimizer (this side needs its ``grad_clip``).
+        ``payload`` is the dtype scores, outputs and gradients travel in (fp32, bf16,
+        fp16); the shards compute in fp32 either way. ``worker`` is this worker's rank
+        among the workers sharing the shards."""
         self.plan = plan
         self.transport = transport
+        self.spec = spec
         self.payload = payload
         self.worker = worker
         self.staleness = staleness
         self.num_rows = plan.num_rows
         self.dim = plan.dim
-        self.rows_touched_last_step = 0
-        self.wait_seconds = 0.0  # time spent waiting on the shards (for step-time shares)
+        self._last = StepResult()
+        self._waited = 0.0  # time spent waiting on the shards (for step-time shares)
         self._step_in_flight: list[Any] | None = None
         self._prefetches: list[Any] = []  # hints sent, replies not yet collected
-        self.rows_prefetched = 0  # rows the shards read from zarr on this worker's hints
+        self._prefetched = 0  # rows the shards read from zarr on this worker's hints
 
     def _wait(self, handles: list[Any], what: str) -> list[Any]:
         t0 = time.perf_counter()
         try:
             return self.transport.wait(handles, what)
         finally:
-            self.wait_seconds += time.perf_counter() - t0
+            self._waited += time.perf_counter() - t0
 
-    def _call_all(self, method: str, args_per_shard: list[tuple[Any, ...]]) -> list[Any]:
+    def _call_all(self, reqs: Sequence[wire.Request], what: str) -> list[Any]:
         self._settle()
-        handles = [self.transport.submit(s, method, *args) for s, args in enumerate(args_per_shard)]
-        return self._wait(handles, method)
+        handles = [self.transport.submit(s, req) for s, req in enumerate(reqs)]
+        return self._wait(handles, what)
+
+    def _each(self, req: wire.Request, what: str) -> list[Any]:
+        return self._call_all([req] * self.plan.shards, what)
 
     def _settle(self) -> None:
         """Wait for a step sent without waiting (bounded staleness)."""
         if self._step_in_flight is not None:
             handles, self._step_in_flight = self._step_in_flight, None
-            self._record_touched(self._wait(handles, "step"))
+            self._record(self._wait(handles, "step"), None)
 
-    def _record_touched(self, touched: list[int]) -> None:
+    def _record(self, replies: list[wire.StepReply], grad_sq: float | None) -> None:
         # Column shards each touch every row read; row shards touch disjoint rows.
-        self.rows_touched_last_step = touched[0] if self.plan.kind == "column" else sum(touched)
+        rows = [r.rows for r in replies]
+        touched = rows[0] if self.plan.kind == "column" else sum(rows)
+        if grad_sq is None:
+            grad_sq = sum(r.grad_sq for r in replies)
+        self._last = StepResult(touched, math.sqrt(grad_sq))
 
     def _combine(self, handles: list[Any]) -> torch.Tensor:
         parts = [p.float() for p in self._wait(handles, "lookup")]
@@ -132,24 +151,24 @@ class RemoteTable:
     ) -> torch.Tensor:
         scores_NK, dy_ND = scores_NK.cpu(), dy_ND.cpu()
         if self.plan.kind == "column":
-            args = [
-                (idx_NK, scores_NK, dy_ND[:, r.col_start : r.col_stop].contiguous(), self.worker)
+            reqs = [
+                wire.Backward(
+                    idx_NK, scores_NK, dy_ND[:, r.col_start : r.col_stop].contiguous(), self.worker
+                )
                 for r in self.plan.regions
             ]
         else:
-            args = [(idx_NK, scores_NK, dy_ND, self.worker)] * self.plan.shards
-        parts = [p.float() for p in self._call_all("backward", args)]
+            reqs = [wire.Backward(idx_NK, scores_NK, dy_ND, self.worker)] * self.plan.shards
+        parts = [p.float() for p in self._call_all(reqs, "backward")]
         dscores = parts[0]
         for part in parts[1:]:
             dscores = dscores + part
         return dscores
 
-    def lookup_async(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> PendingLookup:
+    def lookup_async(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> RemoteLookup:
         """Send the lookup now; the caller does other work and then ``wait()``s."""
-        return PendingLookup(self, idx_NK, scores_NK)
-
-    def lookup(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
-        return self.lookup_async(idx_NK, scores_NK).wait()
+        kernels.check_indices(idx_NK, self.num_rows)
+        return RemoteLookup(self, idx_NK, scores_NK)
 
     def prefetch(self, idx_NK: torch.Tensor) -> None:
         """Tell the shards which rows a coming lookup will read, without waiting: a shard
@@ -159,56 +178,106 @@ class RemoteTable:
         for s, r in enumerate(self.plan.regions):
             mine = rows_U[(rows_U >= r.row_start) & (rows_U < r.row_stop)]  # column: all
             if mine.numel():
-                self._prefetches.append(self.transport.submit(s, "prefetch", mine))
+                self._prefetches.append(self.transport.submit(s, wire.Prefetch(mine)))
 
     def _collect_prefetches(self) -> None:
         handles, self._prefetches = self._prefetches, []
         if handles:
-            self.rows_prefetched += sum(self._wait(handles, "prefetch"))
+            self._prefetched += sum(self._wait(handles, "prefetch"))
 
-    def step(self, grad_scale: float = 1.0) -> int:
+    def step(self, grad_scale: float = 1.0) -> StepResult:
         """This worker's step. ``grad_scale`` must be the same on every worker (1/workers
-        for an average, as DeepSpeed averages dense gradients). Returns the rows updated
-        (with staleness on: by the previous step, whose reply was awaited here)."""
+        for an average, as DeepSpeed averages dense gradients). Returns what the step did
+        (with staleness on: the previous step, whose reply was awaited here)."""
         self._settle()
         self._collect_prefetches()
-        handles = [
-            self.transport.submit(s, "step", grad_scale, self.worker)
-            for s in range(self.plan.shards)
-        ]
+        clip, grad_sq = 1.0, None
+        if self.spec.grad_clip is not None:
+            parts = self._each(wire.GradNorm(grad_scale, self.worker), "gradient norm")
+            # Column shards hold column slices of the same rows, row shards disjoint rows:
+            # either way the table's squared norm is the sum of the parts.
+            grad_sq = math.fsum(parts)
+            clip = clip_coef(grad_sq, self.spec.grad_clip)
+        req = wire.Step(grad_scale, self.worker, clip)
+        handles = [self.transport.submit(s, req) for s in range(self.plan.shards)]
         if self.staleness:
             self._step_in_flight = handles
         else:
-            self._record_touched(self._wait(handles, "step"))
-        return self.rows_touched_last_step
+            self._record(self._wait(handles, "step"), grad_sq)
+        return self._last
 
     def flush(self) -> None:
-        """Wait for anything still in flight (a step sent under bounded staleness, hints)."""
+        """Wait for anything still in flight (a step sent under bounded staleness, hints)
+        and have zarr-backed shards write their cached rows back."""
         self._settle()
         self._collect_prefetches()
+        self._each(wire.Flush(), "flush")
 
     def zero_grad(self) -> None:
-        self._call_all("zero_grad", [()] * self.plan.shards)
+        self._each(wire.ZeroGrad(), "zero_grad")
 
-    def values(self) -> torch.Tensor:
-        """The whole table gathered from the shards (for tests and small tables only)."""
-        parts = self._call_all("values", [()] * self.plan.shards)
-        return torch.cat(parts, dim=1 if self.plan.kind == "column" else 0)
+    @property
+    def last_step(self) -> StepResult:
+        return self._last
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Rows and optimizer state of the whole table, as a local table would have them."""
-        parts = self._call_all("state_dict", [()] * self.plan.shards)
-        out = {"steps": parts[0]["steps"]}
-        for key in parts[0]:
-            if key == "steps":
-                continue
-            per_row = parts[0][key].ndim == 1  # per-row state (Adam step, Adagrad sum)
-            if self.plan.kind == "column" and per_row:
-                out[key] = parts[0][key]  # every column shard holds the same per-row state
-            else:
-                dim = 1 if self.plan.kind == "column" else 0
-                out[key] = torch.cat([p[key] for p in parts], dim=dim)
-        return out
+    @property
+    def wait_seconds(self) -> float:
+        return self._waited
+
+    @property
+    def rows_prefetched(self) -> int:
+        return self._prefetched
+
+    def describe(self) -> str:
+        return self.plan.describe()
 
     def stats(self) -> list[dict[str, Any]]:
-        return self._call_all("stats", [()] * self.plan.shards)
+        return self._each(wire.Stats(), "stats")
+
+    def state_names(self) -> list[str]:
+        return [f"state.{k}" for k in kernels.init_optimizer_state(self.spec.name, 0, 1)]
+
+    def read_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows ``[start, stop)`` gathered from the shards that hold them."""
+        self.check_range(start, stop)
+        parts = self._each(wire.ReadRows(start, stop), "read_rows")
+        if self.plan.kind == "row":
+            return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        out = {}
+        for key in parts[0]:
+            per_row = parts[0][key].ndim == 1  # per-row state (Adam step, Adagrad sum)
+            # Every column shard holds the same per-row state (Adam's step count).
+            out[key] = parts[0][key] if per_row else torch.cat([p[key] for p in parts], dim=1)
+        return out
+
+    def write_rows(self, start: int, state: dict[str, torch.Tensor]) -> None:
+        """Each shard gets the rows it holds (row plan) or its columns (column plan)."""
+        n = check_rows_state(state, self.dim, self.state_names())
+        self.check_range(start, start + n)
+        if self.plan.kind == "row":
+            reqs = []
+            for r in self.plan.regions:  # shards without any of the rows get none
+                lo = min(max(start, r.row_start), start + n)
+                hi = max(lo, min(start + n, r.row_stop))
+                reqs.append(
+                    wire.WriteRows(lo, {k: v[lo - start : hi - start] for k, v in state.items()})
+                )
+        else:
+            reqs = [
+                wire.WriteRows(
+                    start,
+                    {
+                        k: v if v.ndim == 1 else v[:, r.col_start : r.col_stop].contiguous()
+                        for k, v in state.items()
+                    },
+                )  # fmt: skip
+                for r in self.plan.regions
+            ]
+        self._call_all(reqs, "write_rows")
+
+    @property
+    def steps(self) -> int:
+        return int(self.stats()[0]["optimizer_steps"])
+
+    def set_steps(self, steps: int) -> None:
+        self._each(wire.SetSteps(steps), "set_steps")

@@ -8,11 +8,14 @@ Layout of a run folder::
     values.safetensors value tables and their optimizer state
     final.json         the final metrics, as printed on the last stdout line
     loss.png           training loss (and eval points) against tokens
+
+A folder holds one run: a run refuses a non-empty folder (``--overwrite`` empties it).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -30,12 +33,55 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-class RunLog:
-    """Appends metrics to ``metrics.jsonl`` and writes the config and plot of one run."""
+def claim_run_dir(run_dir: Path, *, overwrite: bool = False) -> None:
+    """Make ``run_dir`` an empty folder for one run, or raise before anything is written.
 
-    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
+    A run folder holds exactly one run: appending a second run's records to
+    ``metrics.jsonl`` (and overwriting its ``final.json`` and weights) would leave a
+    folder that describes neither run. ``overwrite`` empties it first, but only a
+    folder that is a run folder (it has a ``config.yaml``) and does not hold the
+    working directory, so a mistyped ``--run-dir`` cannot wipe unrelated files.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"run folder {str(run_dir)!r} is a file, not a folder")
+    entries = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
+    if entries and not overwrite:
+        names = ", ".join(p.name for p in entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise CheckpointError(
+            f"run folder {str(run_dir)!r} is not empty ({names}): a run folder holds one "
+            "run, and a new run would mix its records into the old one's. Choose another "
+            "--run-dir, or pass --overwrite to empty this folder first"
+        )
+    if entries:
+        resolved = run_dir.resolve()
+        cwd = Path.cwd().resolve()
+        if resolved == cwd or resolved in cwd.parents:
+            raise CheckpointError(
+                f"--overwrite would empty {str(run_dir)!r}, which holds the working "
+                "directory; give the run its own folder"
+            )
+        if not (run_dir / "config.yaml").is_file():
+            raise CheckpointError(
+                f"--overwrite empties only run folders, and {str(run_dir)!r} has no "
+                "config.yaml (it holds no memdist run); empty it yourself or choose "
+                "another --run-dir"
+            )
+        for entry in entries:  # the folder itself stays, with its permissions
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+class RunLog:
+    """Writes the config, metrics (``metrics.jsonl``) and plot of one run into its own
+    folder; ``overwrite`` empties a folder that already holds a run (``claim_run_dir``)."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, *, overwrite: bool = False) -> None:
         self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        claim_run_dir(self.dir, overwrite=overwrite)
         (self.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self._metrics = (self.dir / "metrics.jsonl").open("a")
 
@@ -65,9 +111,11 @@ class RunReport:
     the user; not logged).
     """
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, *, progress: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, cfg: RunConfig, *, progress: bool = True, overwrite: bool = False
+    ) -> None:
         self.dir = Path(run_dir)
-        self.log = RunLog(self.dir, cfg)
+        self.log = RunLog(self.dir, cfg, overwrite=overwrite)  # first: refuses a used folder
         self.cfg = cfg
         self.progress = progress
         self._bar: tqdm | None = None

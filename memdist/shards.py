@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
-from memdist.assembly import table_seed
+from memdist.assembly import table_seed, value_optimizer
 from memdist.cluster.plan import ShardingPlan, cache_rows_for, choose_plan
 from memdist.cluster.shard import ShardServer
 from memdist.collective import CollectiveTransport, Rendezvous, host_store
 from memdist.config import RunConfig
+from memdist.kernels import OptimizerSpec
 from memdist.remote import RemoteTable
 from memdist.transport import InProcessTransport, RayTransport
 
@@ -42,13 +43,14 @@ class TablesSpec:
     payload: str
     timeout_s: float
     staleness: int
+    optimizer: OptimizerSpec
     rendezvous: list[Rendezvous] | None = None  # per table, for the collective transport
 
 
 def _transport(spec: TablesSpec, table: int, worker: int) -> RayTransport | CollectiveTransport:
     actors = spec.actors[table]
     if spec.rendezvous is None:
-        return RayTransport(actors, timeout_s=spec.timeout_s)
+        return RayTransport(actors, timeout_s=spec.timeout_s, worker=worker)
     return CollectiveTransport(actors, spec.rendezvous[table], worker, timeout_s=spec.timeout_s)
 
 
@@ -58,6 +60,7 @@ def connect_tables(spec: TablesSpec, worker: int) -> list[RemoteTable]:
         RemoteTable(
             plan,
             _transport(spec, i, worker),
+            spec.optimizer,
             PAYLOADS[spec.payload],
             worker=worker,
             staleness=spec.staleness,
@@ -116,25 +119,14 @@ def start_remote_tables(
     tokens = cfg.data.batch_size * cfg.data.seq_len
     budget = int(sh.budget_mb * 2**20) if sh.budget_mb is not None else None
     state = {"sgd": 0.0, "adagrad": 1.0 / v_dim, "adam": 2.0}[mem.value_optimizer]
-    server_kwargs = dict(
-        optimizer=mem.value_optimizer, lr=mem.value_lr, weight_decay=mem.value_weight_decay,
-        eps=mem.value_eps, backend=mem.backend,
-    )  # fmt: skip
-    if sh.plan == "column" and mem.value_optimizer == "adagrad":
-        from memdist.errors import ConfigError
-
-        raise ConfigError(
-            "shards.plan='column' with model.memory.value_optimizer='adagrad' is not supported: "
-            "row-wise Adagrad needs each row's whole gradient, which column shards split; "
-            "use shards.plan=row or another value optimizer"
-        )
+    optimizer = value_optimizer(mem)
     group = ShardGroup()
     tables = []
     actors_per_table = []
     for i in range(n_tables):
         plan = choose_plan(
             sh.plan, mem.rows, v_dim, sh.count, tokens=tokens, bag=mem.heads * mem.knn,
-            budget_bytes=budget, state_floats_per_value=state,
+            budget_bytes=budget, state_floats_per_value=state, optimizer=optimizer.name,
         )  # fmt: skip
         group.plans.append(plan)
         seed = table_seed(cfg.train.seed, i)
@@ -152,22 +144,28 @@ def start_remote_tables(
         if sh.transport == "inprocess":
             servers = [
                 ShardServer(
-                    r, plan.kind, plan.dim, seed=seed, **server_kwargs, **per_shard[r.shard]
-                )
+                    r,
+                    plan.kind,
+                    plan.dim,
+                    optimizer,
+                    seed=seed,
+                    backend=mem.backend,
+                    **per_shard[r.shard],
+                )  # fmt: skip
                 for r in plan.regions
             ]
             transport = InProcessTransport(servers)
-            tables.append(RemoteTable(plan, transport, PAYLOADS[sh.payload]))
+            tables.append(RemoteTable(plan, transport, optimizer, PAYLOADS[sh.payload]))
             continue
         ensure_ray(cfg.cluster.address)
         from memdist.cluster.actors import start_shards
 
         actors = start_shards(
-            plan, seed=seed, gpus_per_shard=sh.gpus_per_shard, cpus_per_shard=sh.cpus_per_shard,
-            threads=sh.threads_per_shard, per_shard=per_shard, workers=cfg.cluster.workers,
+            plan, optimizer, seed=seed, backend=mem.backend, gpus_per_shard=sh.gpus_per_shard,
+            cpus_per_shard=sh.cpus_per_shard, threads=sh.threads_per_shard, per_shard=per_shard, workers=cfg.cluster.workers,
             # The barrier gives up before the worker's own wait, so its error (naming
             # the missing workers) is the one that reaches the worker.
-            barrier_timeout_s=0.9 * sh.timeout_s, **server_kwargs,
+            barrier_timeout_s=0.9 * sh.timeout_s,
         )  # fmt: skip
         group.actors += actors
         actors_per_table.append(actors)
@@ -188,6 +186,6 @@ def start_remote_tables(
     group.spec = TablesSpec(
         plans=group.plans, actors=actors_per_table, layers=len(mem.layers),
         shared=mem.shared_table, payload=sh.payload, timeout_s=sh.timeout_s,
-        staleness=sh.staleness, rendezvous=rendezvous,
+        staleness=sh.staleness, optimizer=optimizer, rendezvous=rendezvous,
     )  # fmt: skip
     return connect_tables(group.spec, 0), group

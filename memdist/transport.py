@@ -1,42 +1,57 @@
 """Transports: how a worker's requests reach memory shards and their replies come back.
 
-One interface: ``submit(shard, method, *args) -> handle`` issues a request without
-waiting; ``wait(handles, what) -> results`` collects replies in order, within a
-bounded time, and raises ``ShardError`` naming the shard that failed or stayed
-silent. Requests to all shards are issued before any is awaited, so shards work
-concurrently.
+One interface (``Transport``): ``submit(shard, request) -> handle`` issues a typed
+request (``memdist.wire``) without waiting; ``wait(handles, what) -> replies``
+collects replies in order, within a bounded time, and raises ``ShardError`` naming
+the shard that failed (``ShardTimeoutError`` for one that stayed silent). Requests
+to all shards are issued before any is awaited, so shards work concurrently.
 
 - ``InProcessTransport``: shard servers in this process (one machine, tests).
-- ``RayTransport``: shard servers in Ray actors; arguments and replies travel
+- ``RayTransport``: shard servers in Ray actors; requests and replies travel
   through Ray's object store.
+- ``memdist.collective.CollectiveTransport``: the per-step requests over a gloo
+  group of memdist's own, the rest over Ray.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
-from memdist.errors import ShardError
+from memdist.errors import ShardError, ShardTimeoutError
+from memdist.wire import ORDERED, Request
 
 
-class Transport(Protocol):
+class Transport(ABC):
     shards: int
 
-    def submit(self, shard: int, method: str, *args: Any) -> Any: ...
+    @abstractmethod
+    def submit(self, shard: int, req: Request) -> Any:
+        """Send ``req`` to ``shard``; returns a handle for ``wait``. Never blocks on it."""
 
-    def wait(self, handles: Sequence[Any], what: str) -> list[Any]: ...
+    @abstractmethod
+    def wait(self, handles: Sequence[Any], what: str) -> list[Any]:
+        """The replies of ``handles`` in order; ``what`` names the request in errors."""
 
 
-class InProcessTransport:
+def timed_out(shard: int, what: str, timeout_s: float) -> ShardTimeoutError:
+    return ShardTimeoutError(
+        f"memory shard {shard} did not answer {what} within {timeout_s:g} s "
+        "(shards.timeout_s); it may be dead or overloaded"
+    )
+
+
+class InProcessTransport(Transport):
     """Calls shard servers directly; replies are ready at once."""
 
     def __init__(self, servers: Sequence[Any]) -> None:
         self.servers = list(servers)
         self.shards = len(self.servers)
 
-    def submit(self, shard: int, method: str, *args: Any) -> Any:
+    def submit(self, shard: int, req: Request) -> Any:
         try:
-            return ("ok", getattr(self.servers[shard], method)(*args))
+            return ("ok", self.servers[shard].handle(req))
         except Exception as exc:  # kept and raised at wait(), like a remote failure
             return ("error", shard, exc)
 
@@ -50,16 +65,24 @@ class InProcessTransport:
         return out
 
 
-class RayTransport:
-    """Shard servers in Ray actors; each wait is bounded by ``timeout_s``."""
+class RayTransport(Transport):
+    """Shard servers in Ray actors; each wait is bounded by ``timeout_s``. ``worker``'s
+    lookups, backwards and hints are numbered per shard, so the actor serves them in
+    the order they were sent (Ray does not promise that for a threaded actor)."""
 
-    def __init__(self, actors: Sequence[Any], timeout_s: float = 60.0) -> None:
+    def __init__(self, actors: Sequence[Any], timeout_s: float = 60.0, worker: int = 0) -> None:
         self.actors = list(actors)
         self.shards = len(self.actors)
         self.timeout_s = timeout_s
+        self.worker = worker
+        self._seq = [0] * self.shards
 
-    def submit(self, shard: int, method: str, *args: Any) -> Any:
-        return (shard, getattr(self.actors[shard], method).remote(*args))
+    def submit(self, shard: int, req: Request) -> Any:
+        actor = self.actors[shard]
+        if not isinstance(req, ORDERED):
+            return (shard, actor.handle.remote(req))
+        seq, self._seq[shard] = self._seq[shard], self._seq[shard] + 1
+        return (shard, actor.handle_ordered.remote(req, self.worker, seq))
 
     def wait(self, handles: Sequence[Any], what: str) -> list[Any]:
         import ray
@@ -70,10 +93,7 @@ class RayTransport:
         out = []
         for shard, ref in handles:
             if ref not in ready_set:
-                raise ShardError(
-                    f"memory shard {shard} did not answer {what} within {self.timeout_s:g} s "
-                    "(shard timeout); it may be dead or overloaded"
-                )
+                raise timed_out(shard, what, self.timeout_s)
             try:
                 out.append(ray.get(ref))
             except ray.exceptions.RayActorError as exc:

@@ -1,11 +1,11 @@
-"""Value tables: the rows a memory layer reads, trained by their own sparse optimizer.
+"""Rows with a sparse optimizer, and the value table that keeps them in this process.
 
-A table is the seam between the model and where its values live. The memory layer
-only calls ``table.lookup(idx_NK, scores_NK) -> y_ND``; gradients for the scores flow
-back through autograd, and gradients for the rows arrive at the table as
-(rows, grads) pairs, which ``step()`` applies to the touched rows only. The dense
-backbone's optimizer (DeepSpeed) never sees the values. ``LocalTable`` keeps the
-rows in this process; remote shards implement the same methods.
+``SparseRows`` is a block of rows (a whole table, or one shard's region) with its
+optimizer state: row gradients arrive as (rows, grads) pairs and ``step`` applies
+the optimizer to the touched rows only. ``LocalTable`` is the ``ValueTable``
+(``memdist.table``) over one such block in this process (in memory, or a zarr
+region behind a row cache); shard servers hold one per region. The dense
+backbone's optimizer (DeepSpeed) never sees the values.
 
 Letters: N tokens, K rows read per token (heads x knn), V table rows, D row width,
 U unique rows touched in a step.
@@ -13,12 +13,17 @@ U unique rows touched in a step.
 
 from __future__ import annotations
 
-from typing import Protocol
+import math
+from collections import Counter
+from typing import Any
 
+import numpy as np
 import torch
 
 from memdist import kernels
-from memdist.errors import CheckpointError, ConfigError, ShapeError
+from memdist.errors import ConfigError, ShapeError
+from memdist.kernels import OptimizerSpec
+from memdist.table import ReadyLookup, StepResult, ValueTable
 
 INIT_BLOCK_ROWS = 4096
 
@@ -53,17 +58,12 @@ def init_values(
     return out
 
 
-class ValueTable(Protocol):
-    """What a memory layer needs from its values, wherever they live."""
-
-    num_rows: int
-    dim: int
-
-    def lookup(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor: ...
-
-    def step(self) -> None: ...
-
-    def zero_grad(self) -> None: ...
+def clip_coef(grad_sq: float, max_norm: float | None) -> float:
+    """The factor that scales a gradient of squared norm ``grad_sq`` to at most
+    ``max_norm`` (torch's ``clip_grad_norm_`` rule); 1.0 when off or already within."""
+    if max_norm is None:
+        return 1.0
+    return min(1.0, max_norm / (math.sqrt(grad_sq) + 1e-6))
 
 
 class SparseRows:
@@ -71,48 +71,50 @@ class SparseRows:
 
     Gradients of several backward passes (gradient accumulation, or several layers
     sharing the table) add up; ``grad_scale`` lets the trainer average them the same
-    way it averages dense gradients. Used whole by ``LocalTable`` and per region by
-    shard servers, so both apply exactly the same update.
+    way it averages dense gradients, and ``clip`` scales them once more (the factor
+    from ``clip_coef`` over the whole table's norm, which a shard cannot know alone).
+    Used whole by ``LocalTable`` and per region by shard servers, so both apply
+    exactly the same update.
     """
 
-    def __init__(
-        self,
-        weight_VD: torch.Tensor,
-        *,
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        eps: float = 1e-8,
-        betas: tuple[float, float] = (0.9, 0.999),
-        backend: str = "auto",
-    ) -> None:
+    def __init__(self, weight_VD: torch.Tensor, spec: OptimizerSpec, *, backend: str = "auto"):
         self.weight_VD = weight_VD
         self.num_rows, self.dim = weight_VD.shape
-        self.optimizer = optimizer
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.eps = eps
-        self.betas = betas
+        self.spec = spec
         self.backend = backend
         self.state = kernels.init_optimizer_state(
-            optimizer, self.num_rows, self.dim, weight_VD.device
+            spec.name, self.num_rows, self.dim, weight_VD.device
         )
         self._grads: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._merged: tuple[torch.Tensor, torch.Tensor] | None = None
         self.steps = 0
-        self.rows_touched_last_step = 0
+        self.counters: Counter[str] = Counter()
+
+    where = "memory"
+
+    @property
+    def region_rows(self) -> int:
+        """Rows of the table or region these rows stand for (all resident here)."""
+        return self.num_rows
 
     def accumulate(self, rows_U: torch.Tensor, grad_UD: torch.Tensor, source: int = 0) -> None:
         """Add a row gradient. ``source`` (a worker's rank) fixes the summation order:
         gradients are added up by source, then in arrival order, so several workers
         whose gradients arrive in any order give the same sums."""
         self._grads.append((source, rows_U, grad_UD.float()))
+        self._merged = None
 
     def pending_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The accumulated sparse gradient as (unique rows, summed grads), or None."""
         if not self._grads:
             return None
+        if self._merged is None:
+            self._merged = self._merge()
+        return self._merged
+
+    def _merge(self) -> tuple[torch.Tensor, torch.Tensor]:
         if len(self._grads) == 1:
-            return self._grads[0][1:]
+            return self._grads[0][1], self._grads[0][2]
         ordered = sorted(self._grads, key=lambda g: g[0])  # stable: arrival order per source
         rows = torch.cat([r for _, r, _ in ordered])
         grads = torch.cat([g for _, _, g in ordered])
@@ -121,79 +123,97 @@ class SparseRows:
         grad_UD.index_add_(0, inverse, grads)
         return rows_U, grad_UD
 
-    def step(self, grad_scale: float = 1.0) -> int:
-        """Apply the sparse optimizer to the rows touched since the last step."""
+    def grad_sq(self, grad_scale: float = 1.0) -> float:
+        """Squared norm of the pending gradient times ``grad_scale`` (float64 sum, so the
+        sum of shards' parts equals one table's total to double precision)."""
         pending = self.pending_grads()
-        self._grads = []
         if pending is None:
-            self.rows_touched_last_step = 0
+            return 0.0
+        return float((pending[1].double() * grad_scale).pow(2).sum())
+
+    def step(self, grad_scale: float = 1.0, clip: float = 1.0) -> int:
+        """Apply the sparse optimizer to the rows touched since the last step, with their
+        gradients times ``grad_scale * clip``."""
+        pending = self.pending_grads()
+        self.zero_grad()
+        if pending is None:
             self._after_step(torch.empty(0, dtype=torch.int64))
             return 0
         rows_U, grad_UD = pending
         if grad_scale != 1.0:
             grad_UD = grad_UD * grad_scale
+        if clip != 1.0:
+            grad_UD = grad_UD * clip
         kernels.sparse_update_(
-            self.optimizer,
-            self.weight_VD,
-            self.state,
-            rows_U,
-            grad_UD,
-            lr=self.lr,
-            eps=self.eps,
-            betas=self.betas,
-            weight_decay=self.weight_decay,
-            backend=self.backend,
+            self.spec, self.weight_VD, self.state, rows_U, grad_UD, backend=self.backend
         )
         self.steps += 1
-        self.rows_touched_last_step = int(rows_U.numel())
         self._after_step(rows_U)
-        return self.rows_touched_last_step
+        return int(rows_U.numel())
 
     def _after_step(self, rows_U: torch.Tensor) -> None:
         """Hook for subclasses that track which rows changed (a row cache)."""
 
     def zero_grad(self) -> None:
         self._grads = []
+        self._merged = None
 
-    def to_slots(self, local_NK: torch.Tensor) -> torch.Tensor:
-        """Where rows sit in ``weight_VD``: the identity, every row is resident."""
+    def flush(self) -> None:
+        """Rows held elsewhere are written back (a row cache); resident rows: nothing."""
+
+    def to_slots(self, local_NK: torch.Tensor, *, pin: bool = False) -> torch.Tensor:
+        """Where rows sit in ``weight_VD``: the identity, every row is resident. ``pin``
+        keeps them there until the next step (a row cache's business)."""
         return local_NK
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {"weight": self.weight_VD}
-        out.update({f"state.{k}": v for k, v in self.state.items()})
-        out["steps"] = torch.tensor(self.steps)
+    def prefetch(self, rows_U: np.ndarray) -> int:
+        """Make rows resident ahead of a request; returns rows loaded (none here)."""
+        return 0
+
+    def state_names(self) -> list[str]:
+        return [f"state.{k}" for k in self.state]
+
+    def read_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows ``[start, stop)`` of this block and their optimizer state (CPU copies)."""
+        out = {"weight": self.weight_VD[start:stop].detach().cpu().clone()}
+        out.update({f"state.{k}": v[start:stop].cpu().clone() for k, v in self.state.items()})
         return out
 
-    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        expected = {"weight", "steps", *(f"state.{k}" for k in self.state)}
-        missing = sorted(expected - set(sd))
-        if missing:
-            raise CheckpointError(f"value table state is missing {missing}")
-        if tuple(sd["weight"].shape) != (self.num_rows, self.dim):
-            raise ShapeError(
-                f"value table weight has shape {tuple(sd['weight'].shape)}, "
-                f"expected ({self.num_rows}, {self.dim})"
-            )
-        self.weight_VD.copy_(sd["weight"])
-        for k in self.state:
-            self.state[k].copy_(sd[f"state.{k}"])
-        self.steps = int(sd["steps"])
+    def write_rows(self, start: int, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite rows ``[start, start + R)`` with ``state``; pending gradients go."""
+        stop = start + check_rows_state(state, self.dim, self.state_names())
+        self.zero_grad()
+        self.weight_VD[start:stop] = state["weight"].to(self.weight_VD)
+        for k, v in self.state.items():
+            v[start:stop] = state[f"state.{k}"].to(v)
 
 
-class LocalTable(SparseRows):
-    """A value table held whole in this process."""
+def check_rows_state(state: dict[str, torch.Tensor], dim: int, names: list[str]) -> int:
+    """Rows in ``state`` after checking it holds the weight and every state array."""
+    missing = sorted({"weight", *names} - set(state))
+    if missing:
+        raise ShapeError(f"row state is missing {missing}")
+    weight = state["weight"]
+    if weight.ndim != 2 or weight.shape[1] != dim:
+        raise ShapeError(f"row state weight has shape {tuple(weight.shape)}, expected (R, {dim})")
+    rows = weight.shape[0]
+    bad = [n for n in names if state[n].shape[0] != rows]
+    if bad:
+        raise ShapeError(f"row state arrays {bad} do not have the weight's {rows} rows")
+    return rows
+
+
+class LocalTable(ValueTable):
+    """A value table whose rows are in this process: ``SparseRows`` in memory (the
+    default), or any other block of rows such as a zarr region behind a row cache
+    (``LocalTable.over``)."""
 
     def __init__(
         self,
         num_rows: int,
         dim: int,
+        spec: OptimizerSpec | None = None,
         *,
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        eps: float = 1e-8,
-        betas: tuple[float, float] = (0.9, 0.999),
         backend: str = "auto",
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -201,17 +221,91 @@ class LocalTable(SparseRows):
     ) -> None:
         if num_rows < 1 or dim < 1:
             raise ConfigError(f"value table of {num_rows} rows x {dim} columns must be non-empty")
-        super().__init__(
-            init_values(0, num_rows, dim, seed, dtype=dtype, device=device),
-            optimizer=optimizer, lr=lr, weight_decay=weight_decay, eps=eps, betas=betas,
-            backend=backend,
-        )  # fmt: skip
+        weight_VD = init_values(0, num_rows, dim, seed, dtype=dtype, device=device)
+        self._use(SparseRows(weight_VD, spec or OptimizerSpec(), backend=backend))
 
-    def lookup(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> torch.Tensor:
-        """Pooled rows ``y_ND = sum_k scores_NK[:, k] * V[idx_NK[:, k]]``; grads go to scores."""
-        sink = self.accumulate if torch.is_grad_enabled() else None
-        values = self.weight_VD
+    @classmethod
+    def over(cls, rows: SparseRows) -> LocalTable:
+        """A table over rows built elsewhere (e.g. ``CachedRows`` over a zarr region)."""
+        table = cls.__new__(cls)
+        table._use(rows)
+        return table
+
+    def _use(self, rows: SparseRows) -> None:
+        self.rows = rows
+        self.num_rows, self.dim = rows.region_rows, rows.dim
+        self._last = StepResult()
+
+    @property
+    def spec(self) -> OptimizerSpec:
+        return self.rows.spec
+
+    @property
+    def weight_VD(self) -> torch.Tensor:  # noqa: N802
+        """The rows in memory (all of them unless a row cache holds only some)."""
+        return self.rows.weight_VD
+
+    def lookup_async(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> ReadyLookup:
+        """Pooled rows ``y_ND = sum_k scores_NK[:, k] * V[idx_NK[:, k]]``; grads go to scores
+        through autograd and to the rows through this table's ``accumulate``."""
+        kernels.check_indices(idx_NK, self.num_rows)
+        sink = self.rows.accumulate if torch.is_grad_enabled() else None
+        values = self.rows.weight_VD
+        # Rows read under autograd stay resident until the step that their gradients feed.
+        slots_NK = self.rows.to_slots(idx_NK, pin=sink is not None)
         y_ND = kernels.weighted_embedding_bag(
-            values, idx_NK, scores_NK.to(values.dtype), sink, backend=self.backend
+            values, slots_NK, scores_NK.to(values.dtype), sink, backend=self.rows.backend
         )
-        return y_ND.to(scores_NK.dtype)
+        return ReadyLookup(y_ND.to(scores_NK.dtype))
+
+    def prefetch(self, idx_NK: torch.Tensor) -> None:
+        self.rows.prefetch(torch.unique(idx_NK.detach().cpu()).numpy())
+
+    def step(self, grad_scale: float = 1.0) -> StepResult:
+        grad_sq = self.rows.grad_sq(grad_scale)
+        rows = self.rows.step(grad_scale, clip_coef(grad_sq, self.rows.spec.grad_clip))
+        self._last = StepResult(rows, math.sqrt(grad_sq))
+        return self._last
+
+    def zero_grad(self) -> None:
+        self.rows.zero_grad()
+
+    def flush(self) -> None:
+        self.rows.flush()
+
+    @property
+    def last_step(self) -> StepResult:
+        return self._last
+
+    @property
+    def wait_seconds(self) -> float:
+        return 0.0
+
+    @property
+    def rows_prefetched(self) -> int:
+        return int(self.rows.counters["prefetched"])
+
+    def describe(self) -> str:
+        return f"local table of {self.num_rows} x {self.dim} in {self.rows.where}"
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [{"rows": self.num_rows, "steps": self.rows.steps, **self.rows.counters}]
+
+    def state_names(self) -> list[str]:
+        return self.rows.state_names()
+
+    def read_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        self.check_range(start, stop)
+        return self.rows.read_rows(start, stop)
+
+    def write_rows(self, start: int, state: dict[str, torch.Tensor]) -> None:
+        rows = check_rows_state(state, self.dim, self.state_names())
+        self.check_range(start, start + rows)
+        self.rows.write_rows(start, state)
+
+    @property
+    def steps(self) -> int:
+        return self.rows.steps
+
+    def set_steps(self, steps: int) -> None:
+        self.rows.steps = steps

@@ -1,4 +1,10 @@
-"""What travels between workers and shards: de-duplicated indices.
+"""What travels between workers and shards: typed requests and de-duplicated indices.
+
+Every request a worker (or the driver) sends a shard is a small dataclass below
+(``Lookup``, ``Backward``, ``GradNorm``, ``Step``, ``Prefetch`` and the state and
+control requests); every transport carries these, and ``ShardServer.handle``
+answers them, so no method names or tuples whose shape depends on the transport
+travel anywhere.
 
 A bag of N x K indices usually repeats rows (popular keys, several heads reading
 the same row). ``PackedIndices`` sends each distinct row once as int64 and one
@@ -32,3 +38,159 @@ class PackedIndices:
 
 def unpack(idx: torch.Tensor | PackedIndices) -> torch.Tensor:
     return idx.unpack() if isinstance(idx, PackedIndices) else idx
+
+
+# -- requests from workers to shards ---------------------------------------------------
+# Each request is a small dataclass; a shard server answers it in ``ShardServer.handle``.
+# ``ORDERED`` requests of one worker are served in the order it sent them (a hint before
+# the lookup it prepares); ``HOT`` ones are the per-step traffic, which the collective
+# transport carries as tensors (``to_tensors``/``from_tensors``), the rest go over Ray.
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Pooled rows of the shard's part for each bag -> ``y`` (payload dtype)."""
+
+    idx: torch.Tensor | PackedIndices
+    scores_NK: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class Backward:
+    """Output gradient (whole, or the shard's columns) -> partial ``dscores_NK``; the row
+    gradients stay on the shard for the step."""
+
+    idx: torch.Tensor | PackedIndices
+    scores_NK: torch.Tensor
+    dy: torch.Tensor
+    worker: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GradNorm:
+    """Barrier: once every worker asked, the squared norm of the shard's summed, scaled
+    gradient -> float (for clipping over the whole table before ``Step``)."""
+
+    grad_scale: float
+    worker: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """Barrier: once every worker's step arrived, apply the optimizer with the gradients
+    times ``grad_scale * clip`` -> ``StepReply``."""
+
+    grad_scale: float
+    worker: int = 0
+    clip: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class StepReply:
+    rows: int  # rows the shard updated
+    grad_sq: float  # squared norm of its scaled gradient, before clipping
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    """Rows (global, unique, 1-D) a coming lookup will read -> rows loaded from zarr."""
+
+    rows_U: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroGrad:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """Write cached rows back to the shard's store."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRows:
+    """The shard's part of global rows ``[start, stop)``: values and state (CPU) -> dict."""
+
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRows:
+    """Overwrite the shard's part of global rows ``[start, start + R)`` with ``state``
+    (already cut to the shard's columns)."""
+
+    start: int
+    state: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class SetSteps:
+    steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    pass
+
+
+Request = (
+    Lookup | Backward | GradNorm | Step | Prefetch | ZeroGrad | Flush | ReadRows | WriteRows
+    | SetSteps | Stats
+)  # fmt: skip
+ORDERED = (Lookup, Backward, Prefetch)
+HOT = (Lookup, Backward, GradNorm, Step, Prefetch)
+
+
+def to_tensors(req: Request) -> list[torch.Tensor]:
+    """A hot request's tensors for the collective transport (the worker travels apart)."""
+    match req:
+        case Lookup(idx, scores) | Backward(idx, scores):
+            parts = [idx.rows_U, idx.inverse_NK] if isinstance(idx, PackedIndices) else [idx]
+            packed = torch.tensor([len(parts)])
+            extra = [req.dy] if isinstance(req, Backward) else []
+            return [packed, *parts, scores, *extra]
+        case GradNorm(scale):
+            return [torch.tensor([scale], dtype=torch.float64)]
+        case Step(scale, _, clip):
+            return [torch.tensor([scale, clip], dtype=torch.float64)]
+        case Prefetch(rows):
+            return [rows]
+    raise TypeError(f"{type(req).__name__} does not travel as tensors")
+
+
+def from_tensors(kind: type, tensors: list[torch.Tensor], worker: int) -> Request:
+    """The request ``to_tensors`` encoded, with the sender's rank."""
+    if kind in (Lookup, Backward):
+        n = int(tensors[0])
+        idx = PackedIndices(tensors[1], tensors[2]) if n == 2 else tensors[1]
+        scores = tensors[1 + n]
+        if kind is Lookup:
+            return Lookup(idx, scores)
+        return Backward(idx, scores, tensors[2 + n], worker)
+    if kind is GradNorm:
+        return GradNorm(float(tensors[0][0]), worker)
+    if kind is Step:
+        return Step(float(tensors[0][0]), worker, float(tensors[0][1]))
+    if kind is Prefetch:
+        return Prefetch(tensors[0])
+    raise TypeError(f"{kind.__name__} does not travel as tensors")
+
+
+def reply_to_tensor(req: Request, reply: object) -> torch.Tensor:
+    if isinstance(reply, torch.Tensor):
+        return reply
+    if isinstance(reply, StepReply):
+        return torch.tensor([float(reply.rows), reply.grad_sq], dtype=torch.float64)
+    return torch.tensor([float(reply)], dtype=torch.float64)  # type: ignore[arg-type]
+
+
+def reply_from_tensor(req: Request, t: torch.Tensor) -> object:
+    if isinstance(req, Step):
+        return StepReply(int(t[0]), float(t[1]))
+    if isinstance(req, GradNorm):
+        return float(t[0])
+    if isinstance(req, Prefetch):
+        return int(t[0])
+    return t

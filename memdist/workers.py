@@ -27,6 +27,7 @@ from memdist.config import RunConfig
 from memdist.errors import WorkerError
 from memdist.runlog import RunReport
 from memdist.shards import ShardGroup, TablesSpec, connect_tables, ensure_ray
+from memdist.trainer import Trainer, WorkerContext
 
 
 def worker_gpus(cfg: RunConfig) -> float:
@@ -41,8 +42,6 @@ def worker_gpus(cfg: RunConfig) -> float:
 def _worker_loop(config: dict[str, Any]) -> None:
     """The function each Ray Train worker runs."""
     import ray.train
-
-    from memdist.train import WorkerContext, run_worker
 
     cfg: RunConfig = config["cfg"]
     spec: TablesSpec | None = config["spec"]
@@ -61,7 +60,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
          "pid": os.getpid(), "device": device}
     )  # fmt: skip
     remote = connect_tables(spec, ctx.rank) if spec is not None else None
-    out = run_worker(cfg, remote, records.put, ctx)
+    out = Trainer(cfg, remote, records.put, ctx).run()
     if out is not None:
         records.put({"kind": "result", "final": out.final, "state": out.state})
 

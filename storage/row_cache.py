@@ -17,13 +17,12 @@ Letters: C cache slots, D columns, U unique rows in a request.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import torch
 
 from memdist import kernels
 from memdist.errors import ShardError
+from memdist.kernels import OptimizerSpec
 from memdist.storage.zarr_region import ZarrRegion
 from memdist.values import SparseRows
 
@@ -38,26 +37,22 @@ def state_spec(optimizer: str, cols: int) -> dict[str, tuple[tuple[int, ...], st
 class CachedRows(SparseRows):
     """``SparseRows`` whose ``weight_VD`` and state hold cache slots, not region rows."""
 
+    where = "a zarr region behind a row cache"
+
     def __init__(
         self,
         store: ZarrRegion,
         cache_rows: int,
+        spec: OptimizerSpec,
         *,
-        optimizer: str = "adam",
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        eps: float = 1e-8,
-        betas: tuple[float, float] = (0.9, 0.999),
         backend: str = "auto",
         device: torch.device | str = "cpu",
     ) -> None:
         self.store = store
         self.capacity = min(cache_rows, store.rows)
         self.device = torch.device(device)
-        super().__init__(
-            torch.zeros(self.capacity, store.cols, device=self.device), optimizer=optimizer,
-            lr=lr, weight_decay=weight_decay, eps=eps, betas=betas, backend=backend,
-        )  # fmt: skip
+        weight_CD = torch.zeros(self.capacity, store.cols, device=self.device)
+        super().__init__(weight_CD, spec, backend=backend)
         self.slot_of = np.full(store.rows, -1, dtype=np.int64)  # region row -> slot
         self.row_of = np.full(self.capacity, -1, dtype=np.int64)  # slot -> region row
         self.dirty = np.zeros(self.capacity, dtype=bool)
@@ -65,7 +60,10 @@ class CachedRows(SparseRows):
         self.last_used = np.zeros(self.capacity, dtype=np.int64)
         self.prefetched = np.zeros(self.capacity, dtype=bool)  # loaded by a hint, not yet read
         self.clock = 0
-        self.counters: Counter[str] = Counter()
+
+    @property
+    def region_rows(self) -> int:
+        return self.store.rows
 
     # -- residency ---------------------------------------------------------------
     def _evict(self, slots: np.ndarray) -> None:
@@ -153,10 +151,13 @@ class CachedRows(SparseRows):
         self.counters["prefetch_skipped"] += int((~resident).sum()) - int(load_rows.size)
         return int(load_rows.size)
 
-    def to_slots(self, local_NK: torch.Tensor) -> torch.Tensor:
-        """Region-local row indices mapped to cache slots (same shape)."""
+    def to_slots(self, local_NK: torch.Tensor, *, pin: bool = False) -> torch.Tensor:
+        """Region-local row indices mapped to cache slots (same shape); ``pin`` keeps
+        them resident until the next step or ``zero_grad``."""
         rows_U, inverse = torch.unique(local_NK.cpu(), sorted=True, return_inverse=True)
         slots_U = self.resolve(rows_U.numpy())
+        if pin:
+            self.pinned[slots_U] = True
         return torch.from_numpy(slots_U)[inverse].to(local_NK.device)
 
     # -- gradients and steps run on slots; pinned slots stay until their step ---
@@ -185,11 +186,24 @@ class CachedRows(SparseRows):
             self.dirty[dirty] = False
         self.store.sync()
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole region (read from zarr after a flush): rows and optimizer state."""
+    def read_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Region rows ``[start, stop)`` and their state, read from zarr after a flush."""
         self.flush()
-        everything = self.store.read(np.arange(self.store.rows))
-        out = {"weight": torch.from_numpy(everything["values"])}
-        out.update({f"state.{k}": torch.from_numpy(everything[k]) for k in self.state})
-        out["steps"] = torch.tensor(self.steps)
+        data = self.store.read(np.arange(start, stop))
+        out = {"weight": torch.from_numpy(data["values"])}
+        out.update({f"state.{k}": torch.from_numpy(data[k]) for k in self.state})
         return out
+
+    def write_rows(self, start: int, state: dict[str, torch.Tensor]) -> None:
+        """Write region rows ``[start, start + R)`` to zarr; resident copies are dropped
+        (their pending gradients with them), so the next read loads the new rows."""
+        rows = np.arange(start, start + state["weight"].shape[0])
+        self.zero_grad()
+        slots = self.slot_of[rows]
+        slots = slots[slots >= 0]
+        self.dirty[slots] = False  # overwritten: nothing to write back
+        self._evict(slots)
+        data = {"values": state["weight"].cpu().numpy()}
+        data.update({k: state[f"state.{k}"].cpu().numpy() for k in self.state})
+        self.store.write(rows, data)
+        self.store.sync()

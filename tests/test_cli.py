@@ -156,7 +156,8 @@ def test_train_with_shards(tmp_path, transport):
     assert "row-wise plan of 256 x 32 over 2 shards" in result.stderr
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     (start,) = [r for r in records if r["kind"] == "start"]
-    assert start["shards"] == 2 and start["plans"] == ["row"]
+    assert start["shards"] == 2
+    assert [t.split(" over")[0] for t in start["tables"]] == ["row-wise plan of 256 x 32"]
     placed = [r["shard"] for r in records if r["kind"] == "placement"]
     assert placed == ([] if transport == "inprocess" else [0, 1])  # where each shard actor runs
     (shards,) = [r for r in records if r["kind"] == "shards"]  # their counters at the end
@@ -224,3 +225,42 @@ def test_train_joins_a_running_ray_cluster(tmp_path):
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         if current.is_file() and current.read_text().strip().endswith(f":{port}"):
             current.unlink()
+
+
+def used_run_folder(run: Path) -> dict[str, bytes]:
+    """A folder as an earlier run left it (written by hand: no training needed)."""
+    (run / "shards" / "table0").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: earlier\n")
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 99, "tokens": 99, "loss": 1.0}\n')
+    (run / "final.json").write_text('{"step": 99}\n')
+    return {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def test_train_refuses_a_run_folder_that_is_not_empty(tmp_path):
+    run = tmp_path / "run"
+    before = used_run_folder(run)
+    result = memdist("train", *TINY, "--run-dir", str(run), "--no-progress", cwd=tmp_path,
+                     check=False)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"run folder {str(run)!r} is not empty" in result.stderr
+    assert "--overwrite to empty this folder first" in result.stderr
+    after = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+@pytest.mark.slow
+def test_train_overwrite_empties_the_run_folder_first(tmp_path):
+    run = tmp_path / "run"
+    used_run_folder(run)
+    (tmp_path / "beside.txt").write_text("not in the run folder")
+    result = memdist(
+        "train", *TINY, "--set", "train.steps=2", "--set", "train.eval_every=0",
+        "--set", f"data.cache_dir={tmp_path / 'data'}", "--run-dir", str(run), "--overwrite",
+        "--no-progress", cwd=tmp_path,
+    )  # fmt: skip
+    assert last_json(result.stdout)["step"] == 2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2]
+    assert not (run / "shards").exists() and "name: small" in (run / "config.yaml").read_text()
+    assert json.loads((run / "final.json").read_text())["step"] == 2
+    assert (tmp_path / "beside.txt").is_file()

@@ -106,3 +106,62 @@ def test_workers_need_ray_shard_servers():
         load_config("small", ["cluster.workers=2", "shards.transport=inprocess"])
     assert load_config("dense", ["cluster.workers=2"]).cluster.workers == 2
     assert load_config("small", ["cluster.workers=2"]).cluster.workers == 2
+
+
+def test_cluster_address_needs_shard_servers_reachable_from_the_driver():
+    """With an address the run goes to Ray Train workers: a local table or in-process
+    shards would stay inside the worker and values.safetensors would come back empty."""
+    with pytest.raises(ConfigError) as info:
+        load_config("small", ["cluster.address=auto", "shards.count=0"])
+    assert "cluster.address='auto' needs value tables in shard servers" in str(info.value)
+    assert "shards.count=0" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            "small", ["cluster.address=auto", "shards.count=2", "shards.transport=inprocess"]
+        )
+    assert "shards.transport='inprocess'" in str(info.value)
+    assert "would not come back" in str(info.value)
+    for transport in ("ray", "collective"):
+        cfg = load_config(
+            "small", ["cluster.address=auto", "shards.count=2", f"shards.transport={transport}"]
+        )
+        assert cfg.cluster.address == "auto" and cfg.shards.transport == transport
+    assert load_config("dense", ["cluster.address=auto"]).model.memory is None
+
+
+def test_a_folder_or_file_named_like_a_named_config_does_not_shadow_it(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dense").mkdir()
+    cfg = load_config("dense")
+    assert cfg.name == "dense" and cfg.model.memory is None
+    note = capsys.readouterr().err
+    assert "'dense' is the named config; write ./dense to use the file" in note
+    assert len(note.strip().splitlines()) == 1
+    # A plain file without a suffix: the named config still wins, with the same note.
+    (tmp_path / "small").write_text("model: {dim: 64, n_heads: 2}\n")
+    assert load_config("small").model.dim == 128
+    assert "write ./small to use the file" in capsys.readouterr().err
+    assert load_config("./small").model.dim == 64
+    # No note when nothing in the working directory shares the name.
+    (tmp_path / "dense").rmdir()
+    load_config("dense")
+    assert capsys.readouterr().err == ""
+    # A name that is not a named config: the error lists the known ones and says how
+    # to use a file of that name.
+    (tmp_path / "mine").write_text("model: {dim: 64, n_heads: 2}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config("mine")
+    assert "unknown config 'mine'" in str(info.value) and "'dense'" in str(info.value)
+    assert "write ./mine to use it" in str(info.value)
+    assert load_config("./mine").model.dim == 64
+    with pytest.raises(ConfigError) as info:
+        load_config("nope")
+    assert "write ./" not in str(info.value)
+    # Paths (a separator or a YAML suffix) are paths, as before.
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ConfigError, match="'./d' is not a file"):
+        load_config("./d")
+    with pytest.raises(ConfigError, match="config file 'sub/missing' does not exist"):
+        load_config("sub/missing")

@@ -9,11 +9,17 @@ import torch
 
 from memdist import kernels
 from memdist.errors import ConfigError, DataError, IndexOutOfRangeError, ShapeError
-from memdist.kernels import reference
+from memdist.kernels import OptimizerSpec, reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
 OPTIMIZERS = ["sgd", "adagrad", "adam"]
+
+
+def update(optimizer, values, state, rows_U, grad_UD, *, backend="auto", **spec):
+    kernels.sparse_update_(
+        OptimizerSpec(optimizer, **spec), values, state, rows_U, grad_UD, backend=backend
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -34,8 +40,8 @@ def test_sparse_update_matches_reference(backend, optimizer, dtype):
         rows_U = torch.tensor(rows, device=DEVICE)
         grad_UD = torch.randn(len(rows), d, generator=g).to(DEVICE)
         kw = dict(lr=0.05, eps=1e-8, betas=(0.9, 0.99), weight_decay=0.1 * step)
-        kernels.sparse_update_(optimizer, values, state, rows_U, grad_UD, backend=backend, **kw)
-        reference.sparse_update_(optimizer, expect, state_ref, rows_U, grad_UD, **kw)
+        update(optimizer, values, state, rows_U, grad_UD, backend=backend, **kw)
+        reference.sparse_update_(OptimizerSpec(optimizer, **kw), expect, state_ref, rows_U, grad_UD)
     # bf16 rows are rounded after every step; one rounding step apart is fine.
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(values.float(), expect.float(), **tol)
@@ -63,7 +69,7 @@ def test_first_step_closed_forms(backend):
     ]:
         values = torch.ones(5, 3, device=DEVICE)
         state = kernels.init_optimizer_state(optimizer, 5, 3, DEVICE)
-        kernels.sparse_update_(optimizer, values, state, rows_U, g_UD, lr=0.1, backend=backend)
+        update(optimizer, values, state, rows_U, g_UD, lr=0.1, backend=backend)
         torch.testing.assert_close(values[rows_U], 1 - step_UD, rtol=1e-5, atol=1e-5)
         assert torch.equal(values[[0, 2, 4]], torch.ones(3, 3, device=DEVICE))
 
@@ -76,7 +82,7 @@ def test_bf16_rows_round_to_nearest_even_like_torch(backend):
     )
     values = torch.zeros(2, x_D.numel(), dtype=torch.bfloat16, device=DEVICE)
     rows_U = torch.tensor([1], device=DEVICE)
-    kernels.sparse_update_("sgd", values, {}, rows_U, -x_D.view(1, -1).to(DEVICE), lr=1.0,
+    update("sgd", values, {}, rows_U, -x_D.view(1, -1).to(DEVICE), lr=1.0,
                            backend=backend)  # fmt: skip
     assert torch.equal(values[1].cpu(), x_D.bfloat16())
 
@@ -86,9 +92,7 @@ def test_weight_decay_shrinks_touched_rows_only(backend):
     values = torch.ones(4, 5, device=DEVICE)
     rows_U = torch.tensor([2], device=DEVICE)
     zero_UD = torch.zeros(1, 5, device=DEVICE)
-    kernels.sparse_update_(
-        "sgd", values, {}, rows_U, zero_UD, lr=0.5, weight_decay=0.1, backend=backend
-    )
+    update("sgd", values, {}, rows_U, zero_UD, lr=0.5, weight_decay=0.1, backend=backend)
     assert torch.allclose(values[2], torch.full((5,), 0.95, device=DEVICE))
     assert torch.equal(values[[0, 1, 3]], torch.ones(3, 5, device=DEVICE))
 
@@ -96,7 +100,7 @@ def test_weight_decay_shrinks_touched_rows_only(backend):
 def test_torch_path_updates_a_column_slice_in_place():
     wide = torch.zeros(6, 10, device=DEVICE)
     values = wide[:, 2:5]
-    kernels.sparse_update_(
+    update(
         "sgd", values, {}, torch.tensor([1], device=DEVICE), torch.ones(1, 3, device=DEVICE),
         lr=1.0, backend="torch",
     )  # fmt: skip
@@ -107,7 +111,7 @@ def test_torch_path_updates_a_column_slice_in_place():
 def test_triton_update_refuses_a_table_it_cannot_write_in_place():
     values = torch.zeros(3, 6, device=DEVICE).t()  # column stride 6
     with pytest.raises(ShapeError, match="column stride 6 cannot be updated in place"):
-        kernels.sparse_update_(
+        update(
             "sgd", values, {}, torch.tensor([0], device=DEVICE), torch.ones(1, 3, device=DEVICE),
             lr=1.0, backend="triton",
         )  # fmt: skip
@@ -119,9 +123,7 @@ def test_no_rows_is_a_no_op(backend):
     before = values.clone()
     state = kernels.init_optimizer_state("adam", 4, 3, DEVICE)
     rows_U = torch.zeros(0, dtype=torch.long, device=DEVICE)
-    kernels.sparse_update_(
-        "adam", values, state, rows_U, torch.zeros(0, 3, device=DEVICE), lr=1.0, backend=backend
-    )
+    update("adam", values, state, rows_U, torch.zeros(0, 3, device=DEVICE), lr=1.0, backend=backend)
     assert torch.equal(values, before) and not state["step"].any()
 
 
@@ -144,25 +146,25 @@ def test_update_errors_name_the_value_and_the_rule():
     with pytest.raises(ConfigError, match=r"'rmsprop' must be one of \('sgd', 'adagrad', 'adam'\)"):
         kernels.init_optimizer_state("rmsprop", 10, 4)
     with pytest.raises(ConfigError, match="'rmsprop' must be one of"):
-        kernels.sparse_update_("rmsprop", values, {}, rows, grad, lr=1.0)
+        update("rmsprop", values, {}, rows, grad, lr=1.0)
     with pytest.raises(ConfigError, match=r"backend='gpu' must be one of"):
-        kernels.sparse_update_("sgd", values, {}, rows, grad, lr=1.0, backend="gpu")
+        update("sgd", values, {}, rows, grad, lr=1.0, backend="gpu")
     with pytest.raises(ShapeError, match=r"gradient shape \(1, 4\) must be \(2, 4\)"):
-        kernels.sparse_update_("sgd", values, {}, rows, torch.zeros(1, 4), lr=1.0)
+        update("sgd", values, {}, rows, torch.zeros(1, 4), lr=1.0)
     with pytest.raises(IndexOutOfRangeError, match=r"index 12 at position \(1,\) .* 10 rows"):
-        kernels.sparse_update_("sgd", values, {}, torch.tensor([1, 12]), grad, lr=1.0)
+        update("sgd", values, {}, torch.tensor([1, 12]), grad, lr=1.0)
     with pytest.raises(DataError, match="row 2 appears 2 times"):
-        kernels.sparse_update_("sgd", values, {}, torch.tensor([2, 1, 2]), torch.zeros(3, 4), lr=1)
+        update("sgd", values, {}, torch.tensor([2, 1, 2]), torch.zeros(3, 4), lr=1)
     with pytest.raises(ConfigError, match=r"lacks \['exp_avg_sq', 'step'\]"):
-        kernels.sparse_update_("adam", values, {"exp_avg": adam["exp_avg"]}, rows, grad, lr=1.0)
+        update("adam", values, {"exp_avg": adam["exp_avg"]}, rows, grad, lr=1.0)
     with pytest.raises(ShapeError, match=r"state 'sum_sq' is torch.float32 \(9,\)"):
-        kernels.sparse_update_("adagrad", values, {"sum_sq": torch.zeros(9)}, rows, grad, lr=1.0)
+        update("adagrad", values, {"sum_sq": torch.zeros(9)}, rows, grad, lr=1.0)
     with pytest.raises(ConfigError, match="lr=-0.1 must be >= 0"):
-        kernels.sparse_update_("sgd", values, {}, rows, grad, lr=-0.1)
+        update("sgd", values, {}, rows, grad, lr=-0.1)
     with pytest.raises(ConfigError, match=r"betas=\(0.9, 1.0\) must be two numbers in \[0, 1\)"):
-        kernels.sparse_update_("adam", values, adam, rows, grad, lr=0.1, betas=(0.9, 1.0))
+        update("adam", values, adam, rows, grad, lr=0.1, betas=(0.9, 1.0))
     with pytest.raises(ConfigError, match="eps=0.0 must be > 0 for adagrad"):
-        kernels.sparse_update_(
+        update(
             "adagrad", values, kernels.init_optimizer_state("adagrad", 10, 4), rows, grad,
             lr=0.1, eps=0.0,
         )  # fmt: skip

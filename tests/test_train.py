@@ -8,7 +8,7 @@ import pytest
 
 from memdist.config import load_config
 from memdist.data.prepare import prepare_data
-from memdist.errors import DataError
+from memdist.errors import CheckpointError, DataError
 from memdist.train import train
 
 TINY = [
@@ -102,3 +102,29 @@ def test_prefetch_in_the_loop_changes_no_loss(tmp_path):
     stats = [s for r in records if r["kind"] == "shards" for s in r["stats"]]
     assert all(s["cached"] for s in stats)
     assert sum(s["prefetch_hits"] for s in stats) > 0
+
+
+def test_a_run_folder_holds_one_run_unless_overwritten(tmp_path):
+    """A second run into the same folder is refused before anything starts or is written;
+    ``overwrite=True`` empties the folder first, so it holds only the second run."""
+    cache = f"data.cache_dir={tmp_path / 'data'}"
+    run = tmp_path / "run"
+    run.mkdir()  # an existing, empty folder is fine
+    first = load_config("small", [*TINY, cache, "train.steps=2"])
+    train(first, run, progress=False)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert "metrics.jsonl" in before
+    second = load_config("small", [*TINY, cache, "train.steps=3", "shards.count=2",
+                                    "shards.transport=inprocess"])  # fmt: skip
+    with pytest.raises(CheckpointError) as info:
+        train(second, run, progress=False)
+    assert repr(str(run)) in str(info.value) and "--overwrite" in str(info.value)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # untouched, no shards/
+    (run / "notes.txt").write_text("left over from the first run")
+    result = train(second, run, progress=False, overwrite=True)
+    assert result["step"] == 3 and not (run / "notes.txt").exists()
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    assert [r["shards"] for r in records if r["kind"] == "start"] == [2]
+    assert json.loads((run / "final.json").read_text())["step"] == 3
+    assert (tmp_path / "data").is_dir()  # only the run folder's contents were removed

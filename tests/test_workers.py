@@ -36,10 +36,14 @@ def ray_local():
 
 
 def cfg_of(*extra):
+    """The debug model; both Adams get an eps well above roundoff (see ``tiny`` in
+    test_sharded.py): with eps=1e-8 they turn the workers' other summation order into
+    differences of a good share of the tolerance, differently on every CPU."""
     return load_config("small", [
         "model.dim=32", "model.n_heads=2", "model.n_layers=2", "model.memory.layers=[1]",
         "model.memory.n_keys=16", "model.memory.knn=4", "model.memory.k_dim=16",
-        "model.memory.value_lr=0.01", "data.n_people=20", "data.seq_len=16",
+        "model.memory.value_lr=0.01", "model.memory.value_eps=1e-4", "optim.eps=1e-6",
+        "data.n_people=20", "data.seq_len=16",
         "optim.warmup_steps=2", f"train.steps={STEPS}", "train.log_every=1", "eval.max_qa=6",
         "eval.max_new_tokens=3", "eval.ppl_batches=1", "eval.batch_size=4", "train.threads=1",
         *extra,
@@ -100,6 +104,33 @@ def test_two_workers_two_shards_match_one_process(ray_local, reference, tmp_path
     assert final["key_usage"] == pytest.approx(ref_final["key_usage"], rel=1e-6)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= r["memory_wait_share"] <= 1 for r in records if r["kind"] == "train")
+
+
+@pytest.mark.slow
+def test_value_grad_clip_is_exact_across_workers_and_shards(ray_local, reference, tmp_path):
+    """The values' gradient norm is over the whole table: two workers' gradients summed,
+    both row shards' parts added, then one factor for all. It must clip (the norm logged
+    by the unclipped run is above it at every step) and train what one process trains."""
+    ref_losses, _, ref_values, _ = reference
+    clip = "model.memory.value_grad_clip=2e-4"
+    one = tmp_path / "one"
+    train(cfg_of("shards.count=0", "data.batch_size=8", clip), one, progress=False)
+    clip_losses, _, clip_values, _ = outcome(one)
+    records = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["value_grad_norm"] for r in records if r["kind"] == "train"]
+    assert len(norms) == STEPS and min(norms) > 2e-4  # every step was clipped
+    assert clip_losses != ref_losses  # and clipping changed the training
+    two = tmp_path / "two"
+    cfg = cfg_of("cluster.workers=2", "shards.count=2", "shards.plan=row", "data.batch_size=4",
+                 "train.zero_stage=2", clip)  # fmt: skip
+    train(cfg, two, progress=False)
+    losses, _, values, _ = outcome(two)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(clip_losses), rtol=1e-4, atol=0)
+    for key in clip_values:
+        torch.testing.assert_close(values[key], clip_values[key], rtol=1e-4, atol=1e-6)
+    records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    two_norms = [r["value_grad_norm"] for r in records if r["kind"] == "train"]
+    torch.testing.assert_close(torch.tensor(two_norms), torch.tensor(norms), rtol=1e-3, atol=0)
 
 
 @pytest.mark.slow

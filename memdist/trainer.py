@@ -1,0 +1,309 @@
+"""One worker's training: data, model, DeepSpeed engine, sparse value steps, logs, eval.
+
+``Trainer(cfg, remote, sink, ctx).run()`` is the same code whether it runs in the
+driver's process or as one of several Ray Train workers (``memdist.workers``). It
+hands records (header, train, eval, messages) to a sink; the process that owns the
+run folder (``memdist.runlog.RunReport``) logs them and draws the progress bar.
+
+The run has fixed phases, each a method, so later features have one place to hook:
+``_setup`` (build everything), ``_restore`` (state to start from, before the first
+step), ``_train_step`` / ``_after_step`` (logging, evaluation, and where a
+checkpoint is taken), ``_finish`` (flush the tables, final eval, the result), and
+``_on_failure`` (what a failed run leaves behind).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from memdist import checkpoint
+from memdist.assembly import (
+    build_model,
+    deepspeed_config,
+    make_engine,
+    resolve_runtime,
+    unique_tables,
+)
+from memdist.config import RunConfig
+from memdist.data.prepare import EvalSets, prepare_data
+from memdist.evaluate import all_sum, evaluate
+from memdist.model import Transformer, flops_per_token
+from memdist.runlog import Sink
+from memdist.step import train_step
+from memdist.table import ValueTable
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerContext:
+    """Which data-parallel worker this process is (rank 0 of 1 when training alone)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(slots=True)
+class WorkerResult:
+    """What the lead worker hands back: final metrics and the backbone's whole state."""
+
+    final: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    tables: list[ValueTable]
+
+
+def run_eval(cfg: RunConfig, model, evals: EvalSets, ctx: WorkerContext) -> dict[str, Any]:
+    """Every worker evaluates its slice; torchmetrics combines the slices' results."""
+    return evaluate(
+        model,
+        evals.qa,
+        evals.ppl_texts,
+        max_qa=cfg.eval.max_qa,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        rank=ctx.rank,
+        world=ctx.world,
+    )
+
+
+def global_batch_slices(stream, ctx: WorkerContext, batch_size: int):
+    """This worker's rows of each global batch: every worker reads the same stream of
+    ``world x batch_size`` rows, so a run is the same training for any worker count."""
+    lo, hi = ctx.rank * batch_size, (ctx.rank + 1) * batch_size
+    for inputs_BT, targets_BT in stream:
+        yield inputs_BT[lo:hi], targets_BT[lo:hi]
+
+
+def prefetch_hint(model: Transformer):
+    """A ``train_step`` hint: the rows the first memory layer will read for the coming
+    inputs, sent to its table ahead of the lookup (``shards.prefetch``)."""
+
+    def hint(inputs_BT: torch.Tensor) -> None:
+        found = model.first_memory_rows(inputs_BT)
+        if found is not None:
+            found[0].table.prefetch(found[1])
+
+    return hint
+
+
+@dataclass(slots=True)
+class _Window:
+    """Steps since the last train record."""
+
+    loss: float = 0.0
+    seconds: float = 0.0
+    steps: int = 0
+
+
+class Trainer:
+    """One worker's loop; the lead worker (rank 0) reports and returns the result.
+
+    ``remote`` are this worker's remote tables, one per memory layer (None: local
+    tables built here). ``sink(record)`` is called on the lead worker only.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, remote: Sequence[ValueTable] | None, sink: Sink,
+        ctx: WorkerContext = WorkerContext(),
+    ) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.remote = remote
+        self.ctx = ctx
+        self.emit: Sink = sink if ctx.lead else (lambda record: None)
+        self.step = 0
+        self.tokens = 0
+        self.last_loss = float("nan")
+        self.train_seconds = 0.0
+
+    # -- phases ----------------------------------------------------------------------
+    def run(self) -> WorkerResult | None:
+        self.t_start = time.perf_counter()
+        self._setup()
+        try:
+            self._restore()
+            self._loop()
+        except BaseException as exc:
+            self._on_failure(exc)
+            raise
+        return self._finish()
+
+    def _setup(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.rt = resolve_runtime(cfg)
+        b = cfg.data.batch_size
+        global_cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(cfg.data, batch_size=b * ctx.world)
+        )
+        stream, self.evals = prepare_data(global_cfg)
+        self.batches = global_batch_slices(stream, ctx, b)
+        model, tables = build_model(cfg, self.rt.device, self.remote)
+        self.tables: list[ValueTable] = unique_tables(tables)
+        self.flops = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.n_dense = sum(p.numel() for p in model.parameters())
+        self.n_values = sum(t.num_rows * t.dim for t in self.tables)
+        self.engine = make_engine(cfg, model, self.rt)
+        self.tokens_per_step = b * ctx.world * cfg.data.seq_len * cfg.train.grad_accum
+        self.hint = prefetch_hint(self.engine.module) if cfg.shards.prefetch else None
+        self.emit({
+            "kind": "start",
+            "config": cfg.name,
+            "device": str(self.rt.device),
+            "dtype": str(self.rt.dtype),
+            "dense_params": self.n_dense,
+            "value_params": self.n_values,
+            "flops_per_token": self.flops["forward"],
+            "train_flops_per_token": self.flops["train"],
+            "shards": cfg.shards.count,
+            "workers": ctx.world,
+            "zero_stage": self.engine.zero_optimization_stage(),
+            "tables": [t.describe() for t in self.tables],
+            "deepspeed_overrides": deepspeed_config(cfg, self.rt)[1],
+        })  # fmt: skip
+
+    def _restore(self) -> None:
+        """The state the first step starts from: a fresh run starts from the built model
+        and step 0; resuming from a checkpoint loads it here, before any batch is read."""
+
+    def _take(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
+
+    def _loop(self) -> None:
+        cfg = self.cfg
+        deadline = self.t_start + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
+        self.window = _Window()
+        self.wait0 = self._waited()
+        upcoming = self._take()  # read one step ahead, so the next step's rows can be hinted
+        if self.hint is not None:
+            self.hint(upcoming[0][0].to(self.rt.device))
+        for step in range(self.step + 1, cfg.train.steps + 1):
+            micro, upcoming = upcoming, (self._take() if step < cfg.train.steps else [])
+            next_inputs = upcoming[0][0] if upcoming else None
+            out_of_time = self._train_step(step, micro, next_inputs, deadline)
+            self._after_step(step, out_of_time)
+            if out_of_time:
+                self.emit({
+                    "kind": "message",
+                    "text": f"stopping at step {step}: train.max_minutes={cfg.train.max_minutes} reached",
+                })  # fmt: skip
+                break
+
+    def _train_step(self, step: int, micro, next_inputs, deadline: float | None) -> bool:
+        """One optimizer step; returns whether the workers agreed to stop after it."""
+        t0 = time.perf_counter()
+        loss = train_step(
+            self.engine, self.tables, micro, self.rt.device, hint=self.hint,
+            next_inputs=next_inputs,
+        )  # fmt: skip
+        dt = time.perf_counter() - t0
+        out_of_time = deadline is not None and time.perf_counter() > deadline
+        # Workers agree on the mean loss and on stopping (the lead's clock decides).
+        agreed = torch.tensor([loss, float(out_of_time and self.ctx.lead)], dtype=torch.float64)
+        loss_sum, stop = all_sum(agreed, self.ctx.world).tolist()
+        self.step = step
+        self.last_loss = loss_sum / self.ctx.world
+        self.train_seconds += dt
+        self.tokens += self.tokens_per_step
+        w = self.window
+        w.loss, w.seconds, w.steps = w.loss + self.last_loss, w.seconds + dt, w.steps + 1
+        return bool(stop)
+
+    def _after_step(self, step: int, stopping: bool) -> None:
+        """Progress, the periodic train record and evaluation; a checkpoint goes here."""
+        cfg = self.cfg
+        self.emit({"kind": "tick", "step": step})
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps or stopping:
+            self.emit(self._train_record(step))
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+            result = run_eval(cfg, self._eval_model(), self.evals, self.ctx)
+            self.emit({"kind": "eval", "step": step, "tokens": self.tokens, **result})
+
+    def _waited(self) -> float:
+        return sum(t.wait_seconds for t in self.tables)
+
+    def _train_record(self, step: int) -> dict[str, Any]:
+        w = self.window
+        waited = self._waited()
+        rec = {
+            "kind": "train",
+            "step": step,
+            "tokens": self.tokens,
+            "loss": w.loss / w.steps,
+            "lr": self.engine.get_lr()[0],
+            "tokens_per_s": self.tokens_per_step * w.steps / w.seconds,
+            "rows_touched": sum(t.rows_touched_last_step for t in self.tables),
+            # The values' gradient norm (before clipping) of the last step, all tables.
+            "value_grad_norm": math.sqrt(sum(t.last_step.grad_norm**2 for t in self.tables)),
+        }
+        if self.remote is not None:  # the share of step time workers waited on shards
+            total = all_sum(
+                torch.tensor([waited - self.wait0], dtype=torch.float64), self.ctx.world
+            )
+            rec["memory_wait_share"] = float(total) / self.ctx.world / w.seconds
+        if self.hint is not None:  # rows this worker's hints had the shards read so far
+            rec["rows_prefetched"] = sum(t.rows_prefetched for t in self.tables)
+        self.wait0 = waited
+        self.window = _Window()
+        return rec
+
+    def _eval_model(self):
+        """The backbone to evaluate: the engine's own, or under ZeRO-3 with several
+        workers a whole copy (each worker decodes its own questions, so forwards are not
+        in step and ZeRO-3's parameter gathers would wait on each other)."""
+        engine = self.engine
+        if self.ctx.world == 1 or engine.zero_optimization_stage() != 3:
+            return engine.module
+        device = next(engine.module.parameters()).device
+        tables = [layer.table for layer in engine.module.memory_layers()]
+        copy = Transformer(self.cfg.model, tables).to(device)
+        copy.load_state_dict(checkpoint.full_state_dict(engine.module))
+        return copy
+
+    def _on_failure(self, exc: BaseException) -> None:
+        """A failed run stops here. Nothing half-applied is left to undo: a table applies
+        a step whole or not at all (the shards' barrier); recovering from the last
+        checkpoint will start from this point."""
+        self.emit({"kind": "message", "text": f"worker {self.ctx.rank} failed at step "
+                   f"{self.step + 1}: {type(exc).__name__}: {exc}"})  # fmt: skip
+
+    def _finish(self) -> WorkerResult | None:
+        cfg, ctx = self.cfg, self.ctx
+        for table in self.tables:
+            table.flush()
+        result = run_eval(cfg, self._eval_model(), self.evals, ctx)
+        self.emit({"kind": "eval", "step": self.step, "tokens": self.tokens, **result})
+        state = checkpoint.full_state_dict(self.engine.module)  # a collective under ZeRO-3
+        if not ctx.lead:
+            return None
+        final = {
+            "step": self.step,
+            "loss": self.last_loss,
+            "qa_em": result["qa_em"],
+            "qa_f1": result["qa_f1"],
+            "tokens_per_s": self.tokens / self.train_seconds if self.train_seconds else 0.0,
+            "ppl": result["ppl"],
+            "eval_loss": result["eval_loss"],
+            "tokens": self.tokens,
+            "config": cfg.name,
+            "flops_per_token": self.flops["forward"],
+            "dense_params": self.n_dense,
+            "value_params": self.n_values,
+            "workers": ctx.world,
+            "seconds": time.perf_counter() - self.t_start,
+        }
+        for key in ("key_usage", "key_kl"):
+            if key in result:
+                final[key] = result[key]
+        if self.evals.chance_em is not None:
+            final["qa_chance_em"] = self.evals.chance_em
+        return WorkerResult(final, state, self.tables)
