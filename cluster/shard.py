@@ -45,6 +45,7 @@ from memdist import kernels
 from memdist.cluster.plan import ShardRegion
 from memdist.errors import ConfigError, ShardError
 from memdist.kernels import OptimizerSpec
+from memdist.storage import table_store
 from memdist.storage.row_cache import CachedRows, state_spec
 from memdist.storage.zarr_region import ZarrRegion
 from memdist.values import SparseRows, init_values
@@ -52,11 +53,13 @@ from memdist.wire import (
     Backward,
     Flush,
     GradNorm,
+    LoadRegion,
     Lookup,
     PackedIndices,
     Prefetch,
     ReadRows,
     Request,
+    SaveRegion,
     SetSteps,
     Stats,
     Step,
@@ -97,6 +100,7 @@ class ShardServer:
         self._dropped = -1  # the last round dropped for inconsistent requests
         self._outcome: Any = None  # the last round's result, for every worker
         self.kind = kind
+        self.dim = dim  # the table's row width (a column region holds part of it)
         self.device = torch.device(device)
         self.rows: SparseRows
         if cache_rows is not None and cache_rows < region.rows:
@@ -147,6 +151,10 @@ class ShardServer:
                 return self.read_rows(start, stop)
             case WriteRows(start, state):
                 return self.write_rows(start, state)
+            case SaveRegion(target, prefix):
+                return self.save_region(target, prefix)
+            case LoadRegion(target, prefix, objects, num_rows):
+                return self.load_region(target, prefix, objects, num_rows)
             case SetSteps(steps):
                 with self._cond:
                     self.rows.steps = steps
@@ -328,6 +336,32 @@ class ShardServer:
         offset = lo + self.region.row_start - start
         with self._cond:
             self.rows.write_rows(lo, {k: v[offset : offset + hi - lo] for k, v in state.items()})
+
+    def _global_region(self) -> table_store.Region:
+        r = self.region
+        return table_store.Region(r.row_start, r.row_stop, r.col_start, r.col_stop)
+
+    def save_region(self, target: Any, prefix: str) -> table_store.Objects:
+        """Write this region (from memory or its zarr store) under ``prefix``; no step
+        runs meanwhile, so the region is that of one step."""
+        with self._cond:
+            self.rows.flush()
+            return table_store.save_region_to(
+                target, prefix, self.region.shard, self._global_region(), self.rows.read_rows
+            )
+
+    def load_region(
+        self, target: Any, prefix: str, objects: table_store.Objects, num_rows: int
+    ) -> None:
+        with self._cond:
+            attrs = table_store.load_region_from(
+                target, prefix, objects, self._global_region(), self._write_local,
+                num_rows=num_rows, dim=self.dim,
+            )  # fmt: skip
+            self.rows.steps = int(attrs["steps"])
+
+    def _write_local(self, lo: int, state: dict[str, torch.Tensor]) -> None:
+        self.rows.write_rows(lo, state)
 
     def stats(self) -> dict[str, Any]:
         r = self.region

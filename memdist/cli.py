@@ -3,6 +3,7 @@
 memdist train [CONFIG] [--set key=value ...] [--run-dir DIR [--overwrite]] [--shards M]
               [--workers N]
 memdist eval RUN_DIR
+memdist checkpoint ls|verify URI
 memdist configs
 """
 
@@ -92,10 +93,26 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="empty the run folder first if it holds an earlier run (only that folder's contents)",
     )
+    t.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        metavar="URI",
+        help="save checkpoints to this folder or s3://bucket/prefix (train.checkpoint.*)",
+    )
+    t.add_argument(
+        "--resume",
+        default=None,
+        metavar="URI",
+        help="continue from this checkpoint, or 'latest' in --checkpoint-dir",
+    )
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     e = sub.add_parser("eval", help="evaluate a finished run folder")
     e.add_argument("run_dir", type=Path)
     sub.add_parser("configs", help="list the named configs")
+    c = sub.add_parser("checkpoint", help="list or verify checkpoints")
+    c.add_argument("action", choices=["ls", "verify"])
+    c.add_argument("uri", help="a checkpoint folder (ls) or one checkpoint (verify)")
+    c.add_argument("--endpoint-url", default=None, help="an S3-compatible store's endpoint")
     return p
 
 
@@ -122,11 +139,15 @@ def main(argv: list[str] | None = None) -> int:
                 "cluster.workers": args.workers,
                 "cluster.address": args.address,
                 "train.deepspeed": args.deepspeed,
+                "train.checkpoint.dir": args.checkpoint_dir,
+                "train.checkpoint.resume": args.resume,
             }
             overrides = args.overrides + [f"{k}={v}" for k, v in flags.items() if v is not None]
             cfg = load_config(args.config, overrides)
             run_dir = args.run_dir or default_run_dir(cfg)
             result = train(cfg, run_dir, progress=not args.no_progress, overwrite=args.overwrite)
+        elif args.command == "checkpoint":
+            return checkpoint_command(args.action, args.uri, args.endpoint_url)
         else:
             from memdist.train import evaluate_run
 
@@ -136,6 +157,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(_json_safe(result)), flush=True)
     return 0
+
+
+def checkpoint_command(action: str, uri: str, endpoint_url: str | None) -> int:
+    """``ls``: one JSON line per checkpoint under ``uri``; ``verify``: every object of the
+    checkpoint at ``uri`` against its manifest, one line per problem, exit 1 if any."""
+    from memdist.storage import manifest as mf
+    from memdist.storage.targets import open_target
+
+    target = open_target(uri, endpoint_url=endpoint_url)
+    if action == "ls":
+        for info in mf.list_checkpoints(target):
+            print(json.dumps({"step": info.step, "uri": info.uri, "complete": info.complete,
+                              "bytes": info.total_bytes, "objects": info.objects}))  # fmt: skip
+        return 0
+    problems = mf.verify(target, mf.read_manifest(target))
+    for problem in problems:
+        print(problem)
+    print(json.dumps({"uri": target.uri, "ok": not problems, "problems": len(problems)}))
+    return 1 if problems else 0
 
 
 def _has_cuda() -> bool:

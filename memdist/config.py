@@ -108,6 +108,17 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """Where and how often a run saves checkpoints, and which one it resumes from."""
+
+    dir: str | None = None  # a folder or s3://bucket/prefix; null: no checkpoints
+    every: int = 0  # steps between saves; 0: only at the end (and on SIGTERM/SIGINT)
+    keep: int = 3  # complete checkpoints kept (the newest is never deleted)
+    endpoint_url: str | None = None  # an S3-compatible store's endpoint (s3:// only)
+    resume: str | None = None  # a checkpoint's URI, or "latest" (the newest in dir)
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainConfig:
     """The training loop: length, precision, DeepSpeed stage, logging cadence."""
 
@@ -122,6 +133,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0 = evaluate only at the end
     deepspeed: str | None = None  # the user's DeepSpeed JSON; memdist fills only what it must
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -482,6 +494,14 @@ def validate(cfg: RunConfig) -> None:
         t.device in ("auto", "cpu", "cuda"), f"train.device={t.device!r} must be auto, cpu or cuda"
     )
     _check(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1")
+    ck = t.checkpoint
+    _check(ck.every >= 0, f"train.checkpoint.every={ck.every} must be >= 0 (0: at the end only)")
+    _check(ck.keep >= 1, f"train.checkpoint.keep={ck.keep} must be >= 1")
+    _check(
+        ck.resume != "latest" or ck.dir is not None,
+        "train.checkpoint.resume='latest' needs train.checkpoint.dir (where to look)",
+    )
+
     _check(
         t.max_minutes is None or t.max_minutes > 0,
         f"train.max_minutes={t.max_minutes} must be > 0 or null",

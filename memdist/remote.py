@@ -32,7 +32,9 @@ import torch
 
 from memdist import kernels, wire
 from memdist.cluster.plan import ShardingPlan
+from memdist.errors import CheckpointError, ShardError
 from memdist.kernels import OptimizerSpec
+from memdist.storage import table_store
 from memdist.table import PendingLookup, StepResult, ValueTable
 from memdist.transport import Transport
 from memdist.values import check_rows_state, clip_coef
@@ -274,6 +276,29 @@ class RemoteTable(ValueTable):
                 for r in self.plan.regions
             ]
         self._call_all(reqs, "write_rows")
+
+    def save(self, target: Any, prefix: str) -> table_store.Objects:
+        """Every shard writes its own region, all at once; then the group's attributes."""
+        self.flush()
+        objects: table_store.Objects = {}
+        for part in self._each(wire.SaveRegion(target, prefix), "save"):
+            objects.update(part)
+        regions = [table_store.Region(r.row_start, r.row_stop, r.col_start, r.col_stop)
+                   for r in self.plan.regions]  # fmt: skip
+        objects.update(table_store.save_table_group(
+            target, prefix, num_rows=self.num_rows, dim=self.dim, plan=self.plan.kind,
+            regions=regions, meta={"optimizer": self.spec.name, "steps": self.steps},
+        ))  # fmt: skip
+        return objects
+
+    def load(self, target: Any, prefix: str, objects: table_store.Objects) -> None:
+        """Every shard reads what it holds from the regions that overlap it (any plan and
+        shard count at save time), all at once."""
+        self._settle()
+        try:
+            self._each(wire.LoadRegion(target, prefix, objects, self.num_rows), "load")
+        except ShardError as exc:  # a shard found the checkpoint wanting: say it is that
+            raise CheckpointError(f"loading {prefix!r} from {target.uri}: {exc}") from exc
 
     @property
     def steps(self) -> int:

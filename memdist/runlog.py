@@ -107,8 +107,8 @@ class RunReport:
     to ``metrics.jsonl`` and shown as a progress bar and lines on stderr.
 
     Record kinds: ``start`` (header), ``placement`` (where a worker or shard runs),
-    ``tick`` (a step finished; bar only), ``train``, ``eval``, ``message`` (a line for
-    the user; not logged).
+    ``tick`` (a step finished; bar only), ``train``, ``eval``, ``checkpoint`` (a save's
+    step and URI), ``message`` (a line for the user; not logged).
     """
 
     def __init__(
@@ -162,6 +162,8 @@ class RunReport:
             self.bar.set_postfix(
                 loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
             )
+        elif kind == "checkpoint":
+            self.message(f"checkpoint of step {record['step']} saved to {record['uri']}")
         elif kind == "eval":
             keys = ("step", "eval_loss", "qa_em", "qa_f1")
             self.message(json.dumps({k: record[k] for k in keys if k in record}))

@@ -140,6 +140,19 @@ class ValueTable(ABC):
     @abstractmethod
     def set_steps(self, steps: int) -> None: ...
 
+    # -- checkpoints ----------------------------------------------------------------------
+    @abstractmethod
+    def save(self, target: Any, prefix: str) -> dict[str, dict[str, Any]]:
+        """Write the table as a zarr group under ``prefix`` of ``target`` (a
+        ``memdist.storage.targets.CheckpointTarget``), each region by the process that
+        holds it; returns the objects written (key -> size and SHA-256)."""
+
+    @abstractmethod
+    def load(self, target: Any, prefix: str, objects: dict[str, dict[str, Any]]) -> None:
+        """Replace rows, optimizer state and step count with the table saved under
+        ``prefix`` (any plan and shard count), checking each object read against
+        ``objects`` before it is deserialised; pending gradients are dropped."""
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole table (small tables and tests only: a large one is moved by ranges)."""
         out = self.read_rows(0, self.num_rows)

@@ -8,15 +8,43 @@ stops what it started. ``evaluate_run`` re-evaluates a finished run folder.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from memdist import checkpoint
 from memdist.assembly import build_model, resolve_runtime, unique_tables
+from memdist.checkpointing import Checkpointer
 from memdist.config import RunConfig
 from memdist.data.prepare import prepare_data
 from memdist.runlog import RunReport, load_run_config, read_metrics
 from memdist.trainer import Trainer, WorkerContext, run_eval
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """SIGTERM (a spot instance's notice) or a first Ctrl-C sets the event: the run
+    stops after the current step and saves a checkpoint. A second Ctrl-C interrupts
+    at once. Outside the main thread, nothing is installed."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def uses_workers(cfg: RunConfig) -> bool:
@@ -35,6 +63,7 @@ def train(
     cluster address) the backbone trains in Ray Train workers; otherwise here.
     """
     run_dir = Path(run_dir)
+    Checkpointer(cfg).check()  # an unwritable checkpoint target fails now, not at step N
     report = RunReport(run_dir, cfg, progress=progress, overwrite=overwrite)
     group = None
     remote = None
@@ -54,7 +83,8 @@ def train(
 
             final, state, tables = train_with_workers(cfg, report, group)
         else:
-            out = Trainer(cfg, remote, report.handle).run()
+            with stop_on_signals() as stop:
+                out = Trainer(cfg, remote, report.handle, stop_requested=stop.is_set).run()
             assert out is not None  # the only worker leads
             final, state, tables = out.final, out.state, out.tables
         checkpoint.save_weights(run_dir, state, tables)

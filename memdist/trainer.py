@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from memdist.assembly import (
     resolve_runtime,
     unique_tables,
 )
+from memdist.checkpointing import Checkpointer
 from memdist.config import RunConfig
 from memdist.data.prepare import EvalSets, prepare_data
 from memdist.evaluate import all_sum, evaluate
@@ -113,11 +114,16 @@ class Trainer:
 
     def __init__(
         self, cfg: RunConfig, remote: Sequence[ValueTable] | None, sink: Sink,
-        ctx: WorkerContext = WorkerContext(),
+        ctx: WorkerContext = WorkerContext(), *, stop_requested: Callable[[], bool] = bool,
     ) -> None:  # fmt: skip
+        """``stop_requested()`` true (a SIGTERM or Ctrl-C in the driver) ends the run after
+        the current step, with a checkpoint when checkpoints are on."""
         self.cfg = cfg
         self.remote = remote
         self.ctx = ctx
+        self.stop_requested = stop_requested
+        self.checkpointer = Checkpointer(cfg, ctx.rank, ctx.world)
+        self.saved_step = -1
         self.emit: Sink = sink if ctx.lead else (lambda record: None)
         self.step = 0
         self.tokens = 0
@@ -173,7 +179,25 @@ class Trainer:
 
     def _restore(self) -> None:
         """The state the first step starts from: a fresh run starts from the built model
-        and step 0; resuming from a checkpoint loads it here, before any batch is read."""
+        and step 0; resuming loads the checkpoint here, before any batch is read, and
+        skips the batches the saved steps consumed (the data stream is deterministic)."""
+        where = self.cfg.train.checkpoint.resume
+        if where is None:
+            return
+        state = self.checkpointer.restore(where, self.engine, self.tables)
+        self.step = self.saved_step = int(state["step"])
+        self.tokens = int(state["tokens"])
+        self.train_seconds = float(state["train_seconds"])
+        for _ in range(self.step * self.cfg.train.grad_accum):
+            next(self.batches)
+        self.emit({"kind": "message", "text": f"resumed from {state['uri']} at step {self.step}"})
+
+    def _save(self) -> None:
+        """A checkpoint of the step just finished (every worker takes part)."""
+        state = {"tokens": self.tokens, "train_seconds": self.train_seconds}
+        uri = self.checkpointer.save(self.step, self.engine, self.tables, state)
+        self.saved_step = self.step
+        self.emit({"kind": "checkpoint", "step": self.step, "uri": uri})
 
     def _take(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [next(self.batches) for _ in range(self.cfg.train.grad_accum)]
@@ -189,17 +213,14 @@ class Trainer:
         for step in range(self.step + 1, cfg.train.steps + 1):
             micro, upcoming = upcoming, (self._take() if step < cfg.train.steps else [])
             next_inputs = upcoming[0][0] if upcoming else None
-            out_of_time = self._train_step(step, micro, next_inputs, deadline)
-            self._after_step(step, out_of_time)
-            if out_of_time:
-                self.emit({
-                    "kind": "message",
-                    "text": f"stopping at step {step}: train.max_minutes={cfg.train.max_minutes} reached",
-                })  # fmt: skip
+            stop = self._train_step(step, micro, next_inputs, deadline)
+            self._after_step(step, stop is not None)
+            if stop is not None:
+                self.emit({"kind": "message", "text": f"stopping at step {step}: {stop}"})
                 break
 
-    def _train_step(self, step: int, micro, next_inputs, deadline: float | None) -> bool:
-        """One optimizer step; returns whether the workers agreed to stop after it."""
+    def _train_step(self, step: int, micro, next_inputs, deadline: float | None) -> str | None:
+        """One optimizer step; returns why the workers agreed to stop after it, or None."""
         t0 = time.perf_counter()
         loss = train_step(
             self.engine, self.tables, micro, self.rt.device, hint=self.hint,
@@ -208,15 +229,23 @@ class Trainer:
         dt = time.perf_counter() - t0
         out_of_time = deadline is not None and time.perf_counter() > deadline
         # Workers agree on the mean loss and on stopping (the lead's clock decides).
-        agreed = torch.tensor([loss, float(out_of_time and self.ctx.lead)], dtype=torch.float64)
-        loss_sum, stop = all_sum(agreed, self.ctx.world).tolist()
+        lead = self.ctx.lead
+        agreed = torch.tensor(
+            [loss, float(out_of_time and lead), float(self.stop_requested() and lead)],
+            dtype=torch.float64,
+        )
+        loss_sum, timed_out, interrupted = all_sum(agreed, self.ctx.world).tolist()
         self.step = step
         self.last_loss = loss_sum / self.ctx.world
         self.train_seconds += dt
         self.tokens += self.tokens_per_step
         w = self.window
         w.loss, w.seconds, w.steps = w.loss + self.last_loss, w.seconds + dt, w.steps + 1
-        return bool(stop)
+        if interrupted:
+            return "interrupted (SIGTERM or Ctrl-C)"
+        if timed_out:
+            return f"train.max_minutes={self.cfg.train.max_minutes} reached"
+        return None
 
     def _after_step(self, step: int, stopping: bool) -> None:
         """Progress, the periodic train record and evaluation; a checkpoint goes here."""
@@ -224,6 +253,9 @@ class Trainer:
         self.emit({"kind": "tick", "step": step})
         if step % cfg.train.log_every == 0 or step == cfg.train.steps or stopping:
             self.emit(self._train_record(step))
+        every = cfg.train.checkpoint.every
+        if self.checkpointer.enabled and every and step % every == 0 and step < cfg.train.steps:
+            self._save()
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             result = run_eval(cfg, self._eval_model(), self.evals, self.ctx)
             self.emit({"kind": "eval", "step": step, "tokens": self.tokens, **result})
@@ -280,6 +312,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         for table in self.tables:
             table.flush()
+        if self.checkpointer.enabled and self.saved_step != self.step:
+            self._save()
         result = run_eval(cfg, self._eval_model(), self.evals, ctx)
         self.emit({"kind": "eval", "step": self.step, "tokens": self.tokens, **result})
         state = checkpoint.full_state_dict(self.engine.module)  # a collective under ZeRO-3

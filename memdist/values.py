@@ -23,6 +23,7 @@ import torch
 from memdist import kernels
 from memdist.errors import ConfigError, ShapeError
 from memdist.kernels import OptimizerSpec
+from memdist.storage import table_store
 from memdist.table import ReadyLookup, StepResult, ValueTable
 
 INIT_BLOCK_ROWS = 4096
@@ -309,3 +310,23 @@ class LocalTable(ValueTable):
 
     def set_steps(self, steps: int) -> None:
         self.rows.steps = steps
+
+    def save(self, target: Any, prefix: str) -> table_store.Objects:
+        """This process holds every row: it writes the one region itself."""
+        self.flush()
+        region = table_store.Region(0, self.num_rows, 0, self.dim)
+        objects = table_store.save_region_to(target, prefix, 0, region, self.rows.read_rows)
+        objects.update(table_store.save_table_group(
+            target, prefix, num_rows=self.num_rows, dim=self.dim, plan="local",
+            regions=[region], meta={"optimizer": self.spec.name, "steps": self.steps},
+        ))  # fmt: skip
+        return objects
+
+    def load(self, target: Any, prefix: str, objects: table_store.Objects) -> None:
+        self.zero_grad()
+        region = table_store.Region(0, self.num_rows, 0, self.dim)
+        attrs = table_store.load_region_from(
+            target, prefix, objects, region, self.rows.write_rows, num_rows=self.num_rows,
+            dim=self.dim,
+        )  # fmt: skip
+        self.set_steps(int(attrs["steps"]))

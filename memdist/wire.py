@@ -14,6 +14,7 @@ int32 position per entry, instead of N x K int64 indices.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -126,6 +127,26 @@ class WriteRows:
 
 
 @dataclass(frozen=True, slots=True)
+class SaveRegion:
+    """Write the shard's region as ``region{shard}`` of the table group under ``prefix``
+    of ``target`` (a checkpoint target) -> the objects written (key -> size, SHA-256)."""
+
+    target: Any
+    prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoadRegion:
+    """Fill the shard's region from the table saved under ``prefix`` of ``target``,
+    checking every object read against ``objects`` first -> the table group's attrs."""
+
+    target: Any
+    prefix: str
+    objects: dict[str, dict[str, Any]]
+    num_rows: int  # the table's, checked against the saved one
+
+
+@dataclass(frozen=True, slots=True)
 class SetSteps:
     steps: int
 
@@ -137,7 +158,7 @@ class Stats:
 
 Request = (
     Lookup | Backward | GradNorm | Step | Prefetch | ZeroGrad | Flush | ReadRows | WriteRows
-    | SetSteps | Stats
+    | SaveRegion | LoadRegion | SetSteps | Stats
 )  # fmt: skip
 ORDERED = (Lookup, Backward, Prefetch)
 HOT = (Lookup, Backward, GradNorm, Step, Prefetch)
