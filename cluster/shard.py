@@ -337,17 +337,13 @@ class ShardServer:
         with self._cond:
             self.rows.write_rows(lo, {k: v[offset : offset + hi - lo] for k, v in state.items()})
 
-    def _global_region(self) -> table_store.Region:
-        r = self.region
-        return table_store.Region(r.row_start, r.row_stop, r.col_start, r.col_stop)
-
     def save_region(self, target: Any, prefix: str) -> table_store.Objects:
         """Write this region (from memory or its zarr store) under ``prefix``; no step
         runs meanwhile, so the region is that of one step."""
         with self._cond:
             self.rows.flush()
             return table_store.save_region_to(
-                target, prefix, self.region.shard, self._global_region(), self.rows.read_rows
+                target, prefix, self.region.shard, self.region, self.rows.read_rows
             )
 
     def load_region(
@@ -355,7 +351,7 @@ class ShardServer:
     ) -> None:
         with self._cond:
             attrs = table_store.load_region_from(
-                target, prefix, objects, self._global_region(), self._write_local,
+                target, prefix, objects, self.region, self._write_local,
                 num_rows=num_rows, dim=self.dim,
             )  # fmt: skip
             self.rows.steps = int(attrs["steps"])

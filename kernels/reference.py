@@ -43,26 +43,19 @@ def sparse_update_(
     grad_UD: torch.Tensor,
 ) -> None:
     """Row by row, in fp32, the update each optimizer defines (see memdist.kernels)."""
-    optimizer, lr, eps, betas, weight_decay = (
-        spec.name,
-        spec.lr,
-        spec.eps,
-        spec.betas,
-        spec.weight_decay,
-    )
     for u, row in enumerate(rows_U.tolist()):
         w_D = values_VD[row].float()
         g_D = grad_UD[u].float()
-        if weight_decay:
-            w_D = w_D - lr * weight_decay * w_D
-        if optimizer == "sgd":
-            w_D = w_D - lr * g_D
-        elif optimizer == "adagrad":
+        if spec.weight_decay:
+            w_D = w_D - spec.lr * spec.weight_decay * w_D
+        if spec.name == "sgd":
+            w_D = w_D - spec.lr * g_D
+        elif spec.name == "adagrad":
             acc = state["sum_sq"][row] + g_D.pow(2).mean()
             state["sum_sq"][row] = acc
-            w_D = w_D - lr * g_D / (acc.sqrt() + eps)
-        elif optimizer == "adam":
-            b1, b2 = betas
+            w_D = w_D - spec.lr * g_D / (acc.sqrt() + spec.eps)
+        elif spec.name == "adam":
+            b1, b2 = spec.betas
             t = int(state["step"][row]) + 1
             m_D = b1 * state["exp_avg"][row] + (1 - b1) * g_D
             v_D = b2 * state["exp_avg_sq"][row] + (1 - b2) * g_D * g_D
@@ -70,7 +63,7 @@ def sparse_update_(
             # Bias corrections in float64: 1 - 0.999**t is tiny for small t.
             m_hat_D = m_D / (1 - b1**t)
             v_hat_D = v_D / (1 - b2**t)
-            w_D = w_D - lr * m_hat_D / (v_hat_D.sqrt() + eps)
+            w_D = w_D - spec.lr * m_hat_D / (v_hat_D.sqrt() + spec.eps)
         else:
-            raise AssertionError(f"unreachable: optimizer {optimizer!r} was checked by the caller")
+            raise AssertionError(f"unreachable: optimizer {spec.name!r} was checked by the caller")
         values_VD[row] = w_D.to(values_VD.dtype)

@@ -64,25 +64,18 @@ def sparse_update_(
     rows_U: torch.Tensor,
     grad_UD: torch.Tensor,
 ) -> None:
-    optimizer, lr, eps, betas, weight_decay = (
-        spec.name,
-        spec.lr,
-        spec.eps,
-        spec.betas,
-        spec.weight_decay,
-    )
     w_UD = values_VD.index_select(0, rows_U).float()
     g_UD = grad_UD.float()
-    if weight_decay:
-        w_UD.mul_(1 - lr * weight_decay)
-    if optimizer == "sgd":
-        w_UD.add_(g_UD, alpha=-lr)
-    elif optimizer == "adagrad":
+    if spec.weight_decay:
+        w_UD.mul_(1 - spec.lr * spec.weight_decay)
+    if spec.name == "sgd":
+        w_UD.add_(g_UD, alpha=-spec.lr)
+    elif spec.name == "adagrad":
         acc_U = state["sum_sq"].index_select(0, rows_U) + g_UD.pow(2).mean(1)
         state["sum_sq"].index_copy_(0, rows_U, acc_U)
-        w_UD.sub_(lr * g_UD / (acc_U.sqrt().unsqueeze(1) + eps))
+        w_UD.sub_(spec.lr * g_UD / (acc_U.sqrt().unsqueeze(1) + spec.eps))
     else:
-        b1, b2 = betas
+        b1, b2 = spec.betas
         t_U = state["step"].index_select(0, rows_U) + 1
         m_UD = state["exp_avg"].index_select(0, rows_U).mul_(b1).add_(g_UD, alpha=1 - b1)
         v_UD = (
@@ -94,5 +87,5 @@ def sparse_update_(
         tf_U1 = t_U.double().unsqueeze(1)
         bc1 = (1 - b1**tf_U1).float()
         bc2 = (1 - b2**tf_U1).float()
-        w_UD.sub_(lr * (m_UD / bc1) / ((v_UD / bc2).sqrt() + eps))
+        w_UD.sub_(spec.lr * (m_UD / bc1) / ((v_UD / bc2).sqrt() + spec.eps))
     values_VD.index_copy_(0, rows_U, w_UD.to(values_VD.dtype))

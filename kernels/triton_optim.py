@@ -105,13 +105,6 @@ def sparse_update_(
     rows_U: torch.Tensor,
     grad_UD: torch.Tensor,
 ) -> None:
-    optimizer, lr, eps, betas, weight_decay = (
-        spec.name,
-        spec.lr,
-        spec.eps,
-        spec.betas,
-        spec.weight_decay,
-    )
     if values_VD.stride(1) != 1:
         # A contiguous copy would take the update and leave the caller's table stale.
         raise ShapeError(
@@ -125,11 +118,11 @@ def sparse_update_(
     # Pointers the chosen optimizer never reads still need a tensor to point at.
     unused = grad_UD
     bc1_U = bc2_U = unused
-    if optimizer == "adam":
+    if spec.name == "adam":
         t_U = state["step"].index_select(0, rows_U) + 1
         state["step"].index_copy_(0, rows_U, t_U)
-        bc1_U = (1 - betas[0] ** t_U.double()).float()
-        bc2_U = (1 - betas[1] ** t_U.double()).float()
+        bc1_U = (1 - spec.betas[0] ** t_U.double()).float()
+        bc2_U = (1 - spec.betas[1] ** t_U.double()).float()
     _sparse_update_kernel[(rows_U.numel(),)](
         values_VD,
         rows_U.contiguous(),
@@ -142,12 +135,12 @@ def sparse_update_(
         d,
         values_VD.stride(0),
         grad_UD.stride(0),
-        lr,
-        eps,
-        betas[0],
-        betas[1],
-        lr * weight_decay,
-        OPTIMIZER=OPTIMIZER_CODES[optimizer],
+        spec.lr,
+        spec.eps,
+        spec.betas[0],
+        spec.betas[1],
+        spec.lr * spec.weight_decay,
+        OPTIMIZER=OPTIMIZER_CODES[spec.name],
         BF16_BY_HAND=INTERPRETED and values_VD.dtype == torch.bfloat16,
         **update_launch(d),
     )

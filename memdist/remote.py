@@ -283,11 +283,9 @@ class RemoteTable(ValueTable):
         objects: table_store.Objects = {}
         for part in self._each(wire.SaveRegion(target, prefix), "save"):
             objects.update(part)
-        regions = [table_store.Region(r.row_start, r.row_stop, r.col_start, r.col_stop)
-                   for r in self.plan.regions]  # fmt: skip
         objects.update(table_store.save_table_group(
             target, prefix, num_rows=self.num_rows, dim=self.dim, plan=self.plan.kind,
-            regions=regions, meta={"optimizer": self.spec.name, "steps": self.steps},
+            regions=list(self.plan.regions), meta={"optimizer": self.spec.name, "steps": self.steps},
         ))  # fmt: skip
         return objects
 

@@ -314,7 +314,7 @@ class LocalTable(ValueTable):
     def save(self, target: Any, prefix: str) -> table_store.Objects:
         """This process holds every row: it writes the one region itself."""
         self.flush()
-        region = table_store.Region(0, self.num_rows, 0, self.dim)
+        region = table_store.Region(0, 0, self.num_rows, 0, self.dim)
         objects = table_store.save_region_to(target, prefix, 0, region, self.rows.read_rows)
         objects.update(table_store.save_table_group(
             target, prefix, num_rows=self.num_rows, dim=self.dim, plan="local",
@@ -324,7 +324,7 @@ class LocalTable(ValueTable):
 
     def load(self, target: Any, prefix: str, objects: table_store.Objects) -> None:
         self.zero_grad()
-        region = table_store.Region(0, self.num_rows, 0, self.dim)
+        region = table_store.Region(0, 0, self.num_rows, 0, self.dim)
         attrs = table_store.load_region_from(
             target, prefix, objects, region, self.rows.write_rows, num_rows=self.num_rows,
             dim=self.dim,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +28,11 @@ import numpy as np
 import torch
 import zarr
 
+from memdist.cluster.plan import ShardRegion as Region  # global rows x columns
 from memdist.errors import CheckpointError
 
 CHUNK_BYTES = 4 * 2**20  # about 4 MiB per chunk
 ReadRows = Callable[[int, int], dict[str, torch.Tensor]]
-
-
-@dataclass(frozen=True, slots=True)
-class Region:
-    """Global rows ``[row_start, row_stop)`` x columns ``[col_start, col_stop)``."""
-
-    row_start: int
-    row_stop: int
-    col_start: int
-    col_stop: int
-
-    @property
-    def rows(self) -> int:
-        return self.row_stop - self.row_start
 
 
 def sha256_file(path: Path) -> str:
@@ -103,7 +89,7 @@ class SavedTable:
             raise CheckpointError(f"{self.root} is not a saved value table: {exc}") from exc
         attrs: dict[str, Any] = dict(self.group.attrs)
         self.num_rows, self.dim = int(attrs["num_rows"]), int(attrs["dim"])
-        self.regions = [Region(*r) for r in attrs["regions"]]
+        self.regions = [Region(i, *r) for i, r in enumerate(attrs["regions"])]
 
     def read(self, start: int, stop: int, col_start: int, col_stop: int) -> dict[str, np.ndarray]:
         """Rows ``[start, stop)`` and columns ``[col_start, col_stop)`` of every array
