@@ -3,7 +3,8 @@
 memdist train [CONFIG] [--set key=value ...] [--run-dir DIR [--overwrite]] [--shards M]
               [--workers N]
 memdist eval RUN_DIR
-memdist checkpoint ls|verify URI
+memdist checkpoint ls|verify URI | export URI OUT
+memdist generate URI --prompt TEXT
 memdist configs
 """
 
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from memdist.errors import MemdistError
+from memdist.errors import ConfigError, MemdistError
 
 
 def _json_safe(obj: Any) -> Any:
@@ -106,13 +107,27 @@ def _parser() -> argparse.ArgumentParser:
         help="continue from this checkpoint, or 'latest' in --checkpoint-dir",
     )
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    e = sub.add_parser("eval", help="evaluate a finished run folder")
-    e.add_argument("run_dir", type=Path)
+    e = sub.add_parser("eval", help="evaluate a finished run folder or a checkpoint")
+    e.add_argument("run_dir", help="a run folder, or a checkpoint (folder or s3://)")
+    e.add_argument("--endpoint-url", default=None, help="an S3-compatible store's endpoint")
+    e.add_argument("--max-table-mb", type=float, default=None,
+                   help="largest table read into this process (else: shard servers)")  # fmt: skip
+    g = sub.add_parser("generate", help="continue a prompt with a checkpoint's model")
+    g.add_argument("uri", help="a checkpoint (folder or s3://)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--endpoint-url", default=None)
+    g.add_argument("--max-table-mb", type=float, default=None)
     sub.add_parser("configs", help="list the named configs")
-    c = sub.add_parser("checkpoint", help="list or verify checkpoints")
-    c.add_argument("action", choices=["ls", "verify"])
-    c.add_argument("uri", help="a checkpoint folder (ls) or one checkpoint (verify)")
+    c = sub.add_parser("checkpoint", help="list, verify or export checkpoints")
+    c.add_argument("action", choices=["ls", "verify", "export"])
+    c.add_argument("uri", help="a checkpoint folder (ls) or one checkpoint (verify, export)")
+    c.add_argument("out", nargs="?", type=Path, help="export: the folder to write")
     c.add_argument("--endpoint-url", default=None, help="an S3-compatible store's endpoint")
+    c.add_argument("--max-table-mb", type=float, default=None,
+                   help="export: refuse a table larger than this (it is gathered here)")  # fmt: skip
     return p
 
 
@@ -146,12 +161,34 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, overrides)
             run_dir = args.run_dir or default_run_dir(cfg)
             result = train(cfg, run_dir, progress=not args.no_progress, overwrite=args.overwrite)
+        elif args.command == "checkpoint" and args.action == "export":
+            from memdist.from_checkpoint import DEFAULT_MAX_TABLE_MB, export
+
+            if args.out is None:
+                raise ConfigError("memdist checkpoint export needs an output folder: URI OUT")
+            budget = args.max_table_mb or DEFAULT_MAX_TABLE_MB
+            result = export(args.uri, args.out, endpoint_url=args.endpoint_url,
+                            max_table_mb=budget)  # fmt: skip
         elif args.command == "checkpoint":
             return checkpoint_command(args.action, args.uri, args.endpoint_url)
+        elif args.command == "generate":
+            from memdist.from_checkpoint import DEFAULT_MAX_TABLE_MB, generate, load_model
+
+            budget = args.max_table_mb or DEFAULT_MAX_TABLE_MB
+            with load_model(args.uri, endpoint_url=args.endpoint_url,
+                            max_table_mb=budget) as loaded:  # fmt: skip
+                text = generate(loaded.model, args.prompt, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, seed=args.seed)  # fmt: skip
+            result = {"prompt": args.prompt, "completion": text}
+        elif args.run_dir.startswith("s3://") or (Path(args.run_dir) / "manifest.json").is_file():
+            from memdist.train import evaluate_checkpoint
+
+            result = evaluate_checkpoint(args.run_dir, endpoint_url=args.endpoint_url,
+                                         max_table_mb=args.max_table_mb)  # fmt: skip
         else:
             from memdist.train import evaluate_run
 
-            result = evaluate_run(args.run_dir)
+            result = evaluate_run(Path(args.run_dir))
     except MemdistError as exc:
         print(f"memdist: error: {exc}", file=sys.stderr)
         return 2

@@ -97,6 +97,22 @@ def train(
             group.stop()
 
 
+def evaluate_checkpoint(uri: str, *, endpoint_url: str | None = None,
+                        max_table_mb: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """Evaluate the model of a checkpoint (``memdist eval URI``), its tables in this
+    process or, over ``max_table_mb``, in shard servers as the run had them."""
+    from memdist.from_checkpoint import DEFAULT_MAX_TABLE_MB, load_model
+
+    budget = DEFAULT_MAX_TABLE_MB if max_table_mb is None else max_table_mb
+    with load_model(uri, endpoint_url=endpoint_url, max_table_mb=budget) as loaded:
+        _, evals = prepare_data(loaded.cfg)
+        result = run_eval(loaded.cfg, loaded.model, evals, WorkerContext())
+    out = {"checkpoint": uri, "config": loaded.cfg.name, **result}
+    if evals.chance_em is not None:
+        out["qa_chance_em"] = evals.chance_em
+    return out
+
+
 def evaluate_run(run_dir: Path) -> dict[str, Any]:
     """Re-evaluate a finished run from its folder (``memdist eval RUN_DIR``)."""
     cfg = load_run_config(run_dir)
