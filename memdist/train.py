@@ -78,15 +78,15 @@ def train(
                 report.message(plan.describe())
             for where in group.where():
                 report.handle({"kind": "placement", "role": "shard", **where})
-        if uses_workers(cfg):
-            from memdist.workers import train_with_workers  # imports Ray Train
+        with stop_on_signals() as stop:
+            if uses_workers(cfg):
+                from memdist.workers import train_with_workers  # imports Ray Train
 
-            final, state, tables = train_with_workers(cfg, report, group)
-        else:
-            with stop_on_signals() as stop:
+                final, state, tables = train_with_workers(cfg, report, group, stop)
+            else:
                 out = Trainer(cfg, remote, report.handle, stop_requested=stop.is_set).run()
-            assert out is not None  # the only worker leads
-            final, state, tables = out.final, out.state, out.tables
+                assert out is not None  # the only worker leads
+                final, state, tables = out.final, out.state, out.tables
         checkpoint.save_weights(run_dir, state, tables)
         for i, table in enumerate(tables):  # the tables' (shards') counters and timers
             report.handle({"kind": "shards", "table": i, "stats": table.stats()})

@@ -39,6 +39,27 @@ def worker_gpus(cfg: RunConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= cfg.cluster.workers else 0.0
 
 
+class StopSignal:
+    """The driver's SIGTERM or Ctrl-C as the lead worker sees it: a look at the stop
+    queue that never blocks a step (the answer to one look is read at a later step)."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self._pending: Any = None
+        self._set = False
+
+    def __call__(self) -> bool:
+        import ray
+
+        if not self._set:
+            if self._pending is None:
+                self._pending = self.queue.actor.qsize.remote()
+            ready, _ = ray.wait([self._pending], timeout=0)
+            if ready:
+                self._set, self._pending = ray.get(self._pending) > 0, None
+        return self._set
+
+
 def _worker_loop(config: dict[str, Any]) -> None:
     """The function each Ray Train worker runs."""
     import ray.train
@@ -60,15 +81,18 @@ def _worker_loop(config: dict[str, Any]) -> None:
          "pid": os.getpid(), "device": device}
     )  # fmt: skip
     remote = connect_tables(spec, ctx.rank) if spec is not None else None
-    out = Trainer(cfg, remote, records.put, ctx).run()
+    stop = StopSignal(config["stop"]) if ctx.lead else bool  # the lead decides for all
+    out = Trainer(cfg, remote, records.put, ctx, stop_requested=stop).run()
     if out is not None:
         records.put({"kind": "result", "final": out.final, "state": out.state})
 
 
 def train_with_workers(
-    cfg: RunConfig, report: RunReport, group: ShardGroup | None
-) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[Any]]:
-    """Train with Ray Train workers; returns the final metrics, backbone state and tables."""
+    cfg: RunConfig, report: RunReport, group: ShardGroup | None,
+    stop: threading.Event | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[Any]]:  # fmt: skip
+    """Train with Ray Train workers; returns the final metrics, backbone state and tables.
+    ``stop`` set (the driver's SIGTERM or Ctrl-C) ends the run after the current step."""
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -79,10 +103,12 @@ def train_with_workers(
     gpus = worker_gpus(cfg)
     resources = {"CPU": c.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     records = Queue(actor_options={"num_cpus": 0})
+    stops = Queue(actor_options={"num_cpus": 0})
+    stop_sent = False
     spec = group.spec if group is not None else None
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"cfg": cfg, "spec": spec, "records": records},
+        train_loop_config={"cfg": cfg, "spec": spec, "records": records, "stop": stops},
         scaling_config=ScalingConfig(
             num_workers=c.workers, use_gpu=gpus > 0, resources_per_worker=resources
         ),
@@ -105,6 +131,9 @@ def train_with_workers(
     thread.start()
     result: dict[str, Any] | None = None
     while True:
+        if stop is not None and stop.is_set() and not stop_sent:
+            stops.put_nowait(True)
+            stop_sent = True
         try:
             record = records.get(timeout=0.5)
         except Empty:
@@ -119,6 +148,7 @@ def train_with_workers(
             report.handle(record)
     thread.join()
     records.shutdown()
+    stops.shutdown()
     if "error" in outcome:
         raise WorkerError(
             f"training with {c.workers} workers failed: {outcome['error']}"

@@ -238,12 +238,20 @@ def test_keep_holds_the_newest_checkpoints(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
-    """A spot instance's notice: the run ends after the current step with a checkpoint,
-    and a resume from it goes on."""
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["--shards", "0"],
+        ["--workers", "2", "--shards", "2", "--set", "cluster.cpus_per_worker=0.5"],
+    ],  # fmt: skip
+    ids=["one-process", "two-workers"],
+)
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, layout):
+    """A spot instance's notice to the driver: the run (its Ray Train workers too) ends
+    after the current step with a checkpoint of that step."""
     run, ck = tmp_path / "run", tmp_path / "ck"
     args = [sys.executable, "-m", "memdist.cli", "train", "small", "--no-progress",
-            "--run-dir", str(run), "--checkpoint-dir", str(ck), "--shards", "0",
+            "--run-dir", str(run), "--checkpoint-dir", str(ck), *layout,
             "--set", "train.steps=100000", "--set", "train.log_every=1",
             "--set", "eval.max_qa=2", "--set", "eval.ppl_batches=1", "--set", "data.n_people=20",
             "--set", "model.memory.n_keys=16", "--set", "model.memory.knn=4"]  # fmt: skip
