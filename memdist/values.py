@@ -249,7 +249,6 @@ class LocalTable(ValueTable):
     def lookup_async(self, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> ReadyLookup:
         """Pooled rows ``y_ND = sum_k scores_NK[:, k] * V[idx_NK[:, k]]``; grads go to scores
         through autograd and to the rows through this table's ``accumulate``."""
-        kernels.check_indices(idx_NK, self.num_rows)
         sink = self.rows.accumulate if torch.is_grad_enabled() else None
         values = self.rows.weight_VD
         # Rows read under autograd stay resident until the step that their gradients feed.

@@ -154,6 +154,7 @@ class CachedRows(SparseRows):
     def to_slots(self, local_NK: torch.Tensor, *, pin: bool = False) -> torch.Tensor:
         """Region-local row indices mapped to cache slots (same shape); ``pin`` keeps
         them resident until the next step or ``zero_grad``."""
+        kernels.check_indices(local_NK, self.store.rows)  # the kernels see only slots
         rows_U, inverse = torch.unique(local_NK.cpu(), sorted=True, return_inverse=True)
         slots_U = self.resolve(rows_U.numpy())
         if pin:
