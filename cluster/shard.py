@@ -43,8 +43,9 @@ import torch
 
 from memdist import kernels
 from memdist.cluster.plan import ShardRegion
-from memdist.errors import ConfigError, ShardError
+from memdist.errors import CheckpointError, ConfigError, ShardError
 from memdist.kernels import OptimizerSpec
+from memdist.region_save import RegionSave
 from memdist.storage import table_store
 from memdist.storage.row_cache import CachedRows, state_spec
 from memdist.storage.zarr_region import ZarrRegion
@@ -60,6 +61,7 @@ from memdist.wire import (
     ReadRows,
     Request,
     SaveRegion,
+    SaveStatus,
     SetSteps,
     Stats,
     Step,
@@ -125,6 +127,7 @@ class ShardServer:
             self.rows = SparseRows(values, spec, backend=backend)
         self.backend = backend
         self.counters: Counter[str] = Counter()
+        self._save: RegionSave | None = None  # the last save begun (written in a thread)
 
     def handle(self, req: Request) -> Any:
         """Answer one request (the only entry point transports use)."""
@@ -151,10 +154,12 @@ class ShardServer:
                 return self.read_rows(start, stop)
             case WriteRows(start, state):
                 return self.write_rows(start, state)
-            case SaveRegion(target, prefix):
-                return self.save_region(target, prefix)
-            case LoadRegion(target, prefix, objects, num_rows):
-                return self.load_region(target, prefix, objects, num_rows)
+            case SaveRegion(target, prefix, changed_only):
+                return self.save_region(target, prefix, changed_only)
+            case SaveStatus():
+                return self.save_status()
+            case LoadRegion(chain, prefix, num_rows):
+                return self.load_region(chain, prefix, num_rows)
             case SetSteps(steps):
                 with self._cond:
                     self.rows.steps = steps
@@ -337,24 +342,33 @@ class ShardServer:
         with self._cond:
             self.rows.write_rows(lo, {k: v[offset : offset + hi - lo] for k, v in state.items()})
 
-    def save_region(self, target: Any, prefix: str) -> table_store.Objects:
-        """Write this region (from memory or its zarr store) under ``prefix``; no step
-        runs meanwhile, so the region is that of one step."""
+    def save_region(self, target: Any, prefix: str, changed_only: bool = False) -> None:
+        """Begin writing this region (from memory or its zarr store) under ``prefix``: the
+        snapshot is of the step now done; it is written while later steps run."""
         with self._cond:
-            self.rows.flush()
-            return table_store.save_region_to(
-                target, prefix, self.region.shard, self.region, self.rows.read_rows
+            if self._save is not None and not self._save.done:
+                raise CheckpointError(
+                    f"shard {self.region.shard}: the previous save is still being written"
+                )
+            self._save = RegionSave(
+                self.rows, target, prefix, self.region, changed_only=changed_only
             )
 
-    def load_region(
-        self, target: Any, prefix: str, objects: table_store.Objects, num_rows: int
-    ) -> None:
+    def save_status(self) -> dict[str, Any]:
+        if self._save is None:
+            raise CheckpointError(f"shard {self.region.shard}: no save was begun")
+        status = self._save.progress()
+        if status["done"]:
+            status["objects"] = self._save.result()  # raises if the save failed
+        return status
+
+    def load_region(self, chain: list[table_store.Source], prefix: str, num_rows: int) -> None:
         with self._cond:
             attrs = table_store.load_region_from(
-                target, prefix, objects, self.region, self._write_local,
-                num_rows=num_rows, dim=self.dim,
-            )  # fmt: skip
+                chain, prefix, self.region, self._write_local, num_rows=num_rows, dim=self.dim
+            )
             self.rows.steps = int(attrs["steps"])
+            self.rows.changed[:] = False
 
     def _write_local(self, lo: int, state: dict[str, torch.Tensor]) -> None:
         self.rows.write_rows(lo, state)

@@ -115,7 +115,8 @@ def lr_lambda(cfg: RunConfig):
     return f
 
 
-def deepspeed_config(cfg: RunConfig, rt: Runtime) -> tuple[dict[str, Any], list[str]]:
+def deepspeed_config(cfg: RunConfig, rt: Runtime, *,
+                     universal: bool = False) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
     """The engine's config and one note per value of the user's JSON memdist replaced.
 
     Without ``train.deepspeed`` memdist writes the whole config from its own keys. With
@@ -123,6 +124,8 @@ def deepspeed_config(cfg: RunConfig, rt: Runtime) -> tuple[dict[str, Any], list[
     precision fix (micro-batch, accumulation, bf16/fp16) and what is missing
     (ZeRO stage, clipping), and drops ``train_batch_size`` (DeepSpeed derives it from
     the world size). An ``optimizer`` or ``scheduler`` section replaces memdist's.
+    ``universal``: the engine will load a DeepSpeed universal checkpoint (a ZeRO
+    checkpoint of another worker count, converted on resume).
     """
     must: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
@@ -130,6 +133,8 @@ def deepspeed_config(cfg: RunConfig, rt: Runtime) -> tuple[dict[str, Any], list[
         "bf16": {"enabled": rt.bf16},
         "fp16": {"enabled": False},
     }
+    if universal:
+        must["checkpoint"] = {"load_universal": True}
     defaults: dict[str, Any] = {
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.train.zero_stage},
@@ -207,7 +212,7 @@ def make_optimizer(cfg: RunConfig, model: torch.nn.Module):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
 
-def make_engine(cfg: RunConfig, model: torch.nn.Module, rt: Runtime):
+def make_engine(cfg: RunConfig, model: torch.nn.Module, rt: Runtime, *, universal: bool = False):
     """A DeepSpeed engine over the backbone's parameters (never the value tables).
 
     The user's DeepSpeed JSON may bring its own optimizer and scheduler sections;
@@ -220,7 +225,7 @@ def make_engine(cfg: RunConfig, model: torch.nn.Module, rt: Runtime):
     import deepspeed
 
     init_single_process()
-    ds_config, _ = deepspeed_config(cfg, rt)
+    ds_config, _ = deepspeed_config(cfg, rt, universal=universal)
     optimizer, scheduler = make_optimizer(cfg, model)
     kwargs: dict[str, Any] = {}
     if "optimizer" in ds_config:

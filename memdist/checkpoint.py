@@ -55,6 +55,8 @@ def save_weights(
     run_dir = Path(run_dir)
     state = model if isinstance(model, dict) else full_state_dict(model)
     _atomic_save(state, run_dir / MODEL_FILE)
+    if not tables:  # a table too large to gather lives in the run's checkpoints
+        return
     values = {}
     for i, table in enumerate(tables):
         values.update({f"table{i}.{k}": v for k, v in table.state_dict().items()})

@@ -197,18 +197,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def checkpoint_command(action: str, uri: str, endpoint_url: str | None) -> int:
-    """``ls``: one JSON line per checkpoint under ``uri``; ``verify``: every object of the
-    checkpoint at ``uri`` against its manifest, one line per problem, exit 1 if any."""
+    """``ls``: one JSON line per checkpoint under ``uri`` (an incremental one names the
+    save it builds on); ``verify``: every object of the checkpoint at ``uri``, and of the
+    saves it builds on, against their manifests, one line per problem, exit 1 if any."""
     from memdist.storage import manifest as mf
     from memdist.storage.targets import open_target
 
     target = open_target(uri, endpoint_url=endpoint_url)
     if action == "ls":
         for info in mf.list_checkpoints(target):
-            print(json.dumps({"step": info.step, "uri": info.uri, "complete": info.complete,
-                              "bytes": info.total_bytes, "objects": info.objects}))  # fmt: skip
+            row = {"step": info.step, "uri": info.uri, "complete": info.complete,
+                   "bytes": info.total_bytes, "objects": info.objects}  # fmt: skip
+            if info.complete:
+                meta = mf.read_manifest(target.child(info.key)).meta
+                row.update(kind=meta.get("kind", "full"), parent=meta.get("parent"))
+            print(json.dumps(row))
         return 0
-    problems = mf.verify(target, mf.read_manifest(target))
+    folder = mf.folder_of(target, endpoint_url=endpoint_url)
+    problems = []
+    for link, manifest in mf.chain(target, folder=folder):
+        problems += mf.verify(link, manifest)
     for problem in problems:
         print(problem)
     print(json.dumps({"uri": target.uri, "ok": not problems, "problems": len(problems)}))

@@ -114,6 +114,8 @@ class CheckpointConfig:
     dir: str | None = None  # a folder or s3://bucket/prefix; null: no checkpoints
     every: int = 0  # steps between saves; 0: only at the end (and on SIGTERM/SIGINT)
     keep: int = 3  # complete checkpoints kept (the newest is never deleted)
+    full_every: int = 0  # steps between full saves; the saves between write changed rows only
+    background: bool = True  # tables are written while the next steps run
     endpoint_url: str | None = None  # an S3-compatible store's endpoint (s3:// only)
     resume: str | None = None  # a checkpoint's URI, or "latest" (the newest in dir)
 
@@ -497,6 +499,10 @@ def validate(cfg: RunConfig) -> None:
     ck = t.checkpoint
     _check(ck.every >= 0, f"train.checkpoint.every={ck.every} must be >= 0 (0: at the end only)")
     _check(ck.keep >= 1, f"train.checkpoint.keep={ck.keep} must be >= 1")
+    _check(
+        ck.full_every >= 0,
+        f"train.checkpoint.full_every={ck.full_every} must be >= 0 (0: every save is full)",
+    )
     _check(
         ck.resume != "latest" or ck.dir is not None,
         "train.checkpoint.resume='latest' needs train.checkpoint.dir (where to look)",

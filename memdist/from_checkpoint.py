@@ -21,7 +21,7 @@ import yaml
 
 from memdist import checkpoint as weights
 from memdist.assembly import build_model, unique_tables, value_optimizer
-from memdist.checkpointing import BACKBONE, TAG
+from memdist.checkpointing import BACKBONE, TAG, load_tables
 from memdist.config import RunConfig, config_from_dict, to_dict
 from memdist.data.tokenizer import ByteTokenizer
 from memdist.errors import CheckpointError
@@ -94,8 +94,8 @@ def load_model(
             target.get_tree(BACKBONE, local)
             check_objects(local, BACKBONE, manifest.objects, "")  # before torch.load
             model.load_state_dict(backbone_state(local))
-        for i, table in enumerate(unique_tables(tables)):
-            table.load(target, f"tables/table{i}", manifest.objects)
+        folder = mf.folder_of(target, endpoint_url=endpoint_url)
+        load_tables(mf.chain(target, manifest, folder=folder), unique_tables(tables))
     except BaseException:
         if group is not None:
             group.stop()

@@ -35,10 +35,12 @@ from memdist.cluster.plan import ShardingPlan
 from memdist.errors import CheckpointError, ShardError
 from memdist.kernels import OptimizerSpec
 from memdist.storage import table_store
-from memdist.table import PendingLookup, StepResult, ValueTable
+from memdist.table import PendingLookup, PendingSave, StepResult, ValueTable
 from memdist.transport import Transport
 from memdist.values import check_rows_state, clip_coef
 from memdist.wire import PackedIndices
+
+SAVE_POLL_S = 0.1  # how often a waiting save asks the shards how far they are
 
 
 class _RemoteBag(torch.autograd.Function):
@@ -277,26 +279,46 @@ class RemoteTable(ValueTable):
             ]
         self._call_all(reqs, "write_rows")
 
-    def save(self, target: Any, prefix: str) -> table_store.Objects:
-        """Every shard writes its own region, all at once; then the group's attributes."""
+    def begin_save(self, target: Any, prefix: str, *, changed_only: bool = False) -> PendingSave:
+        """Every shard takes its snapshot and writes its own region in a thread of its
+        own, all at once; the group's attributes follow when every region is durable.
+        The returned save may be waited on from another thread while training goes on."""
         self.flush()
-        objects: table_store.Objects = {}
-        for part in self._each(wire.SaveRegion(target, prefix), "save"):
-            objects.update(part)
-        objects.update(table_store.save_table_group(
-            target, prefix, num_rows=self.num_rows, dim=self.dim, plan=self.plan.kind,
-            regions=list(self.plan.regions), meta={"optimizer": self.spec.name, "steps": self.steps},
-        ))  # fmt: skip
-        return objects
+        self._each(wire.SaveRegion(target, prefix, changed_only), "save")
+        meta = {"optimizer": self.spec.name, "steps": self.steps,
+                "kind": "delta" if changed_only else "full"}  # fmt: skip
 
-    def load(self, target: Any, prefix: str, objects: table_store.Objects) -> None:
+        def progress() -> list[dict[str, Any]]:
+            # Straight to the transport: ``_each`` settles steps, the training thread's job.
+            handles = [self.transport.submit(s, wire.SaveStatus()) for s in range(self.plan.shards)]
+            try:
+                return self.transport.wait(handles, "save")
+            except ShardError as exc:
+                raise CheckpointError(f"saving {prefix!r} to {target.uri}: {exc}") from exc
+
+        def finish() -> table_store.Objects:
+            while not all((status := progress())[s]["done"] for s in range(self.plan.shards)):
+                time.sleep(SAVE_POLL_S)
+            objects: table_store.Objects = {}
+            for part in status:
+                objects.update(part["objects"])
+            objects.update(table_store.save_table_group(
+                target, prefix, num_rows=self.num_rows, dim=self.dim, plan=self.plan.kind,
+                regions=list(self.plan.regions), meta=meta,
+            ))  # fmt: skip
+            return objects
+
+        return PendingSave(progress, finish)
+
+    def load(self, chain: list[table_store.Source], prefix: str) -> None:
         """Every shard reads what it holds from the regions that overlap it (any plan and
         shard count at save time), all at once."""
         self._settle()
         try:
-            self._each(wire.LoadRegion(target, prefix, objects, self.num_rows), "load")
+            self._each(wire.LoadRegion(chain, prefix, self.num_rows), "load")
         except ShardError as exc:  # a shard found the checkpoint wanting: say it is that
-            raise CheckpointError(f"loading {prefix!r} from {target.uri}: {exc}") from exc
+            uri = chain[-1].target.uri if chain else "an empty chain"
+            raise CheckpointError(f"loading {prefix!r} from {uri}: {exc}") from exc
 
     @property
     def steps(self) -> int:

@@ -107,8 +107,9 @@ class RunReport:
     to ``metrics.jsonl`` and shown as a progress bar and lines on stderr.
 
     Record kinds: ``start`` (header), ``placement`` (where a worker or shard runs),
-    ``tick`` (a step finished; bar only), ``train``, ``eval``, ``checkpoint`` (a save's
-    step and URI), ``message`` (a line for the user; not logged).
+    ``tick`` (a step finished; bar only), ``train``, ``eval``, ``checkpoint`` (a save
+    begun: step and URI), ``checkpoint_done`` (it is complete: kind, bytes, throughput), ``checkpoint_failed``,
+    ``message`` (a line for the user; not logged).
     """
 
     def __init__(
@@ -163,7 +164,15 @@ class RunReport:
                 loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}"
             )
         elif kind == "checkpoint":
-            self.message(f"checkpoint of step {record['step']} saved to {record['uri']}")
+            self.message(f"checkpoint of step {record['step']} begun at {record['uri']}")
+        elif kind == "checkpoint_failed":
+            self.message(record["error"])
+        elif kind == "checkpoint_done":
+            mb = record["table_bytes"] / 2**20
+            self.message(
+                f"checkpoint of step {record['step']} complete ({record['save']}): "
+                f"{mb:.1f} MB of tables in {record['seconds']:.1f} s ({record['mb_per_s']} MB/s)"
+            )
         elif kind == "eval":
             keys = ("step", "eval_loss", "qa_em", "qa_f1")
             self.message(json.dumps({k: record[k] for k in keys if k in record}))

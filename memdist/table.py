@@ -20,6 +20,7 @@ Letters: N tokens, K rows read per token, D row width, R rows of a range.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,25 @@ class ReadyLookup(PendingLookup):
 
     def wait(self) -> torch.Tensor:
         return self._y_ND
+
+
+class PendingSave:
+    """A table save that has begun: the snapshot is taken, so training may go on while
+    the regions are written. ``progress()`` lists each region's (rows written, rows to
+    write, bytes, done); ``result()`` waits and gives the objects written."""
+
+    def __init__(self, progress: Callable[[], list[dict[str, Any]]],
+                 finish: Callable[[], dict[str, dict[str, Any]]]) -> None:  # fmt: skip
+        self._progress, self._finish = progress, finish
+        self._objects: dict[str, dict[str, Any]] | None = None
+
+    def progress(self) -> list[dict[str, Any]]:
+        return self._progress()
+
+    def result(self) -> dict[str, dict[str, Any]]:
+        if self._objects is None:
+            self._objects = self._finish()
+        return self._objects
 
 
 class ValueTable(ABC):
@@ -142,16 +162,26 @@ class ValueTable(ABC):
 
     # -- checkpoints ----------------------------------------------------------------------
     @abstractmethod
-    def save(self, target: Any, prefix: str) -> dict[str, dict[str, Any]]:
-        """Write the table as a zarr group under ``prefix`` of ``target`` (a
+    def begin_save(self, target: Any, prefix: str, *, changed_only: bool = False) -> PendingSave:
+        """Begin writing the table as a zarr group under ``prefix`` of ``target`` (a
         ``memdist.storage.targets.CheckpointTarget``), each region by the process that
-        holds it; returns the objects written (key -> size and SHA-256)."""
+        holds it. Returns once every region has its snapshot: steps taken meanwhile do
+        not reach the save. ``changed_only`` writes only the rows changed since the
+        previous save began (an incremental save, ``kind: "delta"``)."""
+
+    def save(
+        self, target: Any, prefix: str, *, changed_only: bool = False
+    ) -> dict[str, dict[str, Any]]:
+        """``begin_save`` and wait: the objects written (key -> size and SHA-256)."""
+        return self.begin_save(target, prefix, changed_only=changed_only).result()
 
     @abstractmethod
-    def load(self, target: Any, prefix: str, objects: dict[str, dict[str, Any]]) -> None:
+    def load(self, chain: list[Any], prefix: str) -> None:
         """Replace rows, optimizer state and step count with the table saved under
-        ``prefix`` (any plan and shard count), checking each object read against
-        ``objects`` before it is deserialised; pending gradients are dropped."""
+        ``prefix`` of a chain of checkpoints (``memdist.storage.table_store.Source``: a
+        full save, then incremental ones in order), under any plan and shard count,
+        checking each object read against its manifest before it is deserialised;
+        pending gradients are dropped, and the rows count as unchanged since a save."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole table (small tables and tests only: a large one is moved by ranges)."""

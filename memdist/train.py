@@ -20,6 +20,7 @@ from memdist.assembly import build_model, resolve_runtime, unique_tables
 from memdist.checkpointing import Checkpointer
 from memdist.config import RunConfig
 from memdist.data.prepare import prepare_data
+from memdist.errors import ConfigError
 from memdist.runlog import RunReport, load_run_config, read_metrics
 from memdist.trainer import Trainer, WorkerContext, run_eval
 
@@ -47,6 +48,26 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(s, h)
 
 
+GATHER_VALUES_MB = 4096.0  # the most table the driver gathers into the run folder
+
+
+def gathers_values(cfg: RunConfig) -> bool:
+    """Whether the run folder gets ``values.safetensors``: the driver would gather each
+    table whole, which only a small table allows. A larger one is kept by checkpoints,
+    where each shard writes its own region, so they must be on."""
+    from memdist.from_checkpoint import table_mb
+
+    if table_mb(cfg) <= GATHER_VALUES_MB:
+        return True
+    if cfg.train.checkpoint.dir is None:
+        raise ConfigError(
+            f"a value table of {table_mb(cfg):.0f} MB is more than the driver gathers into the "
+            f"run folder ({GATHER_VALUES_MB:g} MB): set train.checkpoint.dir (--checkpoint-dir), "
+            "where each shard saves its own region"
+        )
+    return False
+
+
 def uses_workers(cfg: RunConfig) -> bool:
     return cfg.cluster.workers > 1 or cfg.cluster.address is not None
 
@@ -63,7 +84,11 @@ def train(
     cluster address) the backbone trains in Ray Train workers; otherwise here.
     """
     run_dir = Path(run_dir)
-    Checkpointer(cfg).check()  # an unwritable checkpoint target fails now, not at step N
+    gathers = gathers_values(cfg)
+    checkpointer = Checkpointer(cfg, world=max(1, cfg.cluster.workers))
+    checkpointer.check()  # an unwritable checkpoint target fails now, not at step N
+    if cfg.train.checkpoint.resume is not None:  # so does a checkpoint that cannot resume here
+        checkpointer.check_resume(cfg.train.checkpoint.resume)
     report = RunReport(run_dir, cfg, progress=progress, overwrite=overwrite)
     group = None
     remote = None
@@ -87,7 +112,12 @@ def train(
                 out = Trainer(cfg, remote, report.handle, stop_requested=stop.is_set).run()
                 assert out is not None  # the only worker leads
                 final, state, tables = out.final, out.state, out.tables
-        checkpoint.save_weights(run_dir, state, tables)
+        checkpoint.save_weights(run_dir, state, tables if gathers else [])
+        if not gathers:
+            report.message(
+                f"the value tables stay in the checkpoints under {cfg.train.checkpoint.dir} "
+                f"(over {GATHER_VALUES_MB:g} MB, the run folder keeps the backbone only)"
+            )
         for i, table in enumerate(tables):  # the tables' (shards') counters and timers
             report.handle({"kind": "shards", "table": i, "stats": table.stats()})
         return report.finish(final)

@@ -158,7 +158,9 @@ class Trainer:
         self.flops = flops_per_token(cfg.model, cfg.data.seq_len)
         self.n_dense = sum(p.numel() for p in model.parameters())
         self.n_values = sum(t.num_rows * t.dim for t in self.tables)
-        self.engine = make_engine(cfg, model, self.rt)
+        resume = cfg.train.checkpoint.resume
+        universal = resume is not None and self.checkpointer.check_resume(resume)
+        self.engine = make_engine(cfg, model, self.rt, universal=universal)
         self.tokens_per_step = b * ctx.world * cfg.data.seq_len * cfg.train.grad_accum
         self.hint = prefetch_hint(self.engine.module) if cfg.shards.prefetch else None
         self.emit({
@@ -184,13 +186,16 @@ class Trainer:
         where = self.cfg.train.checkpoint.resume
         if where is None:
             return
+        self.emit({"kind": "message", "text": f"loading checkpoint {where}"})
         state = self.checkpointer.restore(where, self.engine, self.tables)
         self.step = self.saved_step = int(state["step"])
         self.tokens = int(state["tokens"])
         self.train_seconds = float(state["train_seconds"])
         for _ in range(self.step * self.cfg.train.grad_accum):
             next(self.batches)
-        self.emit({"kind": "message", "text": f"resumed from {state['uri']} at step {self.step}"})
+        mb, seconds = state["loaded_mb"], state["load_seconds"]
+        self.emit({"kind": "message", "text": f"resumed from {state['uri']} at step {self.step} "
+                   f"(read {mb:.1f} MB in {seconds:.1f} s, {mb / max(seconds, 1e-9):.1f} MB/s)"})  # fmt: skip
 
     def _save(self) -> None:
         """A checkpoint of the step just finished (every worker takes part)."""
@@ -256,6 +261,8 @@ class Trainer:
         every = cfg.train.checkpoint.every
         if self.checkpointer.enabled and every and step % every == 0 and step < cfg.train.steps:
             self._save()
+        for record in self.checkpointer.drain():  # saves finished in the background
+            self.emit(record)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             result = run_eval(cfg, self._eval_model(), self.evals, self.ctx)
             self.emit({"kind": "eval", "step": step, "tokens": self.tokens, **result})
@@ -304,7 +311,8 @@ class Trainer:
     def _on_failure(self, exc: BaseException) -> None:
         """A failed run stops here. Nothing half-applied is left to undo: a table applies
         a step whole or not at all (the shards' barrier); recovering from the last
-        checkpoint will start from this point."""
+        checkpoint will start from this point. A save being written is let finish."""
+        self.checkpointer.wait(raise_error=False)
         self.emit({"kind": "message", "text": f"worker {self.ctx.rank} failed at step "
                    f"{self.step + 1}: {type(exc).__name__}: {exc}"})  # fmt: skip
 
@@ -314,7 +322,10 @@ class Trainer:
             table.flush()
         if self.checkpointer.enabled and self.saved_step != self.step:
             self._save()
-        result = run_eval(cfg, self._eval_model(), self.evals, ctx)
+        result = run_eval(cfg, self._eval_model(), self.evals, ctx)  # while the save is written
+        self.checkpointer.wait(emit=self.emit)  # the last checkpoint is complete at the end
+        for record in self.checkpointer.drain():
+            self.emit(record)
         self.emit({"kind": "eval", "step": self.step, "tokens": self.tokens, **result})
         state = checkpoint.full_state_dict(self.engine.module)  # a collective under ZeRO-3
         if not ctx.lead:

@@ -14,6 +14,7 @@ U unique rows touched in a step.
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 from typing import Any
 
@@ -23,8 +24,9 @@ import torch
 from memdist import kernels
 from memdist.errors import ConfigError, ShapeError
 from memdist.kernels import OptimizerSpec
+from memdist.region_save import RegionSave
 from memdist.storage import table_store
-from memdist.table import ReadyLookup, StepResult, ValueTable
+from memdist.table import PendingSave, ReadyLookup, StepResult, ValueTable
 
 INIT_BLOCK_ROWS = 4096
 
@@ -90,6 +92,11 @@ class SparseRows:
         self._merged: tuple[torch.Tensor, torch.Tensor] | None = None
         self.steps = 0
         self.counters: Counter[str] = Counter()
+        # A save writing in the background reads blocks under this lock; steps and
+        # writes take it too, so a block is never read half updated.
+        self.lock = threading.RLock()
+        self.changed = np.zeros(self.region_rows, dtype=bool)  # since the last save began
+        self.snapshot: Any = None  # a full save's copy-on-write record (memdist.region_save)
 
     where = "memory"
 
@@ -135,22 +142,43 @@ class SparseRows:
     def step(self, grad_scale: float = 1.0, clip: float = 1.0) -> int:
         """Apply the sparse optimizer to the rows touched since the last step, with their
         gradients times ``grad_scale * clip``."""
-        pending = self.pending_grads()
-        self.zero_grad()
-        if pending is None:
-            self._after_step(torch.empty(0, dtype=torch.int64))
-            return 0
-        rows_U, grad_UD = pending
-        if grad_scale != 1.0:
-            grad_UD = grad_UD * grad_scale
-        if clip != 1.0:
-            grad_UD = grad_UD * clip
-        kernels.sparse_update_(
-            self.spec, self.weight_VD, self.state, rows_U, grad_UD, backend=self.backend
-        )
-        self.steps += 1
-        self._after_step(rows_U)
-        return int(rows_U.numel())
+        with self.lock:
+            pending = self.pending_grads()
+            self.zero_grad()
+            if pending is None:
+                self._after_step(torch.empty(0, dtype=torch.int64))
+                return 0
+            rows_U, grad_UD = pending
+            if grad_scale != 1.0:
+                grad_UD = grad_UD * grad_scale
+            if clip != 1.0:
+                grad_UD = grad_UD * clip
+            local_U = self.region_index(rows_U)
+            if self.snapshot is not None:  # a save is under way: keep what it has not written
+                self.snapshot.keep(local_U, lambda sel: self.gather(rows_U[sel]))
+            kernels.sparse_update_(
+                self.spec, self.weight_VD, self.state, rows_U, grad_UD, backend=self.backend
+            )
+            self.changed[local_U] = True
+            self.steps += 1
+            self._after_step(rows_U)
+            return int(rows_U.numel())
+
+    def region_index(self, rows_U: torch.Tensor) -> np.ndarray:
+        """Region rows of the rows the kernels saw (here the same; slots in a row cache)."""
+        return rows_U.cpu().numpy()
+
+    def gather(self, rows_U: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """Copies of the weight and state of ``rows_U`` as the kernels index them."""
+        rows = torch.as_tensor(rows_U, dtype=torch.int64, device=self.weight_VD.device)
+        out = {"weight": self.weight_VD[rows].detach().cpu()}
+        out.update({f"state.{k}": v[rows].cpu() for k, v in self.state.items()})
+        return out
+
+    def read_row_indices(self, local_U: np.ndarray) -> dict[str, torch.Tensor]:
+        """Region rows ``local_U`` (sorted) and their state, as ``read_rows`` gives ranges."""
+        with self.lock:
+            return self.gather(local_U)
 
     def _after_step(self, rows_U: torch.Tensor) -> None:
         """Hook for subclasses that track which rows changed (a row cache)."""
@@ -176,17 +204,19 @@ class SparseRows:
 
     def read_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Rows ``[start, stop)`` of this block and their optimizer state (CPU copies)."""
-        out = {"weight": self.weight_VD[start:stop].detach().cpu().clone()}
-        out.update({f"state.{k}": v[start:stop].cpu().clone() for k, v in self.state.items()})
-        return out
+        with self.lock:
+            out = {"weight": self.weight_VD[start:stop].detach().cpu().clone()}
+            out.update({f"state.{k}": v[start:stop].cpu().clone() for k, v in self.state.items()})
+            return out
 
     def write_rows(self, start: int, state: dict[str, torch.Tensor]) -> None:
         """Overwrite rows ``[start, start + R)`` with ``state``; pending gradients go."""
         stop = start + check_rows_state(state, self.dim, self.state_names())
-        self.zero_grad()
-        self.weight_VD[start:stop] = state["weight"].to(self.weight_VD)
-        for k, v in self.state.items():
-            v[start:stop] = state[f"state.{k}"].to(v)
+        with self.lock:
+            self.zero_grad()
+            self.weight_VD[start:stop] = state["weight"].to(self.weight_VD)
+            for k, v in self.state.items():
+                v[start:stop] = state[f"state.{k}"].to(v)
 
 
 def check_rows_state(state: dict[str, torch.Tensor], dim: int, names: list[str]) -> int:
@@ -310,22 +340,30 @@ class LocalTable(ValueTable):
     def set_steps(self, steps: int) -> None:
         self.rows.steps = steps
 
-    def save(self, target: Any, prefix: str) -> table_store.Objects:
-        """This process holds every row: it writes the one region itself."""
-        self.flush()
-        region = table_store.Region(0, 0, self.num_rows, 0, self.dim)
-        objects = table_store.save_region_to(target, prefix, 0, region, self.rows.read_rows)
-        objects.update(table_store.save_table_group(
-            target, prefix, num_rows=self.num_rows, dim=self.dim, plan="local",
-            regions=[region], meta={"optimizer": self.spec.name, "steps": self.steps},
-        ))  # fmt: skip
-        return objects
+    def _region(self) -> table_store.Region:
+        return table_store.Region(0, 0, self.num_rows, 0, self.dim)
 
-    def load(self, target: Any, prefix: str, objects: table_store.Objects) -> None:
+    def begin_save(self, target: Any, prefix: str, *, changed_only: bool = False) -> PendingSave:
+        """This process holds every row: it writes the one region itself, in a thread."""
+        job = RegionSave(self.rows, target, prefix, self._region(), changed_only=changed_only)
+        meta = {"optimizer": self.spec.name, "steps": self.steps,
+                "kind": "delta" if changed_only else "full"}  # fmt: skip
+
+        def finish() -> table_store.Objects:
+            objects = dict(job.result())
+            objects.update(table_store.save_table_group(
+                target, prefix, num_rows=self.num_rows, dim=self.dim, plan="local",
+                regions=[self._region()], meta=meta,
+            ))  # fmt: skip
+            return objects
+
+        return PendingSave(lambda: [job.progress()], finish)
+
+    def load(self, chain: list[table_store.Source], prefix: str) -> None:
         self.zero_grad()
-        region = table_store.Region(0, 0, self.num_rows, 0, self.dim)
         attrs = table_store.load_region_from(
-            target, prefix, objects, region, self.rows.write_rows, num_rows=self.num_rows,
+            chain, prefix, self._region(), self.rows.write_rows, num_rows=self.num_rows,
             dim=self.dim,
         )  # fmt: skip
         self.set_steps(int(attrs["steps"]))
+        self.rows.changed[:] = False

@@ -128,21 +128,29 @@ class WriteRows:
 
 @dataclass(frozen=True, slots=True)
 class SaveRegion:
-    """Write the shard's region as ``region{shard}`` of the table group under ``prefix``
-    of ``target`` (a checkpoint target) -> the objects written (key -> size, SHA-256)."""
+    """Begin writing the shard's region as ``region{shard}`` of the table group under
+    ``prefix`` of ``target`` (a checkpoint target); ``changed_only``: only the rows
+    changed since the previous save. Returns once the snapshot is taken -> None."""
 
     target: Any
     prefix: str
+    changed_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SaveStatus:
+    """How the shard's save is going -> ``RegionSave.progress()``, with ``objects`` (key
+    -> size, SHA-256) once done; a failed save raises here."""
 
 
 @dataclass(frozen=True, slots=True)
 class LoadRegion:
-    """Fill the shard's region from the table saved under ``prefix`` of ``target``,
-    checking every object read against ``objects`` first -> the table group's attrs."""
+    """Fill the shard's region from the table saved under ``prefix`` of each checkpoint
+    of ``chain`` (``table_store.Source``: full, then incremental), checking every object
+    read against its manifest first -> None."""
 
-    target: Any
+    chain: list[Any]
     prefix: str
-    objects: dict[str, dict[str, Any]]
     num_rows: int  # the table's, checked against the saved one
 
 
@@ -158,7 +166,7 @@ class Stats:
 
 Request = (
     Lookup | Backward | GradNorm | Step | Prefetch | ZeroGrad | Flush | ReadRows | WriteRows
-    | SaveRegion | LoadRegion | SetSteps | Stats
+    | SaveRegion | SaveStatus | LoadRegion | SetSteps | Stats
 )  # fmt: skip
 ORDERED = (Lookup, Backward, Prefetch)
 HOT = (Lookup, Backward, GradNorm, Step, Prefetch)

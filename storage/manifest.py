@@ -257,10 +257,45 @@ def latest_complete(root: CheckpointTarget) -> CheckpointInfo | None:
     return complete[-1] if complete else None
 
 
+def folder_of(target: CheckpointTarget, *, endpoint_url: str | None = None) -> CheckpointTarget:
+    """The checkpoint folder holding the checkpoint ``target`` (its parent prefix)."""
+    from memdist.storage.targets import open_target
+
+    parent = target.uri.rstrip("/").rpartition("/")[0]
+    return open_target(parent, endpoint_url=endpoint_url)
+
+
+def chain(target: CheckpointTarget, manifest: Manifest | None = None, *,
+          folder: CheckpointTarget | None = None) -> list[tuple[CheckpointTarget, Manifest]]:  # fmt: skip
+    """The checkpoints an incremental checkpoint builds on, oldest (the full one) first,
+    ending with ``target`` itself; each must be complete. ``folder`` holds them (by default
+    the parent prefix of ``target``)."""
+    manifest = read_manifest(target) if manifest is None else manifest
+    links = [(target, manifest)]
+    while (parent := manifest.meta.get("parent")) is not None:
+        folder = folder_of(target) if folder is None else folder
+        target = folder.child(str(parent))
+        try:
+            manifest = read_manifest(target)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"checkpoint of step {links[-1][1].step} is incremental on {parent!r}, "
+                f"which cannot be read: {exc}"
+            ) from exc
+        if manifest.step >= links[-1][1].step:
+            raise CheckpointError(
+                f"checkpoint {parent!r} (step {manifest.step}) cannot be the base of step "
+                f"{links[-1][1].step}: a chain runs back in steps"
+            )
+        links.append((target, manifest))
+    return links[::-1]
+
+
 def prune(root: CheckpointTarget, keep: int) -> list[CheckpointInfo]:
-    """Delete all but the newest ``keep`` complete checkpoints, and incomplete ones older
-    than the newest complete one (abandoned saves); never the newest complete one, nor an
-    incomplete one newer than it (a save may be in progress). Returns what was deleted."""
+    """Delete all but the newest ``keep`` complete checkpoints (and those they build on,
+    when incremental), and incomplete ones older than the newest complete one (abandoned
+    saves); never the newest complete one, nor an incomplete one newer than it (a save
+    may be in progress). Returns what was deleted."""
     if not isinstance(keep, int) or keep < 1:
         raise ConfigError(f"checkpoints to keep ({keep!r}) must be an int >= 1")
     infos = list_checkpoints(root)
@@ -268,6 +303,11 @@ def prune(root: CheckpointTarget, keep: int) -> list[CheckpointInfo]:
     if not complete:
         return []
     kept = {i.key for i in complete[-keep:]}
+    for info in complete[-keep:]:
+        parent = read_manifest(root.child(info.key)).meta.get("parent")
+        while parent is not None and parent not in kept:
+            kept.add(parent)
+            parent = read_manifest(root.child(parent)).meta.get("parent")
     newest = complete[-1].step
     doomed = [i for i in infos if i.key not in kept and (i.complete or i.step < newest)]
     for info in doomed:

@@ -17,6 +17,10 @@ Letters: C cache slots, D columns, U unique rows in a request.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -27,6 +31,17 @@ from memdist.storage.zarr_region import ZarrRegion
 from memdist.values import SparseRows
 
 STATE_DTYPES = {"sum_sq": "float32", "exp_avg": "float32", "exp_avg_sq": "float32", "step": "int64"}
+
+
+def _locked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a method under the rows' lock: a save in the background reads the cache too."""
+
+    @functools.wraps(fn)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return fn(self, *args, **kwargs)
+
+    return run
 
 
 def state_spec(optimizer: str, cols: int) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -111,6 +126,7 @@ class CachedRows(SparseRows):
         self.row_of[new_slots] = load_rows
         return new_slots
 
+    @_locked
     def resolve(self, rows_U: np.ndarray) -> np.ndarray:
         """Slots holding region rows ``rows_U`` (unique), loading misses from zarr."""
         self.clock += 1
@@ -135,6 +151,7 @@ class CachedRows(SparseRows):
         self.last_used[slots] = self.clock
         return slots
 
+    @_locked
     def prefetch(self, rows_U: np.ndarray) -> int:
         """Load the region rows ``rows_U`` (unique) that are not resident, as many as fit
         without evicting pinned rows or the hint's own; returns how many were read."""
@@ -162,6 +179,7 @@ class CachedRows(SparseRows):
         return torch.from_numpy(slots_U)[inverse].to(local_NK.device)
 
     # -- gradients and steps run on slots; pinned slots stay until their step ---
+    @_locked
     def accumulate(self, slots_U: torch.Tensor, grad_UD: torch.Tensor, source: int = 0) -> None:
         self.pinned[slots_U.cpu().numpy()] = True
         super().accumulate(slots_U, grad_UD, source)
@@ -170,10 +188,25 @@ class CachedRows(SparseRows):
         self.dirty[slots_U.cpu().numpy()] = True
         self.pinned[:] = False
 
+    def region_index(self, slots_U: torch.Tensor) -> np.ndarray:
+        return self.row_of[slots_U.cpu().numpy()]
+
+    def read_row_indices(self, local_U: np.ndarray) -> dict[str, torch.Tensor]:
+        """Region rows ``local_U`` and their state, read from zarr after a flush."""
+        with self.lock:
+            self.flush()
+            return self._as_state(self.store.read(local_U))
+
+    def _as_state(self, data: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        out = {"weight": torch.from_numpy(data["values"])}
+        out.update({f"state.{k}": torch.from_numpy(data[k]) for k in self.state})
+        return out
+
     def zero_grad(self) -> None:
         super().zero_grad()
         self.pinned[:] = False
 
+    @_locked
     def flush(self) -> None:
         """Write every updated row back to zarr (the cache keeps its contents)."""
         dirty = np.flatnonzero(self.dirty & (self.row_of >= 0))
@@ -189,12 +222,11 @@ class CachedRows(SparseRows):
 
     def read_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Region rows ``[start, stop)`` and their state, read from zarr after a flush."""
-        self.flush()
-        data = self.store.read(np.arange(start, stop))
-        out = {"weight": torch.from_numpy(data["values"])}
-        out.update({f"state.{k}": torch.from_numpy(data[k]) for k in self.state})
-        return out
+        with self.lock:
+            self.flush()
+            return self._as_state(self.store.read(np.arange(start, stop)))
 
+    @_locked
     def write_rows(self, start: int, state: dict[str, torch.Tensor]) -> None:
         """Write region rows ``[start, start + R)`` to zarr; resident copies are dropped
         (their pending gradients with them), so the next read loads the new rows."""

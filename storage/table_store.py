@@ -13,6 +13,11 @@ more than one block of rows it does not own; regions never share a chunk. Loadin
 reads any global range back from the regions that overlap it, so a table saved
 with M shards under one plan loads into M' shards under either plan.
 
+An incremental save (group attribute ``kind: "delta"``) holds only the rows changed
+since the previous save: ``region{s}/rows`` (their global numbers, sorted) beside
+``weight`` and ``state.<name>`` for those rows. Loading takes a chain, the full save
+first and then each delta in order, and lays the deltas' rows over the full one.
+
 Letters: R rows of a block, C columns of a region.
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,27 +61,50 @@ def tree_objects(root: Path, prefix: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def write_region(out: Path, region: Region, read: ReadRows, *, block_rows: int | None = None):
-    """Write one region as a zarr group at ``out`` from ``read(lo, hi)`` (region-local
-    rows), one block of chunk-aligned rows at a time."""
+def _region_group(out: Path, region: Region, n: int) -> tuple[Any, int]:
+    """An empty region group at ``out`` and its rows per chunk for ``n`` rows."""
     cols = region.col_stop - region.col_start
-    rows_per_chunk = max(1, min(region.rows, CHUNK_BYTES // (4 * max(cols, 1))))
-    block = block_rows or rows_per_chunk
+    rows_per_chunk = max(1, min(n, CHUNK_BYTES // (4 * max(cols, 1))))
     group = zarr.open_group(str(out), mode="w", zarr_format=3)
     group.attrs.update({"row_start": region.row_start, "row_stop": region.row_stop,
                         "col_start": region.col_start, "col_stop": region.col_stop})  # fmt: skip
+    return group, rows_per_chunk
+
+
+def _write_blocks(group: Any, n: int, rows_per_chunk: int, block: int,
+                  read: Callable[[int, int], dict[str, Any]]) -> None:  # fmt: skip
     arrays: dict[str, Any] = {}
-    for lo in range(0, region.rows, block):
-        hi = min(lo + block, region.rows)
-        part = read(lo, hi)
-        for name, t in part.items():
-            a = t.cpu().numpy()
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        for name, t in read(lo, hi).items():
+            a = t.cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
             if name not in arrays:
                 arrays[name] = group.create_array(
-                    name, shape=(region.rows, *a.shape[1:]), dtype=a.dtype,
+                    name, shape=(n, *a.shape[1:]), dtype=a.dtype,
                     chunks=(rows_per_chunk, *a.shape[1:]), fill_value=0,
                 )  # fmt: skip
             arrays[name][lo:hi] = a
+
+
+def write_region(out: Path, region: Region, read: ReadRows, *, block_rows: int | None = None):
+    """Write one region as a zarr group at ``out`` from ``read(lo, hi)`` (region-local
+    rows), one block of chunk-aligned rows at a time."""
+    group, rows_per_chunk = _region_group(out, region, region.rows)
+    _write_blocks(group, region.rows, rows_per_chunk, block_rows or rows_per_chunk, read)
+
+
+def write_delta(out: Path, region: Region, rows_U: np.ndarray, data: dict[str, torch.Tensor]):
+    """Write the changed rows ``rows_U`` (global, sorted) of a region and their state."""
+    group, rows_per_chunk = _region_group(out, region, int(rows_U.size))
+    group.attrs["delta"] = True
+    if rows_U.size == 0:  # nothing changed: the arrays exist, empty
+        for name, t in {"rows": torch.from_numpy(rows_U.astype(np.int64)), **data}.items():
+            group.create_array(name, shape=tuple(t.shape), dtype=t.cpu().numpy().dtype,
+                               chunks=(1, *t.shape[1:]), fill_value=0)  # fmt: skip
+        return
+    full = {"rows": torch.from_numpy(rows_U.astype(np.int64)), **data}
+    _write_blocks(group, int(rows_U.size), rows_per_chunk, rows_per_chunk,
+                  lambda lo, hi: {k: v[lo:hi] for k, v in full.items()})  # fmt: skip
 
 
 class SavedTable:
@@ -89,6 +118,7 @@ class SavedTable:
             raise CheckpointError(f"{self.root} is not a saved value table: {exc}") from exc
         attrs: dict[str, Any] = dict(self.group.attrs)
         self.num_rows, self.dim = int(attrs["num_rows"]), int(attrs["dim"])
+        self.kind = str(attrs.get("kind", "full"))  # "full", or "delta" (incremental)
         self.regions = [Region(i, *r) for i, r in enumerate(attrs["regions"])]
 
     def read(self, start: int, stop: int, col_start: int, col_stop: int) -> dict[str, np.ndarray]:
@@ -127,13 +157,48 @@ def write_table_attrs(root: Path, *, num_rows: int, dim: int, plan: str,
     })  # fmt: skip
 
 
+class Delta:
+    """The rows of one saved delta region that fall in a region being loaded."""
+
+    def __init__(self, group: Any, saved: Region, region: Region) -> None:
+        rows = np.asarray(group["rows"][:])
+        keep = (rows >= region.row_start) & (rows < region.row_stop)
+        self.rows = rows[keep]
+        self.c0, self.c1 = (
+            max(saved.col_start, region.col_start),
+            min(saved.col_stop, region.col_stop),
+        )
+        self.arrays: dict[str, np.ndarray] = {}
+        for name, arr in group.arrays():
+            if name == "rows":
+                continue
+            a = np.asarray(arr[:])[keep]
+            self.arrays[name] = (
+                a if a.ndim == 1 else a[:, self.c0 - saved.col_start : self.c1 - saved.col_start]
+            )
+
+    def lay_over(self, out: dict[str, np.ndarray], start: int, stop: int, col_start: int) -> None:
+        """Write this delta's rows in ``[start, stop)`` into ``out`` (columns from ``col_start``)."""
+        inside = (self.rows >= start) & (self.rows < stop)
+        if not inside.any():
+            return
+        at = self.rows[inside] - start
+        for name, a in self.arrays.items():
+            if a.ndim == 1:
+                out[name][at] = a[inside]
+            else:
+                out[name][at, self.c0 - col_start : self.c1 - col_start] = a[inside]
+
+
 def load_into(saved: SavedTable, region: Region, write: Callable[[int, dict], None],
-              *, block_rows: int = 65536) -> None:  # fmt: skip
-    """Fill ``region`` (global coordinates) from ``saved``: ``write(lo, state)`` gets
-    region-local rows from ``lo``, block by block."""
+              *, deltas: list[Delta] = (), block_rows: int = 65536) -> None:  # type: ignore[assignment]  # fmt: skip
+    """Fill ``region`` (global coordinates) from ``saved`` with ``deltas`` laid over it in
+    order: ``write(lo, state)`` gets region-local rows from ``lo``, block by block."""
     for lo in range(region.row_start, region.row_stop, block_rows):
         hi = min(lo + block_rows, region.row_stop)
         part = saved.read(lo, hi, region.col_start, region.col_stop)
+        for delta in deltas:
+            delta.lay_over(part, lo, hi, region.col_start)
         write(lo - region.row_start, {k: torch.from_numpy(v) for k, v in part.items()})
 
 
@@ -156,14 +221,25 @@ def check_objects(local_root: Path, prefix: str, objects: Objects, sub: str) -> 
             )
 
 
-def save_region_to(target: Any, prefix: str, index: int, region: Region, read: ReadRows) -> Objects:
-    """Write region ``index`` of a table under ``prefix`` of ``target``; its objects."""
+def _put_region(target: Any, prefix: str, region: Region, write: Callable[[Path], None]) -> Objects:
+    key = f"{prefix}/region{region.shard}"
     with tempfile.TemporaryDirectory(prefix="memdist-save-") as tmp:
-        out = Path(tmp) / f"region{index}"
-        write_region(out, region, read)
-        objects = tree_objects(out, f"{prefix}/region{index}")
-        target.put_tree(f"{prefix}/region{index}", out)
+        out = Path(tmp) / f"region{region.shard}"
+        write(out)
+        objects = tree_objects(out, key)
+        target.put_tree(key, out)
     return objects
+
+
+def save_region_to(target: Any, prefix: str, region: Region, read: ReadRows) -> Objects:
+    """Write ``region`` of a table under ``prefix`` of ``target``; its objects."""
+    return _put_region(target, prefix, region, lambda out: write_region(out, region, read))
+
+
+def save_delta_to(target: Any, prefix: str, region: Region, rows_U: np.ndarray,
+                  data: dict[str, torch.Tensor]) -> Objects:  # fmt: skip
+    """Write the changed rows ``rows_U`` (global) of ``region`` under ``prefix``; its objects."""
+    return _put_region(target, prefix, region, lambda out: write_delta(out, region, rows_U, data))
 
 
 def save_table_group(target: Any, prefix: str, *, num_rows: int, dim: int, plan: str,
@@ -177,28 +253,67 @@ def save_table_group(target: Any, prefix: str, *, num_rows: int, dim: int, plan:
         return tree_objects(root, prefix)
 
 
-def load_region_from(target: Any, prefix: str, objects: Objects, region: Region,
+def _overlaps(a: Region, b: Region) -> bool:
+    rows = a.row_start < b.row_stop and b.row_start < a.row_stop
+    return rows and a.col_start < b.col_stop and b.col_start < a.col_stop
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One saved table in a chain: the checkpoint target and the objects its manifest lists."""
+
+    target: Any
+    objects: Objects
+
+
+def _fetch_group(src: Source, prefix: str, root: Path, region: Region, num_rows: int,
+                 dim: int) -> SavedTable:  # fmt: skip
+    """The saved table under ``prefix`` of ``src`` in ``root`` with the regions overlapping
+    ``region`` fetched, each checked against the manifest before zarr reads it."""
+    root.mkdir(parents=True, exist_ok=True)
+    if f"{prefix}/zarr.json" not in src.objects:
+        raise CheckpointError(
+            f"checkpoint object {prefix + '/zarr.json'!r} is not listed in {src.target.uri}"
+        )
+    src.target.get_file(f"{prefix}/zarr.json", root / "zarr.json")
+    check_objects(root, prefix, src.objects, "zarr.json")
+    saved = SavedTable(root)
+    if (saved.num_rows, saved.dim) != (num_rows, dim):
+        raise CheckpointError(
+            f"the table saved under {prefix!r} is {saved.num_rows} x {saved.dim}; "
+            f"this run's table is {num_rows} x {dim}"
+        )
+    for i, r in enumerate(saved.regions):
+        if _overlaps(r, region):
+            src.target.get_tree(f"{prefix}/region{i}", root / f"region{i}")
+            check_objects(root, prefix, src.objects, f"region{i}")
+    return saved
+
+
+def load_region_from(chain: list[Source], prefix: str, region: Region,
                      write: Callable[[int, dict], None], *, num_rows: int,
                      dim: int) -> dict[str, Any]:  # fmt: skip
-    """Fill ``region`` (global rows and columns) from the table saved under ``prefix``:
-    only the saved regions that overlap it are fetched, and each is checked against
-    ``objects`` before zarr reads it. Returns the table group's attributes."""
+    """Fill ``region`` (global rows and columns) from the table saved under ``prefix`` of
+    each checkpoint of ``chain`` (a full save, then incremental ones in order): only the
+    saved regions that overlap it are fetched, and each is checked against its manifest's
+    objects before zarr reads it. Returns the newest table group's attributes."""
     with tempfile.TemporaryDirectory(prefix="memdist-load-") as tmp:
-        root = Path(tmp)
-        if f"{prefix}/zarr.json" not in objects:
-            raise CheckpointError(f"checkpoint object {prefix + '/zarr.json'!r} is not listed")
-        target.get_file(f"{prefix}/zarr.json", root / "zarr.json")
-        check_objects(root, prefix, objects, "zarr.json")
-        saved = SavedTable(root)
-        if (saved.num_rows, saved.dim) != (num_rows, dim):
+        groups = [
+            _fetch_group(src, prefix, Path(tmp) / f"link{k}", region, num_rows, dim)
+            for k, src in enumerate(chain)
+        ]
+        base, *rest = groups
+        if base.kind != "full" or any(g.kind != "delta" for g in rest):
+            kinds = [g.kind for g in groups]
             raise CheckpointError(
-                f"the table saved under {prefix!r} is {saved.num_rows} x {saved.dim}; "
-                f"this run's table is {num_rows} x {dim}"
+                f"the saves of {prefix!r} form no chain (kinds {kinds}): a full save must "
+                "come first and only incremental ones after it"
             )
-        for i, r in enumerate(saved.regions):
-            overlaps = r.row_start < region.row_stop and region.row_start < r.row_stop
-            if overlaps and r.col_start < region.col_stop and region.col_start < r.col_stop:
-                target.get_tree(f"{prefix}/region{i}", root / f"region{i}")
-                check_objects(root, prefix, objects, f"region{i}")
-        load_into(saved, region, write)
-        return dict(saved.group.attrs)
+        deltas = [
+            Delta(g.group[f"region{i}"], r, region)
+            for g in rest
+            for i, r in enumerate(g.regions)
+            if _overlaps(r, region)
+        ]
+        load_into(base, region, write, deltas=deltas)
+        return dict(groups[-1].group.attrs)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from memdist.cli import main as cli
 from memdist.config import load_config
-from memdist.errors import CheckpointError
+from memdist.errors import CheckpointError, ConfigError
 from memdist.train import train
 
 BUCKET = "memdist-runs"
@@ -315,3 +315,157 @@ def test_export_refuses_a_table_over_the_budget(tmp_path):
 
         export(str(ck / "step-000002"), tmp_path / "out", max_table_mb=0.01)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout",
+    [["shards.count=0"], ["shards.count=2", "shards.plan=column", "shards.transport=ray"]],
+    ids=["local-table", "ray-column-shards"],
+)
+def test_incremental_checkpoints_resume_exactly_and_keep_their_chain(
+    ray_local, tmp_path, layout, capsys
+):
+    """Saves at 3 (full), 6 and 9 (changed rows only), 12 (full again: full_every=9);
+    resuming from 9 loads 3, then 6 and 9 over it, and continues as the run did."""
+    ck = tmp_path / "ck"
+    every = ["train.checkpoint.every=3", "train.checkpoint.full_every=9", "train.checkpoint.keep=2"]
+    train(cfg_of(*layout, f"train.checkpoint.dir={ck}", *every), tmp_path / "whole", progress=False)
+    # keep=2 holds 9 and 12, and 3 and 6 because 9 builds on them.
+    assert sorted(p.name for p in ck.iterdir()) == [f"step-{s:06d}" for s in (3, 6, 9, 12)]
+    capsys.readouterr()
+    assert cli(["checkpoint", "ls", str(ck)]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["step"], r["kind"], r["parent"]) for r in listed] == [
+        (3, "full", None), (6, "incremental", "step-000003"),
+        (9, "incremental", "step-000006"), (12, "full", None),
+    ]  # fmt: skip
+    done = {r["step"]: r for r in map(json.loads, (tmp_path / "whole" / "metrics.jsonl")
+            .read_text().splitlines()) if r["kind"] == "checkpoint_done"}  # fmt: skip
+    assert sorted(done) == [3, 6, 9, 12]
+    assert done[6]["save"] == "incremental" and done[3]["save"] == "full"
+    assert done[6]["table_bytes"] < done[3]["table_bytes"]  # only the rows steps 4-6 changed
+    assert cli(["checkpoint", "verify", str(ck / "step-000009")]) == 0
+    final = train(cfg_of(*layout, f"train.checkpoint.resume={ck}/step-000009"),
+                  tmp_path / "resumed", progress=False)  # fmt: skip
+    assert final["step"] == STEPS
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")[9:]
+    a = load_file(tmp_path / "whole" / "values.safetensors")
+    b = load_file(tmp_path / "resumed" / "values.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # The chain is checked link by link: a damaged base fails the checkpoint built on it.
+    (ck / "step-000003" / "tables" / "table0" / "zarr.json").write_text("{}")
+    capsys.readouterr()
+    assert cli(["checkpoint", "verify", str(ck / "step-000009")]) == 1
+    assert "step-000003/tables/table0/zarr.json" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_an_s3_outage_fails_saves_not_the_run_and_leaves_only_whole_checkpoints(tmp_path, aws_env):
+    """The S3 endpoint goes away after the first checkpoint (during the saves that follow)
+    and comes back once a save has failed; when a later save is complete the run gets a
+    SIGTERM. Training went on throughout, the checkpoints left are each complete and
+    verify (the failed ones are gone), and the run resumes from the latest."""
+    import threading
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from memdist.storage import manifest as mf
+    from memdist.storage.targets import open_target
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    servers, seen = [server], []
+
+    def logged(kind):
+        if not metrics.is_file():
+            return []
+        return [r for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == kind]
+
+    def until(what, deadline):
+        while not what():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    def outage():
+        deadline = time.monotonic() + 240
+        client = boto3.client("s3", endpoint_url=endpoint)
+        key = "ck/step-000004/manifest.json"
+        until(lambda: client.list_objects_v2(Bucket="outage", Prefix=key)["KeyCount"], deadline)
+        servers[0].stop()  # moto keeps the buckets in this process: a restart finds them
+        seen.append("stopped")
+        until(lambda: logged("checkpoint_failed"), deadline)
+        servers.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
+        servers[-1].start()
+        seen.append("restarted")
+        failed = logged("checkpoint_failed")[-1]["step"]
+        until(lambda: any(r["step"] > failed for r in logged("checkpoint_done")), deadline)
+        seen.append("saved again")
+        os.kill(os.getpid(), signal.SIGTERM)  # the run stops after this step, with a save
+
+    watcher = threading.Thread(target=outage, daemon=True)
+    watcher.start()
+    ck = "s3://outage/ck"
+    reach = [f"train.checkpoint.endpoint_url={endpoint}", "train.checkpoint.keep=100"]
+    try:
+        final = train(cfg_of(f"train.checkpoint.dir={ck}", "train.checkpoint.every=4",
+                             "train.steps=100000", "train.max_minutes=5", *reach),
+                      tmp_path / "run", progress=False)  # fmt: skip
+        watcher.join(timeout=60)
+        assert seen == ["stopped", "restarted", "saved again"]
+        failed = [r["step"] for r in logged("checkpoint_failed")]
+        done = [r["step"] for r in logged("checkpoint_done")]
+        assert failed and done[0] == 4 and done[-1] == final["step"] > failed[-1]
+        assert not set(failed) & set(done)
+        root = open_target(ck, endpoint_url=endpoint)
+        listed = mf.list_checkpoints(root)
+        assert [i.step for i in listed] == done  # the failed saves left nothing behind
+        for info in listed:
+            mf.verify_or_raise(root.child(info.key))
+        resumed = train(cfg_of("train.checkpoint.resume=latest", f"train.checkpoint.dir={ck}",
+                               f"train.steps={final['step'] + 2}", *reach),
+                        tmp_path / "resumed", progress=False)  # fmt: skip
+        assert resumed["step"] == final["step"] + 2
+    finally:
+        servers[-1].stop()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_on_another_worker_count_and_shard_layout(ray_local, tmp_path):
+    """2 workers x 2 row shards under ZeRO-2 -> 1 worker x 3 column shards: DeepSpeed's
+    universal checkpoint moves the partitioned optimizer state, the same global batches
+    follow, and the losses are those of the run that went on (summation order differs)."""
+    ck = tmp_path / "ck"
+    two = ["cluster.workers=2", "cluster.cpus_per_worker=0.5", "shards.count=2",
+           "shards.plan=row", "data.batch_size=2", "train.zero_stage=2"]  # fmt: skip
+    train(cfg_of(*two, f"train.checkpoint.dir={ck}", "train.checkpoint.every=6"),
+          tmp_path / "whole", progress=False)  # fmt: skip
+    one = ["shards.count=3", "shards.plan=column", "train.zero_stage=2"]
+    with pytest.raises(CheckpointError, match="global batches of 4 rows"):
+        train(cfg_of(*one, "data.batch_size=2", f"train.checkpoint.resume={ck}/step-000006"),
+              tmp_path / "wrong-batch", progress=False)  # fmt: skip
+    train(cfg_of(*one, "data.batch_size=4", f"train.checkpoint.resume={ck}/step-000006"),
+          tmp_path / "resumed", progress=False)  # fmt: skip
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "whole")[6:], rel=1e-5)
+
+
+def test_a_table_too_large_to_gather_stays_in_the_checkpoints(tmp_path, monkeypatch):
+    """Over the driver's gather budget the run folder keeps the backbone only, and a run
+    without checkpoints is refused before it starts (its tables would be lost)."""
+    import memdist.train as driver
+
+    monkeypatch.setattr(driver, "GATHER_VALUES_MB", 0.01)  # the debug table is 0.03 MB
+    with pytest.raises(ConfigError, match="set train.checkpoint.dir"):
+        train(cfg_of(), tmp_path / "no-checkpoints", progress=False)
+    assert not (tmp_path / "no-checkpoints").exists()
+    ck = tmp_path / "ck"
+    train(cfg_of(f"train.checkpoint.dir={ck}", "train.steps=4"), tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "values.safetensors").exists()
+    assert [p.name for p in ck.iterdir()] == ["step-000004"]

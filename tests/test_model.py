@@ -244,7 +244,7 @@ class HugeTable(ValueTable):
 
     lookup_async = prefetch = step = zero_grad = flush = _untouched
     describe = stats = state_names = read_rows = write_rows = set_steps = _untouched
-    save = load = _untouched
+    begin_save = load = _untouched
     last_step = wait_seconds = rows_prefetched = steps = property(_untouched)
 
 
