@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     layouts, targets = args.layouts.split(","), args.targets.split(",")
+    load_start = os.getloadavg()  # the machine may be shared: say how busy it was
     server, endpoint = s3_endpoint() if "s3" in targets else (None, None)
     results = []
     scratch = Path(tempfile.mkdtemp(prefix="memdist-bench-ck-"))
@@ -217,6 +218,8 @@ def main() -> None:
                 "touch": args.touch,
                 "step_tokens": args.tokens,
                 "rows_per_token": 32,
+                "load_average_start": load_start,
+                "load_average_end": os.getloadavg(),
             },
             "results": results,
         },  # fmt: skip
