@@ -135,6 +135,8 @@ def deepspeed_config(cfg: RunConfig, rt: Runtime, *,
     }
     if universal:
         must["checkpoint"] = {"load_universal": True}
+    if cfg.train.freeze_backbone:
+        must["gradient_clipping"] = 0.0  # no backbone gradient to clip (DeepSpeed's fails)
     defaults: dict[str, Any] = {
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.train.zero_stage},
@@ -198,8 +200,9 @@ def init_single_process() -> None:
 def make_optimizer(cfg: RunConfig, model: torch.nn.Module):
     """AdamW over the backbone (no decay on norms, biases and product keys) and its schedule."""
     o = cfg.optim
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "keys" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "keys" in n]
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.ndim >= 2 and "keys" not in n]
+    no_decay = [p for n, p in trained if p.ndim < 2 or "keys" in n]
     optimizer = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": o.weight_decay},
@@ -213,7 +216,8 @@ def make_optimizer(cfg: RunConfig, model: torch.nn.Module):
 
 
 def make_engine(cfg: RunConfig, model: torch.nn.Module, rt: Runtime, *, universal: bool = False):
-    """A DeepSpeed engine over the backbone's parameters (never the value tables).
+    """A DeepSpeed engine over the backbone's parameters (never the value tables); with
+    ``train.freeze_backbone`` it updates none of them.
 
     The user's DeepSpeed JSON may bring its own optimizer and scheduler sections;
     DeepSpeed builds those. Without an optimizer section memdist's AdamW is used (with
@@ -224,15 +228,28 @@ def make_engine(cfg: RunConfig, model: torch.nn.Module, rt: Runtime, *, universa
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    if cfg.train.freeze_backbone:
+        # Only the values train, by their own optimizer outside the engine: no backbone
+        # parameter asks for a gradient, so none is computed, clipped, reduced or stepped.
+        model.requires_grad_(False)
     init_single_process()
     ds_config, _ = deepspeed_config(cfg, rt, universal=universal)
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if cfg.train.freeze_backbone and (stage != 0 or "optimizer" in ds_config):
+        raise ConfigError(
+            f"train.freeze_backbone=true needs ZeRO stage 0 and memdist's optimizer (got stage "
+            f"{stage}{', an optimizer section' if 'optimizer' in ds_config else ''} from "
+            f"train.deepspeed={cfg.train.deepspeed!r}): DeepSpeed's ZeRO and JSON optimizers "
+            "need at least one trainable parameter"
+        )
     optimizer, scheduler = make_optimizer(cfg, model)
     kwargs: dict[str, Any] = {}
     if "optimizer" in ds_config:
         kwargs["model_parameters"] = [p for p in model.parameters() if p.requires_grad]
     else:
         kwargs["optimizer"] = optimizer
-        if "scheduler" not in ds_config:
+        # Frozen, the optimizer's groups are empty (DeepSpeed drops them): nothing to schedule.
+        if "scheduler" not in ds_config and not cfg.train.freeze_backbone:
             kwargs["lr_scheduler"] = scheduler
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, **kwargs)
     return engine

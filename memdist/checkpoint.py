@@ -63,7 +63,12 @@ def save_weights(
     _atomic_save(values, run_dir / VALUES_FILE)
 
 
-def load_weights(run_dir: Path, model: torch.nn.Module, tables: list[ValueTable]) -> None:
+def load_weights(
+    run_dir: Path, model: torch.nn.Module, tables: list[ValueTable], *, optimizer_state: bool = True
+) -> None:
+    """Load a run folder's backbone into ``model`` and its values into ``tables``; without
+    ``optimizer_state`` only the rows are replaced and each table keeps its own optimizer
+    state and step count (a new run starting from these weights)."""
     run_dir = Path(run_dir)
     state = _load(run_dir / MODEL_FILE)
     try:
@@ -75,6 +80,7 @@ def load_weights(run_dir: Path, model: torch.nn.Module, tables: list[ValueTable]
     values = _load(run_dir / VALUES_FILE)
     for i, table in enumerate(tables):
         prefix = f"table{i}."
-        table.load_state_dict(
-            {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
-        )
+        saved = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
+        if not optimizer_state and "weight" in saved:
+            saved = {**table.state_dict(), "weight": saved["weight"]}
+        table.load_state_dict(saved)

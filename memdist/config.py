@@ -24,6 +24,8 @@ from memdist.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "small"
+MAX_ATTRIBUTES = 10  # len(memdist.data.corpus.ALL_ATTRIBUTES)
+MAX_VALUES_PER_ATTRIBUTE = 2000  # memdist.data.corpus's limit on invented values
 VALUE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 
 
@@ -87,6 +89,8 @@ class DataConfig:
     n_people: int = 200
     n_bio_variants: int = 3
     qa_train_fraction: float = 0.5
+    n_attributes: int = 5  # facts per person (up to 10 built-in attributes)
+    values_per_attribute: int | None = None  # width of every value list; None: built-in (~10)
     seq_len: int = 128
     batch_size: int = 16
     shuffle_buffer: int = 1024
@@ -134,6 +138,12 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     log_every: int = 10
     eval_every: int = 0  # 0 = evaluate only at the end
+    # Start from a finished run's folder: its backbone and value rows, with fresh
+    # optimizers, schedule and step 0 (finetuning, e.g. on new documents).
+    init_from: str | None = None
+    # Train only the memory values: every backbone parameter (attention, FFNs, the memory
+    # layers' queries, keys and projections) keeps the value it started with.
+    freeze_backbone: bool = False
     deepspeed: str | None = None  # the user's DeepSpeed JSON; memdist fills only what it must
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -475,6 +485,16 @@ def validate(cfg: RunConfig) -> None:
     _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     _check(d.n_people >= 2, f"data.n_people={d.n_people} must be >= 2")
     _check(
+        1 <= d.n_attributes <= MAX_ATTRIBUTES,
+        f"data.n_attributes={d.n_attributes} must be between 1 and {MAX_ATTRIBUTES} "
+        "(the built-in corpus's attributes)",
+    )
+    _check(
+        d.values_per_attribute is None or 2 <= d.values_per_attribute <= MAX_VALUES_PER_ATTRIBUTE,
+        f"data.values_per_attribute={d.values_per_attribute} must be between 2 and "
+        f"{MAX_VALUES_PER_ATTRIBUTE} or null (the built-in lists of about 10 words)",
+    )
+    _check(
         0.0 < d.qa_train_fraction < 1.0,
         f"data.qa_train_fraction={d.qa_train_fraction} must be in (0, 1): some people's "
         "QA pairs train the format, the others' are held out for evaluation",
@@ -508,6 +528,22 @@ def validate(cfg: RunConfig) -> None:
         "train.checkpoint.resume='latest' needs train.checkpoint.dir (where to look)",
     )
 
+    _check(
+        not t.freeze_backbone or m.memory is not None,
+        "train.freeze_backbone=true needs a memory model (model.memory is null): only the "
+        "memory values train when the backbone is frozen, and a dense model has none",
+    )
+    _check(
+        not t.freeze_backbone or t.zero_stage == 0,
+        f"train.freeze_backbone=true needs train.zero_stage=0 (got {t.zero_stage}): ZeRO "
+        "partitions the backbone's gradients and optimizer state, and a frozen one has none",
+    )
+    _check(
+        t.init_from is None or ck.resume is None,
+        f"train.init_from={t.init_from!r} and train.checkpoint.resume={ck.resume!r} both "
+        "say where to start: resume continues a run (step, optimizer, data position), "
+        "init_from starts a new one from a run's weights; set one",
+    )
     _check(
         t.max_minutes is None or t.max_minutes > 0,
         f"train.max_minutes={t.max_minutes} must be > 0 or null",

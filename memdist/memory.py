@@ -166,6 +166,11 @@ class MemoryLayer(nn.Module):
             self.usage_V += torch.bincount(
                 counted_BTK.flatten(), minlength=self.usage_V.numel()
             ).to(self.usage_V.device)
+        if torch.is_grad_enabled() and not scores_NK.requires_grad:
+            # Nothing before the lookup trains (a frozen backbone): the scores enter as a
+            # leaf asking for a gradient, so the lookup's backward still runs and hands
+            # the rows theirs.
+            scores_NK = scores_NK.detach().requires_grad_()
         # One bag of H*K rows per token: summing the heads' pooled outputs. A table that
         # can (remote shards) starts the lookup now, so the branches below overlap with it.
         pending = self._table.lookup_async(idx_NK, scores_NK)

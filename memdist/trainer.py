@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -155,6 +156,14 @@ class Trainer:
         self.batches = global_batch_slices(stream, ctx, b)
         model, tables = build_model(cfg, self.rt.device, self.remote)
         self.tables: list[ValueTable] = unique_tables(tables)
+        if cfg.train.init_from is not None:
+            # Before the engine: DeepSpeed broadcasts and partitions what it is given, and
+            # its set-up is where workers wait for each other, so no worker reads a row
+            # before the lead has written the tables (shard servers hold one copy).
+            checkpoint.load_weights(
+                Path(cfg.train.init_from).expanduser(), model,
+                self.tables if ctx.lead else [], optimizer_state=False,
+            )  # fmt: skip
         self.flops = flops_per_token(cfg.model, cfg.data.seq_len)
         self.n_dense = sum(p.numel() for p in model.parameters())
         self.n_values = sum(t.num_rows * t.dim for t in self.tables)
@@ -278,7 +287,7 @@ class Trainer:
             "step": step,
             "tokens": self.tokens,
             "loss": w.loss / w.steps,
-            "lr": self.engine.get_lr()[0],
+            "lr": next(iter(self.engine.get_lr()), None),  # None: a frozen backbone
             "tokens_per_s": self.tokens_per_step * w.steps / w.seconds,
             "rows_touched": sum(t.rows_touched_last_step for t in self.tables),
             # The values' gradient norm (before clipping) of the last step, all tables.

@@ -1,5 +1,7 @@
 """Built-in corpus, byte tokenizer, Parquet round trip and the streaming loader."""
 
+import hashlib
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,9 +10,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from memdist.data.corpus import ATTRIBUTES, chance_baseline, generate_corpus
+from memdist.config import MAX_ATTRIBUTES, load_config
+from memdist.data.corpus import (
+    ALL_ATTRIBUTES,
+    ATTRIBUTES,
+    FIRST_NAMES,
+    LAST_NAMES,
+    chance_baseline,
+    generate_corpus,
+    value_list,
+)
 from memdist.data.loader import TextStream
 from memdist.data.parquet import read_qa, write_corpus
+from memdist.data.prepare import builtin_dir
 from memdist.data.tokenizer import ByteTokenizer
 from memdist.errors import ConfigError, DataError
 
@@ -87,6 +99,81 @@ def test_bad_corpus_arguments_are_config_errors():
         generate_corpus(10, n_bio_variants=0)
     with pytest.raises(ConfigError, match=r"data.qa_train_fraction=1.0 must be in \(0, 1\)"):
         generate_corpus(10, qa_train_fraction=1.0)
+
+
+def _digest(corpus) -> str:
+    pairs = [[(q.prompt, q.answer) for q in qs] for qs in (corpus.qa_eval, corpus.cloze_eval)]
+    return hashlib.sha256(json.dumps([corpus.train_docs, *pairs]).encode()).hexdigest()
+
+
+def test_default_corpus_is_unchanged_by_the_scaling_knobs(tmp_path):
+    """The knobs' defaults render the corpus of before they existed, byte for byte, under
+    the same cache folder name and summary."""
+    corpus = generate_corpus(100)
+    assert _digest(corpus) == "6c0a8b8d306a8d6e6641dc975a0925e5f443b0d0c39c3036dbeb296df05321a0"
+    assert _digest(generate_corpus(100, n_attributes=5, values_per_attribute=None)) == (
+        _digest(corpus)
+    )
+    assert set(corpus.summary()) == {
+        "format", "n_people", "n_bio_variants", "qa_train_fraction", "seed", "people",
+        "train_docs", "train_bytes", "qa_eval", "cloze_eval", "qa_train_people",
+    }  # fmt: skip
+    cfg = load_config("small", [f"data.cache_dir={tmp_path}"])
+    assert builtin_dir(cfg).name == "facts-p100-v3-q0.5-s0"
+    wide = load_config("small", [f"data.cache_dir={tmp_path}", "data.n_attributes=8",
+                                 "data.values_per_attribute=64"])  # fmt: skip
+    assert builtin_dir(wide).name == "facts-p100-v3-q0.5-s0-a8-w64"
+
+
+def test_more_attributes_and_wider_value_lists():
+    corpus = generate_corpus(60, n_attributes=8, values_per_attribute=50, seed=1)
+    assert [a.name for a in corpus.attributes] == [a.name for a in ALL_ATTRIBUTES[:8]]
+    assert len(corpus.qa_eval) == 30 * 8 and len(corpus.cloze_eval) == 30 * 8
+    for person in corpus.people:
+        assert len(person.facts) == 8
+    for a, builtin in zip(corpus.attributes, ALL_ATTRIBUTES, strict=False):
+        assert len(a.values) == len(set(a.values)) == 50
+        assert a.values[: len(builtin.values)] == builtin.values  # built-in words first
+    # Every fact is in each of the person's biographies, ending a sentence.
+    bios = [d for d in corpus.train_docs if not d.startswith("Q:")]
+    for q in corpus.cloze_eval:
+        assert f"{q.prompt} {q.answer}." in "\n".join(bios)
+    # Invented words are the same in every corpus, and capitalised like the built-in ones.
+    city = ALL_ATTRIBUTES[0]
+    assert value_list(city, 40) == value_list(city, 60)[:40]
+    assert all(v[0].isupper() for v in value_list(city, 60))
+    assert value_list(city, 3) == city.values[:3]  # narrower lists keep their first words
+    # Wider lists lower chance: the majority guess is right less often.
+    assert chance_baseline(generate_corpus(400, values_per_attribute=100)) < 0.05
+    assert len(ALL_ATTRIBUTES) == MAX_ATTRIBUTES
+
+
+def test_new_people_can_join_without_a_name_clash():
+    old = generate_corpus(50, seed=0)
+    names = frozenset(p.name for p in old.people)
+    new = generate_corpus(30, seed=1, exclude_names=names)
+    assert names.isdisjoint(p.name for p in new.people)
+    assert new.summary()["excluded_names"] == 50
+    left = len(FIRST_NAMES) * len(LAST_NAMES) - 50
+    with pytest.raises(ConfigError, match=rf"n_people={left + 1} exceeds the {left} .*\(50 excl"):
+        generate_corpus(left + 1, exclude_names=names)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_attributes": 0}, "data.n_attributes=0 must be between 1 and 10"),
+        ({"n_attributes": 11}, "data.n_attributes=11 must be between 1 and 10"),
+        ({"values_per_attribute": 1}, "data.values_per_attribute=1 must be between 2 and 2000"),
+        ({"values_per_attribute": 5000}, "data.values_per_attribute=5000 must be between 2"),
+    ],
+)
+def test_scaling_knobs_are_checked_in_the_config_and_the_generator(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        generate_corpus(10, **kwargs)
+    overrides = [f"data.{k}={v}" for k, v in kwargs.items()]
+    with pytest.raises(ConfigError, match=message):
+        load_config("small", overrides)
 
 
 def test_tokenizer_round_trip():

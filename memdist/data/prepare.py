@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from memdist.config import RunConfig
-from memdist.data.corpus import chance_baseline, generate_corpus
+from memdist.data.corpus import ATTRIBUTES, chance_baseline, generate_corpus
 from memdist.data.loader import TextStream
 from memdist.data.parquet import read_qa, write_corpus
 from memdist.errors import DataError
@@ -31,6 +31,11 @@ class EvalSets:
 def builtin_dir(cfg: RunConfig) -> Path:
     d = cfg.data
     name = f"facts-p{d.n_people}-v{d.n_bio_variants}-q{d.qa_train_fraction:g}-s{d.seed}"
+    # Knobs off their defaults name their own folder; the default keeps its old name.
+    if d.n_attributes != len(ATTRIBUTES):
+        name += f"-a{d.n_attributes}"
+    if d.values_per_attribute is not None:
+        name += f"-w{d.values_per_attribute}"
     return Path(d.cache_dir).expanduser() / name
 
 
@@ -65,6 +70,8 @@ def prepare_data(
             n_bio_variants=d.n_bio_variants,
             qa_train_fraction=d.qa_train_fraction,
             seed=d.seed,
+            n_attributes=d.n_attributes,
+            values_per_attribute=d.values_per_attribute,
         )
         paths = write_corpus(corpus, builtin_dir(cfg))
         stream = TextStream(paths["train"], text_column="text", **common)
