@@ -2,8 +2,9 @@
 
 ``start_shards`` starts one actor per region of a plan. A shard asks for a GPU when
 ``gpus_per_shard`` > 0 (and keeps its rows there), and for the cluster's
-``memdist_shard`` custom resource when the cluster defines one; otherwise it packs
-onto whatever node has room. ``stop_shards`` kills them.
+``memdist_shard`` custom resource (``shards.memory_nodes``; by default when the
+cluster has nodes with it, or its launcher config a node type that the autoscaler
+starts for the shards); otherwise it packs onto whatever node has room. ``stop_shards`` kills them.
 
 Actors are threaded (``max_concurrency``): while some workers wait at a shard's
 step barrier, the others' lookups and backwards are served. Ray does not promise a
@@ -15,12 +16,14 @@ turn (a hint must be served before the lookup it prepares).
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import ray
 
 from memdist.cluster.plan import ShardingPlan
 from memdist.cluster.shard import ShardServer
+from memdist.errors import ShardError
 from memdist.kernels import OptimizerSpec
 
 SHARD_RESOURCE = "memdist_shard"
@@ -36,12 +39,19 @@ class _ShardActor(ShardServer):
     """
 
     def __init__(self, *args: Any, threads: int = 1, **kwargs: Any) -> None:
+        import shutil
         import threading
 
         import torch
 
         torch.set_num_threads(threads)
-        super().__init__(*args, **kwargs)
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        store = kwargs.get("store_path")
+        if restarted and store is not None:
+            # Ray restarted this shard after it died: the run goes back to a checkpoint,
+            # which replaces every row, so what the dead shard left on disk is discarded.
+            shutil.rmtree(store, ignore_errors=True)
+        super().__init__(*args, restarted=restarted, **kwargs)
         self._turns = threading.Condition()
         self._next: dict[int, int] = {}  # worker -> sequence number of its next request
 
@@ -60,6 +70,9 @@ class _ShardActor(ShardServer):
             with self._turns:
                 self._next[worker] = max(self._next.get(worker, 0), seq + 1)
                 self._turns.notify_all()
+
+    def where(self) -> dict[str, Any]:
+        return {**super().where(), "node": ray.get_runtime_context().get_node_id()}
 
     def serve_collective(self, rendezvous: Any, rank: int) -> None:
         """Answer lookups, backwards and steps over the collective transport's group too
@@ -81,9 +94,31 @@ def actor_class(workers: int) -> Any:
 ShardActor = actor_class(1)
 
 
-def shard_options(gpus_per_shard: float, cpus_per_shard: float) -> dict[str, Any]:
-    opts: dict[str, Any] = {"num_cpus": cpus_per_shard, "num_gpus": gpus_per_shard}
+BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")  # where Ray's launcher puts it
+
+
+def cluster_offers_shard_nodes() -> bool:
+    """Whether the cluster has memory nodes now, or (seen from the head of a cluster
+    started by Ray's launcher) its autoscaling config has a node type offering them."""
     if ray.cluster_resources().get(SHARD_RESOURCE, 0) > 0:
+        return True
+    bootstrap = BOOTSTRAP_CONFIG.expanduser()
+    if not bootstrap.is_file():
+        return False
+    import yaml
+
+    types = (yaml.safe_load(bootstrap.read_text()) or {}).get("available_node_types", {})
+    return any(SHARD_RESOURCE in (t.get("resources") or {}) for t in types.values())
+
+
+def shard_options(
+    gpus_per_shard: float, cpus_per_shard: float, memory_nodes: bool | None = None
+) -> dict[str, Any]:
+    """Ray options of a shard actor. ``memory_nodes``: True asks for a ``memdist_shard``
+    node (the autoscaler starts one when there is none), False packs anywhere, None
+    asks when ``cluster_offers_shard_nodes``."""
+    opts: dict[str, Any] = {"num_cpus": cpus_per_shard, "num_gpus": gpus_per_shard}
+    if memory_nodes or (memory_nodes is None and cluster_offers_shard_nodes()):
         opts["resources"] = {SHARD_RESOURCE: 1}
     return opts
 
@@ -98,14 +133,22 @@ def start_shards(
     threads: int = 1,
     per_shard: list[dict[str, Any]] | None = None,
     workers: int = 1,
+    max_restarts: int = 0,
+    memory_nodes: bool | None = None,
+    start_timeout_s: float = 900.0,
     **server_kwargs: Any,
 ) -> list[Any]:
     """One ShardActor per region; returns the handles once every shard answered a ping.
 
     ``per_shard[s]`` adds keyword arguments for shard s only (its store path, cache size).
+    ``max_restarts``: how often Ray restarts a shard that died (on another node if its
+    node is gone); a restarted shard holds its initial rows until a checkpoint is loaded
+    into it. Requests in flight when it died fail (no retries): the run decides.
     """
-    opts = shard_options(gpus_per_shard, cpus_per_shard)
+    opts = shard_options(gpus_per_shard, cpus_per_shard, memory_nodes)
     opts["max_concurrency"] = 2 * workers + 4  # barrier waiters + other workers' requests
+    opts["max_restarts"] = max_restarts
+    opts["max_task_retries"] = 0
     device = "cuda" if gpus_per_shard > 0 else "cpu"
     extra = per_shard or [{} for _ in plan.regions]
     actors = [
@@ -125,7 +168,16 @@ def start_shards(
         )  # fmt: skip
         for region in plan.regions
     ]
-    ray.get([a.ping.remote() for a in actors])
+    try:
+        ray.get([a.ping.remote() for a in actors], timeout=start_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        stop_shards(actors)
+        where = f"nodes with the {SHARD_RESOURCE!r} resource" if "resources" in opts else "room"
+        raise ShardError(
+            f"{len(actors)} memory shards did not start within {start_timeout_s:g} s "
+            f"(shards.start_timeout_s): the cluster found no {where} for them "
+            f"({opts['num_cpus']:g} CPUs, {opts['num_gpus']:g} GPUs each)"
+        ) from None
     return actors
 
 

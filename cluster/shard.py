@@ -31,6 +31,7 @@ Letters: N tokens, K rows per token, D row width, M entries that fall in the reg
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -87,10 +88,14 @@ class ShardServer:
         cache_rows: int | None = None,
         workers: int = 1,
         barrier_timeout_s: float = 60.0,
+        restarted: bool = False,
     ) -> None:
         """With ``cache_rows`` smaller than the region, rows live in a zarr group at
         ``store_path`` and only ``cache_rows`` of them are held in memory. ``workers``
-        is how many data-parallel workers send gradients and steps."""
+        is how many data-parallel workers send gradients and steps. A ``restarted``
+        shard (Ray brought it back after it died) holds initial rows, not the run's: it
+        refuses lookups and steps until a checkpoint is loaded into it."""
+        self.restarted = restarted
         if workers < 1:
             raise ConfigError(f"shard {region.shard}: workers={workers} must be >= 1")
         self.region = region
@@ -131,6 +136,11 @@ class ShardServer:
 
     def handle(self, req: Request) -> Any:
         """Answer one request (the only entry point transports use)."""
+        if self.restarted and not isinstance(req, (LoadRegion, Stats)):
+            raise ShardError(
+                f"memory shard {self.region.shard} died and was restarted: it holds none of "
+                f"the run's rows until a checkpoint is loaded (refused {type(req).__name__})"
+            )
         match req:
             case Lookup(idx, scores):
                 return self.lookup(idx, scores)
@@ -363,12 +373,29 @@ class ShardServer:
         return status
 
     def load_region(self, chain: list[table_store.Source], prefix: str, num_rows: int) -> None:
+        """Replace the region by a checkpoint's. What a failed run left half done goes:
+        gradients of a step never applied, a barrier round some workers never joined
+        (its waiters fail), a save no manifest will name (it is let finish first)."""
+        self._settle_save()
         with self._cond:
             attrs = table_store.load_region_from(
                 chain, prefix, self.region, self._write_local, num_rows=num_rows, dim=self.dim
             )
             self.rows.steps = int(attrs["steps"])
             self.rows.changed[:] = False
+            self.rows.zero_grad()
+            self.restarted = False
+            if self._arrived:
+                self._arrived.clear()
+                self._dropped = self._generation
+                self._generation += 1
+                self._cond.notify_all()
+
+    def _settle_save(self) -> None:
+        save = self._save
+        if save is not None and not save.done:
+            with contextlib.suppress(Exception):  # that save's checkpoint is abandoned anyway
+                save.result()
 
     def _write_local(self, lo: int, state: dict[str, torch.Tensor]) -> None:
         self.rows.write_rows(lo, state)

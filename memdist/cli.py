@@ -5,6 +5,7 @@ memdist train [CONFIG] [--set key=value ...] [--run-dir DIR [--overwrite]] [--sh
 memdist eval RUN_DIR
 memdist checkpoint ls|verify URI | export URI OUT
 memdist generate URI --prompt TEXT
+memdist cluster up|down|status CONFIG | submit TARGET -- CMD ... | logs|stop TARGET JOB
 memdist configs
 """
 
@@ -78,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
         help="Ray cluster to join: auto or ray://HOST:PORT (default: start a local instance)",
     )
     t.add_argument(
+        "--max-failures",
+        type=int,
+        default=None,
+        metavar="K",
+        help="recover from K failures (a shard, worker or node) from the last checkpoint",
+    )
+    t.add_argument(
         "--deepspeed",
         default=None,
         metavar="DS_JSON",
@@ -128,7 +136,47 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--endpoint-url", default=None, help="an S3-compatible store's endpoint")
     c.add_argument("--max-table-mb", type=float, default=None,
                    help="export: refuse a table larger than this (it is gathered here)")  # fmt: skip
+    k = sub.add_parser("cluster", help="start, stop and use a Ray cluster (cloud or local)")
+    kk = k.add_subparsers(dest="action", required=True)
+    for name, what in (("up", "start or update"), ("down", "tear down")):
+        a = kk.add_parser(name, help=f"{what} the cluster of a cluster file (Ray's launcher)")
+        a.add_argument("config", help="a cluster file, or a shipped one: aws, gcp, local-fake")
+    a = kk.add_parser("status", help="nodes and resources (ray status)")
+    a.add_argument("target", help="a cluster file, or the address HOST:PORT of a running head")
+    a = kk.add_parser(
+        "submit", help="run a command as a Ray job, stream its logs, return its status"
+    )
+    a.add_argument("target", help="a cluster file, or the job API's address http://HOST:8265")
+    a.add_argument("--working-dir", default=None, help="upload this folder for the job")
+    a.add_argument("--no-wait", action="store_true", help="return once submitted")
+    a.add_argument(
+        "job_command", nargs=argparse.REMAINDER, metavar="-- CMD", help="memdist train ..."
+    )
+    for name in ("logs", "stop"):
+        a = kk.add_parser(name, help=f"{name} of a submitted job")
+        a.add_argument("target", help="a cluster file, or the job API's address")
+        a.add_argument("job", help="the job's id, as submit printed it")
+        if name == "logs":
+            a.add_argument("--follow", action="store_true", help="stream until the job ends")
     return p
+
+
+def cluster_command(args: argparse.Namespace) -> int:
+    from memdist.cluster import jobs, launcher
+
+    if args.action == "up":
+        return launcher.up(args.config)
+    if args.action == "down":
+        return launcher.down(args.config)
+    if args.action == "status":
+        return launcher.status(args.target)
+    if args.action == "submit":
+        command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
+        return jobs.submit(args.target, command, working_dir=args.working_dir,
+                           wait=not args.no_wait)  # fmt: skip
+    if args.action == "logs":
+        return jobs.logs(args.target, args.job, follow_logs=args.follow)
+    return jobs.stop(args.target, args.job)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             for path in sorted(CONFIG_DIR.glob("*.yaml")):
                 print(path.stem)
             return 0
+        if args.command == "cluster":
+            return cluster_command(args)
         if args.command == "train":
             from memdist.config import load_config
             from memdist.runlog import default_run_dir
@@ -153,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 "shards.transport": args.transport,
                 "cluster.workers": args.workers,
                 "cluster.address": args.address,
+                "cluster.max_failures": args.max_failures,
                 "train.deepspeed": args.deepspeed,
                 "train.checkpoint.dir": args.checkpoint_dir,
                 "train.checkpoint.resume": args.resume,
@@ -192,8 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     except MemdistError as exc:
         print(f"memdist: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _disconnect_ray()
     print(json.dumps(_json_safe(result)), flush=True)
     return 0
+
+
+def _disconnect_ray() -> None:
+    """Leave Ray before the result line: Ray prints notices about the cluster (a node that
+    died, say) to stdout, and the last line printed must be the JSON result."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def checkpoint_command(action: str, uri: str, endpoint_url: str | None) -> int:

@@ -170,6 +170,11 @@ class ShardsConfig:
     # Where shards over budget keep their zarr arrays: a folder on each shard's own node
     # (a run gets its own subfolder); None: the run folder's shards/ (one machine).
     store_dir: str | None = None
+    # Place shards on memory nodes (the `memdist_shard` resource; the autoscaler adds
+    # such nodes when there are none): null when the cluster has them or its launcher
+    # config offers them, true always, false never.
+    memory_nodes: bool | None = None
+    start_timeout_s: float = 900.0  # shards not running by then fail the run (no node for them)
     cpus_per_shard: float = 0.0  # Ray resources each shard actor reserves
     gpus_per_shard: float = 0.0
     threads_per_shard: int = 1
@@ -186,6 +191,10 @@ class ClusterConfig:
     address: str | None = None  # None starts a local Ray instance; "auto" or "ray://host:port"
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    # Recoveries a run may make: a shard actor, a worker or a node that dies sends every
+    # shard and worker back to the last checkpoint (Ray restarts what died) and training
+    # goes on; one more failure fails the run. 0: the first failure fails it.
+    max_failures: int = 0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -580,6 +589,20 @@ def validate(cfg: RunConfig) -> None:
         f"shards.count={sh.count}, shards.transport={sh.transport!r}); a local table or "
         "in-process shards live inside the worker and would not come back",
     )
+    _check(c.max_failures >= 0, f"cluster.max_failures={c.max_failures} must be >= 0")
+    _check(
+        c.max_failures == 0 or (t.checkpoint.dir is not None and t.checkpoint.every > 0),
+        f"cluster.max_failures={c.max_failures} recovers from the run's checkpoints: set "
+        f"train.checkpoint.dir and train.checkpoint.every > 0 (got dir={t.checkpoint.dir!r}, "
+        f"every={t.checkpoint.every})",
+    )
+    _check(
+        c.max_failures == 0 or m.memory is None or (sh.count > 0 and sh.transport == "ray"),
+        f"cluster.max_failures={c.max_failures} with a memory model needs its tables in shard "
+        f"actors over shards.transport=ray, which Ray restarts (got shards.count={sh.count}, "
+        f"shards.transport={sh.transport!r}; the collective transport's groups are not "
+        "rebuilt after a failure yet)",
+    )
     _check(c.cpus_per_worker >= 0, f"cluster.cpus_per_worker={c.cpus_per_worker} must be >= 0")
     _check(
         c.gpus_per_worker is None or c.gpus_per_worker >= 0,
@@ -604,6 +627,7 @@ def validate(cfg: RunConfig) -> None:
         f"shards.payload={sh.payload!r} must be fp32, bf16 or fp16",
     )
     _check(sh.timeout_s > 0, f"shards.timeout_s={sh.timeout_s} must be > 0")
+    _check(sh.start_timeout_s > 0, f"shards.start_timeout_s={sh.start_timeout_s} must be > 0")
     _check(
         sh.count == 0 or m.memory is not None,
         f"shards.count={sh.count} needs a memory model (model.memory is null)",

@@ -109,7 +109,10 @@ class RunReport:
     Record kinds: ``start`` (header), ``placement`` (where a worker or shard runs),
     ``tick`` (a step finished; bar only), ``train``, ``eval``, ``checkpoint`` (a save
     begun: step and URI), ``checkpoint_done`` (it is complete: kind, bytes, throughput), ``checkpoint_failed``,
-    ``message`` (a line for the user; not logged).
+    ``recovery`` (the run went back to a checkpoint after a failure: cause, steps
+    trained again, seconds lost; records of the workers after a recovery carry ``attempt``),
+    ``message`` (a line
+    for the user; not logged).
     """
 
     def __init__(
@@ -145,14 +148,21 @@ class RunReport:
             self.bar.update(record["step"] - self.bar.n)
             return
         self.log.log(record)
-        if kind == "placement":
+        if kind == "recovery":
+            self.message(
+                f"recovered from a failure ({record['cause']}): every shard and worker went "
+                f"back to step {record['from_step']} ({record['uri']}); {record['steps_redone']} "
+                f"steps are trained again; training stood still {record['seconds']:.1f} s"
+            )
+        elif kind == "placement":
             who = (
                 f"worker {record['worker']}"
                 if record["role"] == "worker"
                 else f"shard {record['shard']}"
             )
+            node = f" node {record['node']}" if "node" in record else ""
             self.message(
-                f"{who}: host {record['host']} pid {record['pid']} device {record['device']}"
+                f"{who}: host {record['host']}{node} pid {record['pid']} device {record['device']}"
             )
         elif kind == "start":
             self.message(json.dumps({k: v for k, v in record.items() if k != "kind"}))
@@ -205,10 +215,17 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return config_from_dict(yaml.safe_load(path.read_text()))
 
 
+def latest_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per step, the last written: after a recovery the steps trained again
+    replace those of the attempt that failed."""
+    by_step = {r["step"]: r for r in records}
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def plot_loss(run_dir: Path) -> Path | None:
     """Training loss against tokens seen, with eval loss points; written to loss.png."""
     records = read_metrics(run_dir)
-    train = [r for r in records if r.get("kind") == "train"]
+    train = latest_per_step([r for r in records if r.get("kind") == "train"])
     if not train:
         return None
     import matplotlib
@@ -218,7 +235,7 @@ def plot_loss(run_dir: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train loss")
-    evals = [r for r in records if r.get("kind") == "eval" and "eval_loss" in r]
+    evals = latest_per_step([r for r in records if r.get("kind") == "eval" and "eval_loss" in r])
     if evals:
         ax.plot(
             [r["tokens"] for r in evals],

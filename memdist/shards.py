@@ -99,12 +99,19 @@ class ShardGroup:
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to the cluster at ``address``, or with None start a local instance (never
-    an instance that happens to be recorded on this machine by ``ray start``)."""
+    """Connect to the cluster at ``address``; with None, to the cluster of the Ray job this
+    runs in (``RAY_ADDRESS``, set by ``memdist cluster submit``), else start a local
+    instance (never one that happens to be recorded on this machine by ``ray start``)."""
+    import os
+
     import ray
 
+    # Ray's token authentication stays on: a local instance started here makes a token
+    # (in ~/.ray/auth_token) and requires it; joining a cluster presents the token found
+    # in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
     if not ray.is_initialized():
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
+                 include_dashboard=False, log_to_driver=False,
                  configure_logging=False)  # fmt: skip
 
 
@@ -163,6 +170,8 @@ def start_remote_tables(
         actors = start_shards(
             plan, optimizer, seed=seed, backend=mem.backend, gpus_per_shard=sh.gpus_per_shard,
             cpus_per_shard=sh.cpus_per_shard, threads=sh.threads_per_shard, per_shard=per_shard, workers=cfg.cluster.workers,
+            max_restarts=cfg.cluster.max_failures, memory_nodes=sh.memory_nodes,
+            start_timeout_s=sh.start_timeout_s,
             # The barrier gives up before the worker's own wait, so its error (naming
             # the missing workers) is the one that reaches the worker.
             barrier_timeout_s=0.9 * sh.timeout_s,

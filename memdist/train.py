@@ -69,7 +69,10 @@ def gathers_values(cfg: RunConfig) -> bool:
 
 
 def uses_workers(cfg: RunConfig) -> bool:
-    return cfg.cluster.workers > 1 or cfg.cluster.address is not None
+    """Whether the backbone trains in Ray Train workers: several of them, a cluster, or
+    recovery from failures (Ray Train restarts the workers)."""
+    c = cfg.cluster
+    return c.workers > 1 or c.address is not None or c.max_failures > 0
 
 
 def train(

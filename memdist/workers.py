@@ -25,9 +25,19 @@ import torch
 from memdist.assembly import unique_tables
 from memdist.config import RunConfig
 from memdist.errors import WorkerError
+from memdist.recovery import Attempt, RecoveryClock, attempt_config, describe, start_ledger
 from memdist.runlog import RunReport
 from memdist.shards import ShardGroup, TablesSpec, connect_tables, ensure_ray
 from memdist.trainer import Trainer, WorkerContext
+
+
+def driver_node() -> Any:
+    """A scheduling strategy that keeps an actor on this (the driver's) node: the run's
+    queues and ledger must not die with a worker's or a shard's node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def worker_gpus(cfg: RunConfig) -> float:
@@ -64,11 +74,26 @@ def _worker_loop(config: dict[str, Any]) -> None:
     """The function each Ray Train worker runs."""
     import ray.train
 
-    cfg: RunConfig = config["cfg"]
     spec: TablesSpec | None = config["spec"]
-    records = config["records"]
+    records, ledger = config["records"], config["ledger"]
     context = ray.train.get_context()
     ctx = WorkerContext(rank=context.get_world_rank(), world=context.get_world_size())
+    attempt: Attempt = ray.get(ledger.join.remote(ctx.rank))
+    try:
+        _train_attempt(config["cfg"], attempt, spec, ctx, records, ledger, config["stop"])
+    except BaseException as exc:
+        ledger.failed.remote(attempt.number, ctx.rank, describe(exc))
+        raise
+
+
+def _train_attempt(
+    cfg: RunConfig, attempt: Attempt, spec: TablesSpec | None, ctx: WorkerContext,
+    records: Any, ledger: Any, stops: Any,
+) -> None:  # fmt: skip
+    """One worker's part of one attempt: after a failure, from the ledger's checkpoint."""
+    import ray
+
+    cfg = attempt_config(cfg, attempt)
     if torch.cuda.is_available():
         import ray.train.torch
 
@@ -76,13 +101,23 @@ def _worker_loop(config: dict[str, Any]) -> None:
     elif cfg.train.threads is None:
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    records.put(
-        {"kind": "placement", "role": "worker", "worker": ctx.rank, "host": socket.gethostname(),
-         "pid": os.getpid(), "device": device}
-    )  # fmt: skip
+
+    def sink(record: dict[str, Any]) -> None:
+        """To the driver; after a recovery each record says which attempt wrote it."""
+        if record["kind"] == "checkpoint_done":  # where a later attempt would start
+            ledger.saved.remote(record["uri"], record["step"])
+        records.put({**record, "attempt": attempt.number} if attempt.number else record)
+
+    sink({"kind": "placement", "role": "worker", "worker": ctx.rank, "host": socket.gethostname(),
+          "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+          "device": device})  # fmt: skip
+    if attempt.number and ctx.lead:
+        sink({"kind": "recovery", "from_step": attempt.step, "uri": attempt.resume,
+              "cause": attempt.cause})  # fmt: skip
+
     remote = connect_tables(spec, ctx.rank) if spec is not None else None
-    stop = StopSignal(config["stop"]) if ctx.lead else bool  # the lead decides for all
-    out = Trainer(cfg, remote, records.put, ctx, stop_requested=stop).run()
+    stop = StopSignal(stops) if ctx.lead else bool  # the lead decides for all
+    out = Trainer(cfg, remote, sink, ctx, stop_requested=stop).run()
     if out is not None:
         records.put({"kind": "result", "final": out.final, "state": out.state})
 
@@ -93,6 +128,7 @@ def train_with_workers(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[Any]]:  # fmt: skip
     """Train with Ray Train workers; returns the final metrics, backbone state and tables.
     ``stop`` set (the driver's SIGTERM or Ctrl-C) ends the run after the current step."""
+    import ray
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -102,13 +138,22 @@ def train_with_workers(
     c = cfg.cluster
     gpus = worker_gpus(cfg)
     resources = {"CPU": c.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
-    records = Queue(actor_options={"num_cpus": 0})
-    stops = Queue(actor_options={"num_cpus": 0})
+    here = driver_node()  # the driver's helpers live and die with the driver's node
+    records = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    stops = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    ledger = start_ledger(cfg, here)
+    clock = RecoveryClock()
     stop_sent = False
     spec = group.spec if group is not None else None
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"cfg": cfg, "spec": spec, "records": records, "stop": stops},
+        train_loop_config={
+            "cfg": cfg,
+            "spec": spec,
+            "records": records,
+            "stop": stops,
+            "ledger": ledger,
+        },  # fmt: skip
         scaling_config=ScalingConfig(
             num_workers=c.workers, use_gpu=gpus > 0, resources_per_worker=resources
         ),
@@ -116,7 +161,7 @@ def train_with_workers(
         run_config=RayRunConfig(
             name="train",
             storage_path=str((report.dir / "ray").resolve()),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=c.max_failures),
         ),
     )
     outcome: dict[str, Any] = {}
@@ -145,13 +190,18 @@ def train_with_workers(
         if record["kind"] == "result":
             result = record
         else:
-            report.handle(record)
+            for out in clock.see(record):
+                report.handle(out)
     thread.join()
     records.shutdown()
     stops.shutdown()
+    causes = ray.get(ledger.history.remote())
+    ray.kill(ledger)
     if "error" in outcome:
+        tried = f" after {len(causes) - 1} restarts (cluster.max_failures={c.max_failures})"
         raise WorkerError(
-            f"training with {c.workers} workers failed: {outcome['error']}"
+            f"training with {c.workers} workers failed{tried if c.max_failures else ''}: "
+            f"{causes[-1] if causes else outcome['error']}"
         ) from outcome["error"]
     if result is None:
         raise WorkerError(f"training with {c.workers} workers ended without a result")

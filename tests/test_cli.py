@@ -53,6 +53,20 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, "DS_ACCELERATOR": "cpu", **extra}
 
 
+def token_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A fresh process's environment for a Ray cluster with token authentication on, and
+    a token of this test's own (made here, in tmp_path)."""
+    from memdist.cluster.launcher import ensure_token
+
+    env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp_path / "token"), **extra)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = env["RAY_AUTH_TOKEN_PATH"]
+    try:
+        ensure_token()
+    finally:
+        del os.environ["RAY_AUTH_TOKEN_PATH"]
+    return env
+
+
 def memdist(
     *args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
@@ -181,7 +195,7 @@ def test_train_joins_a_running_ray_cluster(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = clean_env(RAY_AUTH_MODE="disabled")  # the test cluster runs without tokens
+    env = token_env(tmp_path)  # the test cluster requires a token
     ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     head = subprocess.Popen(
         [ray_cli, "start", "--head", f"--port={port}", "--num-cpus=4", "--block",
