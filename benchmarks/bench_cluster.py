@@ -185,7 +185,7 @@ def plot(result: dict, path: Path) -> None:
         ax.axvline(f["at_s"], color="red", alpha=0.5)
         ax.text(f["at_s"], 1, f" {f['killed'].split(' (')[0]} killed", rotation=90,
                 va="bottom", fontsize=8)  # fmt: skip
-    ax.set_xlabel("seconds since the run started")
+    ax.set_xlabel("seconds since the run started (when metrics.jsonl showed the step)")
     ax.set_ylabel("step")
     ax.set_title("steps over time: every fault goes back to the last checkpoint")
     ax.legend()
