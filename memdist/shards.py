@@ -113,6 +113,9 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local",
                  include_dashboard=False, log_to_driver=False,
                  configure_logging=False)  # fmt: skip
+        token = Path.home() / ".ray" / "auth_token"  # Ray writes it readable by all users
+        if token.is_file() and token.stat().st_mode & 0o077:
+            token.chmod(0o600)
 
 
 def start_remote_tables(

@@ -1,5 +1,7 @@
 """Config tree: YAML named configs, overrides, unknown keys and every rule's error."""
 
+import os
+
 import pytest
 import yaml
 
@@ -106,6 +108,43 @@ def test_workers_need_ray_shard_servers():
         load_config("small", ["cluster.workers=2", "shards.transport=inprocess"])
     assert load_config("dense", ["cluster.workers=2"]).cluster.workers == 2
     assert load_config("small", ["cluster.workers=2"]).cluster.workers == 2
+
+
+def test_recovery_needs_checkpoints_and_shards_ray_restarts():
+    ck = ["train.checkpoint.dir=/tmp/ck", "train.checkpoint.every=5"]
+    with pytest.raises(
+        ConfigError, match="cluster.max_failures=2 recovers from the run's checkpoints"
+    ):
+        load_config("small", ["cluster.max_failures=2", "shards.count=2"])
+    with pytest.raises(ConfigError, match="every=0"):
+        load_config(
+            "small", ["cluster.max_failures=2", "shards.count=2", "train.checkpoint.dir=/c"]
+        )
+    with pytest.raises(ConfigError, match="shards.transport='collective'"):
+        load_config("small", ["cluster.max_failures=1", "shards.count=2",
+                              "shards.transport=collective", *ck])  # fmt: skip
+    with pytest.raises(ConfigError, match="shards.count=0"):
+        load_config("small", ["cluster.max_failures=1", "shards.count=0", *ck])
+    with pytest.raises(ConfigError, match="cluster.max_failures=-1 must be >= 0"):
+        load_config("small", ["cluster.max_failures=-1"])
+    assert load_config("small", ["cluster.max_failures=3", "shards.count=2", *ck])
+    assert load_config("dense", ["cluster.max_failures=3", *ck]).cluster.max_failures == 3
+
+
+def test_memdists_own_ray_instance_requires_a_token(tmp_path):
+    """The local instance a run starts keeps Ray's token authentication on."""
+    import subprocess
+    import sys
+
+    code = ("from memdist.shards import ensure_ray; ensure_ray(); "
+            "from ray._raylet import get_authentication_mode, AuthenticationMode; "
+            "print(get_authentication_mode() == AuthenticationMode.TOKEN)")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(tmp_path)},
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]
+    token = tmp_path / ".ray" / "auth_token"  # Ray made it; memdist keeps it the owner's only
+    assert token.stat().st_mode & 0o077 == 0
 
 
 def test_cluster_address_needs_shard_servers_reachable_from_the_driver():
