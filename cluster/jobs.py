@@ -68,19 +68,27 @@ def job_api(target: str, *, wait_s: float = 60.0) -> Iterator[str]:
         tunnel.wait(timeout=30)
 
 
-def _client(url: str) -> Any:
+def _client(url: str, wait_s: float = 60.0) -> Any:
+    """A job client for ``url``, waiting up to ``wait_s`` for a head that is still starting
+    (its job API comes up some seconds after the cluster itself)."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    try:
-        return JobSubmissionClient(url)
-    except AuthenticationError as exc:
-        raise WorkerError(
-            f"the Ray job API at {url} refused this machine's token (RAY_AUTH_TOKEN, "
-            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token must hold the cluster's token)"
-        ) from exc
-    except (ConnectionError, RuntimeError) as exc:
-        raise WorkerError(f"no Ray job API answers at {url}: {exc}") from exc
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return JobSubmissionClient(url)
+        except AuthenticationError as exc:
+            raise WorkerError(
+                f"the Ray job API at {url} refused this machine's token (RAY_AUTH_TOKEN, "
+                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token must hold the cluster's token)"
+            ) from exc
+        except (ConnectionError, RuntimeError) as exc:
+            if not isinstance(exc, ConnectionError) or time.monotonic() > deadline:
+                raise WorkerError(
+                    f"no Ray job API answers at {url} (waited {wait_s:g} s): {exc}"
+                ) from exc
+            time.sleep(1)
 
 
 def follow(client: Any, job_id: str, out: Any = None) -> int:
