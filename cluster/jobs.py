@@ -121,15 +121,20 @@ def submit(target: str, command: list[str], *, working_dir: str | None = None,
         return follow(client, job_id) if wait else 0
 
 
-def _submit(client: Any, entrypoint: str, runtime_env: dict | None, wait_s: float = 60.0) -> str:
-    """Submit, waiting while the head's job agent is still starting (Ray answers 5xx then)."""
+def _submit(client: Any, entrypoint: str, runtime_env: dict | None, wait_s: float = 180.0) -> str:
+    """Submit, waiting while the head's job agent is still starting (Ray answers 5xx then;
+    on a busy head that can take a minute or more)."""
     deadline = time.monotonic() + wait_s
+    told = False
     while True:
         try:
             return str(client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env))
         except RuntimeError as exc:
             if "status code 5" not in str(exc) or time.monotonic() > deadline:
                 raise WorkerError(f"the cluster refused the job: {exc}") from exc
+            if not told:
+                print("memdist: waiting for the head's job agent to start", file=sys.stderr)
+                told = True
             time.sleep(1)
 
 

@@ -197,8 +197,8 @@ def test_a_run_recovers_from_a_dead_shard_and_a_dead_worker(tmp_path):
 def test_a_failure_before_any_checkpoint_fails_the_run_naming_what_died(tmp_path):
     """With nothing to go back to, Ray Train's restarts end in a clear error."""
     run = tmp_path / "run"
-    proc = start(tmp_path, *RUN, "--set", f"data.cache_dir={tmp_path}", "--set", "train.steps=400",
-                 "--set", "train.checkpoint.every=300", "--max-failures", "1",
+    proc = start(tmp_path, *RUN, "--workers", "1", "--set", f"data.cache_dir={tmp_path}",
+                 "--set", "train.steps=400", "--set", "train.checkpoint.every=300", "--max-failures", "1",
                  "--checkpoint-dir", str(tmp_path / "ck"), "--run-dir", str(run))  # fmt: skip
     try:
         wait_for(run, proc, lambda recs: [r for r in recs if r["kind"] == "train"], "a step")
