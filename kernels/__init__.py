@@ -4,10 +4,13 @@ Imported as ``memdist.kernels``; depends only on torch, triton and ``memdist.err
 Triton is imported on first use of the Triton backend, so importing this package is
 cheap on a machine without a GPU. Every public function takes ``backend``:
 
-- ``"auto"``: Triton when the tensors are on CUDA, the fast torch path otherwise;
+- ``"auto"``: Triton when the tensors are on CUDA; on CPU the C++ kernels, or the
+  torch path where they cannot be built (no C++ compiler: a warning says so);
+- ``"cpp"``: C++ CPU kernels (``cpp_ops``, built on first use by torch's cpp_extension)
+  for the backwards and the sparse update, fp32 tables; the forward is the torch path's;
 - ``"triton"``: the Triton kernels (on CPU tensors this needs ``TRITON_INTERPRET=1``
   in the environment before the kernels are first imported);
-- ``"torch"``: vectorised torch ops (``torch_ops``), the default on CPU;
+- ``"torch"``: vectorised torch ops (``torch_ops``);
 - ``"reference"``: plain, slow, obviously correct torch (``reference``).
 
 Letters: N bags (tokens), K rows per bag (heads * knn), V table rows, D row width,
@@ -33,7 +36,7 @@ from types import ModuleType
 import torch
 
 from memdist.errors import ConfigError, DataError, IndexOutOfRangeError, ShapeError
-from memdist.kernels import reference, torch_ops
+from memdist.kernels import cpp_ops, reference, torch_ops
 from memdist.kernels.spec import OPTIMIZERS, OptimizerSpec
 
 __all__ = [
@@ -51,7 +54,7 @@ __all__ = [
     "weighted_embedding_bag",
 ]
 
-BACKENDS = ("auto", "torch", "triton", "reference")
+BACKENDS = ("auto", "cpp", "torch", "triton", "reference")
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
 GradSink = Callable[[torch.Tensor, torch.Tensor], None]
@@ -64,9 +67,13 @@ def _resolve(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ConfigError(f"kernel backend={backend!r} must be one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "triton"
+        return "cpp" if device.type == "cpu" and cpp_ops.available() else "torch"
     if backend == "triton" and device.type != "cuda":
         _require_interpreter(device)
+    if backend == "cpp" and device.type != "cpu":
+        raise ConfigError(f"kernel backend='cpp' runs on CPU tensors, got {device.type} tensors")
     return backend
 
 
@@ -83,13 +90,16 @@ def _require_interpreter(device: torch.device) -> None:
         )
 
 
+_CPU_OPS = {"cpp": cpp_ops, "torch": torch_ops, "reference": reference}
+
+
 def _bag_ops(backend: str, device: torch.device) -> ModuleType:
     name = _resolve(backend, device)
     if name == "triton":
         from memdist.kernels import triton_bag
 
         return triton_bag
-    return torch_ops if name == "torch" else reference
+    return _CPU_OPS[name]
 
 
 def _optim_ops(backend: str, device: torch.device) -> ModuleType:
@@ -98,7 +108,7 @@ def _optim_ops(backend: str, device: torch.device) -> ModuleType:
         from memdist.kernels import triton_optim
 
         return triton_optim
-    return torch_ops if name == "torch" else reference
+    return _CPU_OPS[name]
 
 
 # --- argument checks ---------------------------------------------------------------

@@ -1,0 +1,150 @@
+// CPU kernels for the memory lookup's backwards and the sparse optimizer update.
+//
+// Built on first use by memdist/kernels/cpp_ops.py through torch's cpp_extension, with
+// -ffp-contract=off so that no multiply-add is fused: every output element is computed by
+// one thread in a fixed order, so results do not depend on the thread count, the CPU's
+// instruction set or how the work is split (a row-wise shard sees bags of one).
+//
+// Letters: N bags, K rows per bag, V table rows, D row width, U unique rows, M = N*K.
+// Tensors arrive checked (memdist.kernels): fp32 contiguous data, int64 indices.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+// <a, b> over d elements: 16 independent partial sums (the compiler vectorises them
+// without reassociating), folded in a fixed tree, then the tail in order.
+inline float dot(const float* a, const float* b, int64_t d) {
+  float acc[kLanes] = {0.f};
+  const int64_t body = d - d % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  for (int64_t w = kLanes / 2; w > 0; w /= 2) {
+    for (int64_t j = 0; j < w; ++j) acc[j] += acc[j + w];
+  }
+  float out = acc[0];
+  for (int64_t i = body; i < d; ++i) out += a[i] * b[i];
+  return out;
+}
+
+// Grain sizes: a task of at least ~32K multiply-adds, so small calls stay on one thread.
+inline int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
+}
+
+}  // namespace
+
+// dscores_NK[n, k] = <dy_ND[n], values_VD[idx_NK[n, k]]>
+torch::Tensor bag_backward_scores(torch::Tensor values_VD, torch::Tensor idx_NK,
+                                  torch::Tensor dy_ND) {
+  const int64_t n = idx_NK.size(0), k = idx_NK.size(1), d = values_VD.size(1);
+  auto out_NK = torch::empty({n, k}, dy_ND.options());
+  const float* values = values_VD.data_ptr<float>();
+  const float* dy = dy_ND.data_ptr<float>();
+  const int64_t* idx = idx_NK.data_ptr<int64_t>();
+  float* out = out_NK.data_ptr<float>();
+  at::parallel_for(0, n, grain(k * d), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = 0; j < k; ++j) {
+        out[i * k + j] = dot(dy + i * d, values + idx[i * k + j] * d, d);
+      }
+    }
+  });
+  return out_NK;
+}
+
+// grad_UD[u] = sum over m in order_M[offsets_U1[u] : offsets_U1[u + 1]] of
+// scores_M[m] * dy_ND[m / K], added in that (flat position) order starting from zero:
+// the sums index_add_ makes with the products s * dy, without materialising them.
+torch::Tensor bag_backward_values(torch::Tensor order_M, torch::Tensor offsets_U1,
+                                  torch::Tensor scores_M, torch::Tensor dy_ND, int64_t k) {
+  const int64_t u_count = offsets_U1.size(0) - 1, d = dy_ND.size(1);
+  const int64_t m_count = order_M.size(0);
+  auto grad_UD = torch::zeros({u_count, d}, dy_ND.options());
+  const int64_t* order = order_M.data_ptr<int64_t>();
+  const int64_t* offsets = offsets_U1.data_ptr<int64_t>();
+  const float* scores = scores_M.data_ptr<float>();
+  const float* dy = dy_ND.data_ptr<float>();
+  float* grad = grad_UD.data_ptr<float>();
+  const int64_t per_row = std::max<int64_t>(1, m_count / std::max<int64_t>(1, u_count));
+  at::parallel_for(0, u_count, grain(per_row * d), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      float* g = grad + u * d;
+      for (int64_t p = offsets[u]; p < offsets[u + 1]; ++p) {
+        const int64_t m = order[p];
+        const float s = scores[m];
+        const float* row = dy + (m / k) * d;
+        for (int64_t c = 0; c < d; ++c) g[c] += s * row[c];
+      }
+    }
+  });
+  return grad_UD;
+}
+
+// One pass over each touched row: weight decay, then SGD (code 0), row-wise Adagrad (1)
+// or lazy Adam (2) in fp32, in place. Rows are unique, so no two threads write one row.
+// Adam's bias corrections are per row, 1 - beta**t computed in double (t small loses
+// digits in fp32); empty state tensors stand for the state an optimizer does not have.
+void sparse_update(torch::Tensor values_VD, torch::Tensor rows_U, torch::Tensor grad_UD,
+                   torch::Tensor sum_sq_V, torch::Tensor exp_avg_VD, torch::Tensor exp_avg_sq_VD,
+                   torch::Tensor step_V, int64_t code, double lr, double eps, double beta1,
+                   double beta2, double weight_decay) {
+  const int64_t u_count = rows_U.size(0), d = values_VD.size(1);
+  float* values = values_VD.data_ptr<float>();
+  const int64_t* rows = rows_U.data_ptr<int64_t>();
+  const float* grad = grad_UD.data_ptr<float>();
+  float* sum_sq = code == 1 ? sum_sq_V.data_ptr<float>() : nullptr;
+  float* exp_avg = code == 2 ? exp_avg_VD.data_ptr<float>() : nullptr;
+  float* exp_avg_sq = code == 2 ? exp_avg_sq_VD.data_ptr<float>() : nullptr;
+  int64_t* step = code == 2 ? step_V.data_ptr<int64_t>() : nullptr;
+  const float lr_f = static_cast<float>(lr), eps_f = static_cast<float>(eps);
+  const float decay = static_cast<float>(1.0 - lr * weight_decay);
+  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
+  const float one_b1 = static_cast<float>(1.0 - beta1), one_b2 = static_cast<float>(1.0 - beta2);
+  at::parallel_for(0, u_count, grain(4 * d), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t r = rows[u];
+      float* w = values + r * d;
+      const float* g = grad + u * d;
+      if (weight_decay != 0.0) {
+        for (int64_t c = 0; c < d; ++c) w[c] *= decay;
+      }
+      if (code == 0) {
+        for (int64_t c = 0; c < d; ++c) w[c] -= lr_f * g[c];
+      } else if (code == 1) {
+        const float acc = sum_sq[r] + dot(g, g, d) / static_cast<float>(d);
+        sum_sq[r] = acc;
+        const float denom = std::sqrt(acc) + eps_f;
+        for (int64_t c = 0; c < d; ++c) w[c] -= lr_f * g[c] / denom;
+      } else {
+        const int64_t t = step[r] + 1;
+        step[r] = t;
+        const float bc1 = static_cast<float>(1.0 - std::pow(beta1, static_cast<double>(t)));
+        const float bc2 = static_cast<float>(1.0 - std::pow(beta2, static_cast<double>(t)));
+        float* m = exp_avg + r * d;
+        float* v = exp_avg_sq + r * d;
+        for (int64_t c = 0; c < d; ++c) {
+          const float mc = b1 * m[c] + one_b1 * g[c];
+          const float vc = b2 * v[c] + one_b2 * g[c] * g[c];
+          m[c] = mc;
+          v[c] = vc;
+          w[c] -= lr_f * (mc / bc1) / (std::sqrt(vc / bc2) + eps_f);
+        }
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bag_backward_scores", &bag_backward_scores);
+  m.def("bag_backward_values", &bag_backward_values);
+  m.def("sparse_update", &sparse_update);
+}
