@@ -67,7 +67,9 @@ def bag_backward_scores(
 ) -> torch.Tensor:
     if values_VD.dtype != torch.float32 or not values_VD.is_contiguous():
         return torch_ops.bag_backward_scores(values_VD, idx_NK, dy_ND)
-    return extension().bag_backward_scores(values_VD, idx_NK.contiguous(), dy_ND.float().contiguous())
+    return extension().bag_backward_scores(
+        values_VD, idx_NK.contiguous(), dy_ND.float().contiguous()
+    )
 
 
 def bag_backward_values(
