@@ -49,6 +49,7 @@ __all__ = [
     "bag_backward_values",
     "bag_forward",
     "check_indices",
+    "half_key_topk",
     "init_optimizer_state",
     "sparse_update_",
     "weighted_embedding_bag",
@@ -229,6 +230,37 @@ def bag_backward_values(
         rows_U = torch.zeros(0, dtype=torch.int64, device=device)
         return rows_U, torch.zeros(0, dy_ND.shape[1], dtype=torch.float32, device=device)
     return ops.bag_backward_values(idx_NK.long(), scores_NK, dy_ND)
+
+
+# --- product-key selection ---------------------------------------------------------
+
+
+def half_key_topk(
+    q_NHQ: torch.Tensor, keys_HCQ: torch.Tensor, knn: int, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``knn`` of one product-key half's scores ``s[n, h, c] = <q_NHQ[n, h],
+    keys_HCQ[h, c]>``: values (N, H, knn), sorted descending, and int64 indices into C.
+
+    Differentiable in ``q_NHQ`` and ``keys_HCQ`` (through the selected scores). The
+    ``cpp`` backend never builds the (N, H, C) scores, which grow with sqrt(table rows);
+    the others (``triton`` included: selection is not a Triton kernel) are einsum + topk.
+    """
+    if (
+        q_NHQ.ndim != 3
+        or keys_HCQ.ndim != 3
+        or q_NHQ.shape[1] != keys_HCQ.shape[0]
+        or (q_NHQ.shape[2] != keys_HCQ.shape[2])
+    ):
+        raise ShapeError(
+            f"queries {_shape(q_NHQ)} and keys {_shape(keys_HCQ)} must be (N, H, Q) and (H, C, Q)"
+        )
+    _check_float("queries", q_NHQ)
+    _check_float("keys", keys_HCQ)
+    if not 1 <= knn <= keys_HCQ.shape[1]:
+        raise ConfigError(f"knn={knn} must be in [1, {keys_HCQ.shape[1]}] (the keys per half)")
+    device = _check_devices(queries=q_NHQ, keys=keys_HCQ)
+    name = _resolve("torch" if backend == "triton" else backend, device)
+    return _CPU_OPS["torch" if name == "triton" else name].half_key_topk(q_NHQ, keys_HCQ, knn)
 
 
 # --- sparse optimizers -----------------------------------------------------------

@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -143,7 +144,108 @@ void sparse_update(torch::Tensor values_VD, torch::Tensor rows_U, torch::Tensor 
   });
 }
 
+// Product-key half scores and their top-k without the (N, H, C) score matrix: for each
+// token and head, s_c = <q_NHQ[n, h], keys[h, c]> (summed over the query in order; the
+// keys come transposed, keysT_HQC, so 16 keys are scored at once), and the knn best
+// (score descending; among equal scores the lower c first), kept in a small sorted
+// buffer while c runs up (a later c must beat the buffer's last strictly). NaN scores
+// never displace a finite one, so every index returned is a real key.
+std::vector<torch::Tensor> half_key_topk(torch::Tensor q_NHQ, torch::Tensor keysT_HQC,
+                                         int64_t knn) {
+  const int64_t n = q_NHQ.size(0), h = q_NHQ.size(1), qd = q_NHQ.size(2);
+  const int64_t c_count = keysT_HQC.size(2);
+  auto vals_NHK = torch::empty({n, h, knn}, q_NHQ.options());
+  auto idx_NHK = torch::empty({n, h, knn}, q_NHQ.options().dtype(torch::kInt64));
+  const float* q = q_NHQ.data_ptr<float>();
+  const float* keysT = keysT_HQC.data_ptr<float>();
+  float* vals = vals_NHK.data_ptr<float>();
+  int64_t* idx = idx_NHK.data_ptr<int64_t>();
+  at::parallel_for(0, n * h, grain(c_count * qd), [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(c_count);
+    for (int64_t nh = begin; nh < end; ++nh) {
+      const float* qv = q + nh * qd;
+      const float* kh = keysT + (nh % h) * qd * c_count;
+      const int64_t body = c_count - c_count % kLanes;
+      for (int64_t c0 = 0; c0 < body; c0 += kLanes) {
+        float acc[kLanes] = {0.f};
+        for (int64_t i = 0; i < qd; ++i) {
+          const float qi = qv[i];
+          const float* row = kh + i * c_count + c0;
+          for (int64_t j = 0; j < kLanes; ++j) acc[j] += qi * row[j];
+        }
+        for (int64_t j = 0; j < kLanes; ++j) scores[c0 + j] = acc[j];
+      }
+      for (int64_t c = body; c < c_count; ++c) {
+        float acc = 0.f;
+        for (int64_t i = 0; i < qd; ++i) acc += qv[i] * kh[i * c_count + c];
+        scores[c] = acc;
+      }
+      float* bv = vals + nh * knn;
+      int64_t* bi = idx + nh * knn;
+      int64_t filled = 0;
+      for (int64_t c = 0; c < c_count; ++c) {
+        const float s = scores[c];
+        if (filled == knn && !(s > bv[knn - 1])) continue;
+        int64_t pos = filled < knn ? filled++ : knn - 1;
+        // Shift the worse entries down; equal scores keep the earlier (lower) c first.
+        while (pos > 0 && s > bv[pos - 1]) {
+          bv[pos] = bv[pos - 1];
+          bi[pos] = bi[pos - 1];
+          --pos;
+        }
+        bv[pos] = s;
+        bi[pos] = c;
+      }
+    }
+  });
+  return {vals_NHK, idx_NHK};
+}
+
+// Gradients of half_key_topk's scores: dq_NHQ[n, h] = sum_k dvals[n, h, k] * keys[h, i],
+// dkeys_HCQ[h, i] += dvals[n, h, k] * q[n, h] with i = idx[n, h, k], summed per head in
+// (n, k) order by one thread, so the sums do not depend on the thread count.
+std::vector<torch::Tensor> half_key_topk_backward(torch::Tensor dvals_NHK, torch::Tensor idx_NHK,
+                                                  torch::Tensor q_NHQ, torch::Tensor keys_HCQ) {
+  const int64_t n = q_NHQ.size(0), h = q_NHQ.size(1), qd = q_NHQ.size(2);
+  const int64_t knn = idx_NHK.size(2), c_count = keys_HCQ.size(1);
+  auto dq_NHQ = torch::zeros_like(q_NHQ);
+  auto dkeys_HCQ = torch::zeros_like(keys_HCQ);
+  const float* dv = dvals_NHK.data_ptr<float>();
+  const int64_t* idx = idx_NHK.data_ptr<int64_t>();
+  const float* q = q_NHQ.data_ptr<float>();
+  const float* keys = keys_HCQ.data_ptr<float>();
+  float* dq = dq_NHQ.data_ptr<float>();
+  float* dkeys = dkeys_HCQ.data_ptr<float>();
+  at::parallel_for(0, n * h, grain(knn * qd), [&](int64_t begin, int64_t end) {
+    for (int64_t nh = begin; nh < end; ++nh) {
+      const float* kh = keys + (nh % h) * c_count * qd;
+      float* out = dq + nh * qd;
+      for (int64_t j = 0; j < knn; ++j) {
+        const float g = dv[nh * knn + j];
+        const float* key = kh + idx[nh * knn + j] * qd;
+        for (int64_t c = 0; c < qd; ++c) out[c] += g * key[c];
+      }
+    }
+  });
+  at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t head = begin; head < end; ++head) {
+      float* dk = dkeys + head * c_count * qd;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t nh = i * h + head;
+        for (int64_t j = 0; j < knn; ++j) {
+          const float g = dv[nh * knn + j];
+          float* key = dk + idx[nh * knn + j] * qd;
+          for (int64_t c = 0; c < qd; ++c) key[c] += g * q[nh * qd + c];
+        }
+      }
+    }
+  });
+  return {dq_NHQ, dkeys_HCQ};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("half_key_topk", &half_key_topk);
+  m.def("half_key_topk_backward", &half_key_topk_backward);
   m.def("bag_backward_scores", &bag_backward_scores);
   m.def("bag_backward_values", &bag_backward_values);
   m.def("sparse_update", &sparse_update);

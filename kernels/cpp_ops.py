@@ -100,3 +100,33 @@ def sparse_update_(
         state.get("step", torch.empty(0, dtype=torch.int64)), OPTIMIZER_CODES[spec.name],
         spec.lr, spec.eps, spec.betas[0], spec.betas[1], spec.weight_decay,
     )  # fmt: skip
+
+
+class HalfKeyTopK(torch.autograd.Function):
+    """Top-``knn`` scores and indices of one product-key half; gradients flow to the
+    query and the keys through the selected scores only, as through einsum + topk."""
+
+    @staticmethod
+    def forward(ctx, q_NHQ, keys_HCQ, knn):
+        q_NHQ, keys_HCQ = q_NHQ.float().contiguous(), keys_HCQ.float().contiguous()
+        keysT_HQC = keys_HCQ.transpose(1, 2).contiguous()
+        vals_NHK, idx_NHK = extension().half_key_topk(q_NHQ, keysT_HQC, knn)
+        ctx.save_for_backward(q_NHQ, keys_HCQ, idx_NHK)
+        ctx.mark_non_differentiable(idx_NHK)
+        return vals_NHK, idx_NHK
+
+    @staticmethod
+    def backward(ctx, dvals_NHK, _didx):
+        q_NHQ, keys_HCQ, idx_NHK = ctx.saved_tensors
+        dq_NHQ, dkeys_HCQ = extension().half_key_topk_backward(
+            dvals_NHK.float().contiguous(), idx_NHK, q_NHQ, keys_HCQ
+        )
+        return dq_NHQ, dkeys_HCQ, None
+
+
+def half_key_topk(
+    q_NHQ: torch.Tensor, keys_HCQ: torch.Tensor, knn: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if q_NHQ.dtype != torch.float32 or keys_HCQ.dtype != torch.float32:
+        return torch_ops.half_key_topk(q_NHQ, keys_HCQ, knn)
+    return HalfKeyTopK.apply(q_NHQ, keys_HCQ, knn)

@@ -35,6 +35,12 @@ def bag_backward_values(
     return rows_U, grad_UD
 
 
+def half_key_topk(
+    q_NHQ: torch.Tensor, keys_HCQ: torch.Tensor, knn: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (q_NHQ.unsqueeze(2) * keys_HCQ.unsqueeze(0)).sum(-1).topk(knn, dim=-1)
+
+
 def sparse_update_(
     spec: OptimizerSpec,
     values_VD: torch.Tensor,

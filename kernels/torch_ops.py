@@ -89,3 +89,10 @@ def sparse_update_(
         bc2 = (1 - b2**tf_U1).float()
         w_UD.sub_(spec.lr * (m_UD / bc1) / ((v_UD / bc2).sqrt() + spec.eps))
     values_VD.index_copy_(0, rows_U, w_UD.to(values_VD.dtype))
+
+
+def half_key_topk(
+    q_NHQ: torch.Tensor, keys_HCQ: torch.Tensor, knn: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (N, H, C) scores of one product-key half, then their top-``knn``."""
+    return torch.einsum("nhq,hcq->nhc", q_NHQ, keys_HCQ).topk(knn, dim=-1)

@@ -2,14 +2,14 @@
 
 The value gradient equals the torch path's bit for bit; every result is the same on 1
 and 2 threads; a row-wise shard's bags of one give the rows the same bits as the whole
-bags; bf16 tables fall back to the torch path.
+bags; bf16 tables fall back to the torch path; the half-key top-k matches einsum + topk.
 """
 
 import pytest
 import torch
 
 from memdist import kernels
-from memdist.errors import ConfigError
+from memdist.errors import ConfigError, ShapeError
 from memdist.kernels import OptimizerSpec, cpp_ops
 
 pytestmark = pytest.mark.skipif(not cpp_ops.available(), reason="no C++ compiler here")
@@ -85,3 +85,49 @@ def test_cpp_backend_refuses_non_cpu_tensors():
     values, idx, scores, _ = inputs()
     with pytest.raises(ConfigError, match="backend='cpp' runs on CPU tensors, got meta"):
         kernels.bag_forward(values.to("meta"), idx.to("meta"), scores.to("meta"), backend="cpp")
+
+
+@pytest.mark.parametrize("c, q", [(10, 6), (64, 32), (300, 3)])
+def test_half_key_topk_matches_einsum_topk_with_gradients(c, q):
+    g = torch.Generator().manual_seed(c)
+    q_NHQ = torch.randn(40, 3, q, generator=g)
+    keys_HCQ = torch.randn(3, c, q, generator=g)
+    out = {}
+    for backend in ("cpp", "reference"):
+        qq, kk = q_NHQ.clone().requires_grad_(), keys_HCQ.clone().requires_grad_()
+        vals, idx = kernels.half_key_topk(qq, kk, 5, backend=backend)
+        (vals * torch.arange(1.0, 6.0)).sum().backward()
+        out[backend] = vals.detach(), idx, qq.grad, kk.grad
+    (v, i, dq, dk), (v_ref, i_ref, dq_ref, dk_ref) = out["cpp"], out["reference"]
+    assert torch.equal(i, i_ref) and i.dtype == torch.int64
+    torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dq, dq_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dk, dk_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_half_key_topk_breaks_ties_by_lower_index_and_never_returns_nan_keys():
+    keys_HCQ = torch.tensor([[[1.0], [2.0], [2.0], [float("nan")], [0.5]]])
+    vals, idx = kernels.half_key_topk(torch.ones(1, 1, 1), keys_HCQ, 3, backend="cpp")
+    assert idx.tolist() == [[[1, 2, 0]]] and vals.tolist() == [[[2.0, 2.0, 1.0]]]
+
+
+def test_half_key_topk_threads_and_errors():
+    g = torch.Generator().manual_seed(0)
+    q_NHQ, keys_HCQ = torch.randn(256, 4, 8, generator=g), torch.randn(4, 512, 8, generator=g)
+    dv = torch.randn(256, 4, 16, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            qq, kk = q_NHQ.clone().requires_grad_(), keys_HCQ.clone().requires_grad_()
+            vals, idx = kernels.half_key_topk(qq, kk, 16, backend="cpp")
+            vals.backward(dv)
+            results.append((vals, idx, qq.grad, kk.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    with pytest.raises(ConfigError, match="knn=513 must be in"):
+        kernels.half_key_topk(q_NHQ, keys_HCQ, 513, backend="cpp")
+    with pytest.raises(ShapeError, match="must be"):
+        kernels.half_key_topk(q_NHQ, keys_HCQ[:3], 4, backend="cpp")
