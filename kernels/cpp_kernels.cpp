@@ -12,8 +12,10 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -39,6 +41,98 @@ inline float dot(const float* a, const float* b, int64_t d) {
 // Grain sizes: a task of at least ~32K multiply-adds, so small calls stay on one thread.
 inline int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
+}
+
+// scores[c] = sum_i q[i] * keysT[i * C + c], each summed over i in order, 16 keys at a
+// time. Cloned for AVX2: the lanes are independent and nothing is contracted, so both
+// clones compute the same bits.
+__attribute__((target_clones("avx2", "default"))) void score_keys(
+    const float* q, const float* keysT, int64_t qd, int64_t c_count, float* scores) {
+  const int64_t body = c_count - c_count % kLanes;
+  for (int64_t c0 = 0; c0 < body; c0 += kLanes) {
+    float acc[kLanes] = {0.f};
+    for (int64_t i = 0; i < qd; ++i) {
+      const float qi = q[i];
+      const float* row = keysT + i * c_count + c0;
+      for (int64_t j = 0; j < kLanes; ++j) acc[j] += qi * row[j];
+    }
+    for (int64_t j = 0; j < kLanes; ++j) scores[c0 + j] = acc[j];
+  }
+  for (int64_t c = body; c < c_count; ++c) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < qd; ++i) acc += q[i] * keysT[i * c_count + c];
+    scores[c] = acc;
+  }
+}
+
+// Scores as unsigned keys in the same order (NaN lowest, then -inf ... +inf; -0 < +0), so
+// ranking is integer comparison: higher key first, equal keys lower index first.
+inline uint32_t order_key(float x) {
+  if (std::isnan(x)) return 0u;
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+inline bool ranks_before(const uint32_t* key, int64_t a, int64_t b) {
+  return key[a] > key[b] || (key[a] == key[b] && a < b);
+}
+
+// Sorts idx[0, k) into rank order (k is small).
+inline void sort_by_rank(const uint32_t* key, int64_t* idx, int64_t k) {
+  for (int64_t j = 1; j < k; ++j) {
+    const int64_t c = idx[j];
+    int64_t pos = j;
+    while (pos > 0 && ranks_before(key, c, idx[pos - 1])) {
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    idx[pos] = c;
+  }
+}
+
+// The knn best of key[0, C) into idx (two ways to the same result). Few keys per pick:
+// find the knn-th largest key bit by bit (each bit one vectorised counting pass), take
+// the keys above it and the first of those equal to it, sort those. Many keys per pick:
+// a sorted buffer that a key must beat to enter (rarely, once the buffer is good).
+__attribute__((target_clones("avx2", "default"))) uint32_t kth_key(const uint32_t* key,
+                                                                    int32_t c_count,
+                                                                    int32_t knn) {
+  uint32_t kth = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t cand = kth | (1u << bit);
+    int32_t count = 0;
+    for (int32_t c = 0; c < c_count; ++c) count += key[c] >= cand ? 1 : 0;
+    if (count >= knn) kth = cand;
+  }
+  return kth;
+}
+
+void select_by_radix(const uint32_t* key, int64_t c_count, int64_t knn, int64_t* idx) {
+  const uint32_t kth = kth_key(key, static_cast<int32_t>(c_count), static_cast<int32_t>(knn));
+  int64_t out = 0;
+  for (int64_t c = 0; c < c_count; ++c) {
+    if (key[c] > kth) idx[out++] = c;
+  }
+  for (int64_t c = 0; c < c_count && out < knn; ++c) {
+    if (key[c] == kth) idx[out++] = c;
+  }
+  sort_by_rank(key, idx, knn);
+}
+
+void select_by_insertion(const uint32_t* key, int64_t c_count, int64_t knn, int64_t* idx) {
+  for (int64_t c = 0; c < knn; ++c) idx[c] = c;
+  sort_by_rank(key, idx, knn);
+  for (int64_t c = knn; c < c_count; ++c) {
+    // c runs up, so an equal key never displaces an earlier one.
+    if (key[c] <= key[idx[knn - 1]]) continue;
+    int64_t pos = knn - 1;
+    while (pos > 0 && key[c] > key[idx[pos - 1]]) {
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    idx[pos] = c;
+  }
 }
 
 }  // namespace
@@ -147,9 +241,8 @@ void sparse_update(torch::Tensor values_VD, torch::Tensor rows_U, torch::Tensor 
 // Product-key half scores and their top-k without the (N, H, C) score matrix: for each
 // token and head, s_c = <q_NHQ[n, h], keys[h, c]> (summed over the query in order; the
 // keys come transposed, keysT_HQC, so 16 keys are scored at once), and the knn best
-// (score descending; among equal scores the lower c first), kept in a small sorted
-// buffer while c runs up (a later c must beat the buffer's last strictly). NaN scores
-// never displace a finite one, so every index returned is a real key.
+// (score descending; among equal scores the lower c first; NaN last), so every index
+// returned is a real key.
 std::vector<torch::Tensor> half_key_topk(torch::Tensor q_NHQ, torch::Tensor keysT_HQC,
                                          int64_t knn) {
   const int64_t n = q_NHQ.size(0), h = q_NHQ.size(1), qd = q_NHQ.size(2);
@@ -162,40 +255,20 @@ std::vector<torch::Tensor> half_key_topk(torch::Tensor q_NHQ, torch::Tensor keys
   int64_t* idx = idx_NHK.data_ptr<int64_t>();
   at::parallel_for(0, n * h, grain(c_count * qd), [&](int64_t begin, int64_t end) {
     std::vector<float> scores(c_count);
+    std::vector<uint32_t> keys(c_count);
     for (int64_t nh = begin; nh < end; ++nh) {
       const float* qv = q + nh * qd;
       const float* kh = keysT + (nh % h) * qd * c_count;
-      const int64_t body = c_count - c_count % kLanes;
-      for (int64_t c0 = 0; c0 < body; c0 += kLanes) {
-        float acc[kLanes] = {0.f};
-        for (int64_t i = 0; i < qd; ++i) {
-          const float qi = qv[i];
-          const float* row = kh + i * c_count + c0;
-          for (int64_t j = 0; j < kLanes; ++j) acc[j] += qi * row[j];
-        }
-        for (int64_t j = 0; j < kLanes; ++j) scores[c0 + j] = acc[j];
-      }
-      for (int64_t c = body; c < c_count; ++c) {
-        float acc = 0.f;
-        for (int64_t i = 0; i < qd; ++i) acc += qv[i] * kh[i * c_count + c];
-        scores[c] = acc;
-      }
+      score_keys(qv, kh, qd, c_count, scores.data());
       float* bv = vals + nh * knn;
       int64_t* bi = idx + nh * knn;
-      int64_t filled = 0;
-      for (int64_t c = 0; c < c_count; ++c) {
-        const float s = scores[c];
-        if (filled == knn && !(s > bv[knn - 1])) continue;
-        int64_t pos = filled < knn ? filled++ : knn - 1;
-        // Shift the worse entries down; equal scores keep the earlier (lower) c first.
-        while (pos > 0 && s > bv[pos - 1]) {
-          bv[pos] = bv[pos - 1];
-          bi[pos] = bi[pos - 1];
-          --pos;
-        }
-        bv[pos] = s;
-        bi[pos] = c;
+      for (int64_t c = 0; c < c_count; ++c) keys[c] = order_key(scores[c]);
+      if (c_count <= 32 * knn && c_count < (int64_t{1} << 31)) {
+        select_by_radix(keys.data(), c_count, knn, bi);
+      } else {
+        select_by_insertion(keys.data(), c_count, knn, bi);
       }
+      for (int64_t j = 0; j < knn; ++j) bv[j] = scores[bi[j]];
     }
   });
   return {vals_NHK, idx_NHK};
