@@ -38,6 +38,14 @@ inline float dot(const float* a, const float* b, int64_t d) {
   return out;
 }
 
+// Asks for the row at p (d floats) ahead of its use: rows of a large table are read in an
+// order no hardware prefetcher guesses, so each would otherwise wait on memory in turn.
+inline void prefetch_row(const float* p, int64_t d) {
+  for (int64_t i = 0; i < d; i += 16) __builtin_prefetch(p + i);
+}
+
+constexpr int64_t kAhead = 8;  // rows requested ahead
+
 // Grain sizes: a task of at least ~32K multiply-adds, so small calls stay on one thread.
 inline int64_t grain(int64_t work_per_item) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
@@ -149,6 +157,8 @@ torch::Tensor bag_backward_scores(torch::Tensor values_VD, torch::Tensor idx_NK,
   at::parallel_for(0, n, grain(k * d), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = 0; j < k; ++j) {
+        const int64_t ahead = i * k + j + kAhead;
+        if (ahead < end * k) prefetch_row(values + idx[ahead] * d, d);
         out[i * k + j] = dot(dy + i * d, values + idx[i * k + j] * d, d);
       }
     }
@@ -163,7 +173,7 @@ torch::Tensor bag_backward_values(torch::Tensor order_M, torch::Tensor offsets_U
                                   torch::Tensor scores_M, torch::Tensor dy_ND, int64_t k) {
   const int64_t u_count = offsets_U1.size(0) - 1, d = dy_ND.size(1);
   const int64_t m_count = order_M.size(0);
-  auto grad_UD = torch::zeros({u_count, d}, dy_ND.options());
+  auto grad_UD = torch::empty({u_count, d}, dy_ND.options());
   const int64_t* order = order_M.data_ptr<int64_t>();
   const int64_t* offsets = offsets_U1.data_ptr<int64_t>();
   const float* scores = scores_M.data_ptr<float>();
@@ -173,6 +183,7 @@ torch::Tensor bag_backward_values(torch::Tensor order_M, torch::Tensor offsets_U
   at::parallel_for(0, u_count, grain(per_row * d), [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       float* g = grad + u * d;
+      for (int64_t c = 0; c < d; ++c) g[c] = 0.f;
       for (int64_t p = offsets[u]; p < offsets[u + 1]; ++p) {
         const int64_t m = order[p];
         const float s = scores[m];
@@ -186,12 +197,13 @@ torch::Tensor bag_backward_values(torch::Tensor order_M, torch::Tensor offsets_U
 
 // One pass over each touched row: weight decay, then SGD (code 0), row-wise Adagrad (1)
 // or lazy Adam (2) in fp32, in place. Rows are unique, so no two threads write one row.
-// Adam's bias corrections are per row, 1 - beta**t computed in double (t small loses
-// digits in fp32); empty state tensors stand for the state an optimizer does not have.
+// Adam's bias corrections bc1_U, bc2_U are per row, 1 - beta**t for the row's new step
+// count t, computed by the caller in double (t small loses digits in fp32); empty
+// tensors stand for the state an optimizer does not have.
 void sparse_update(torch::Tensor values_VD, torch::Tensor rows_U, torch::Tensor grad_UD,
                    torch::Tensor sum_sq_V, torch::Tensor exp_avg_VD, torch::Tensor exp_avg_sq_VD,
-                   torch::Tensor step_V, int64_t code, double lr, double eps, double beta1,
-                   double beta2, double weight_decay) {
+                   torch::Tensor step_V, torch::Tensor bc1_U, torch::Tensor bc2_U, int64_t code,
+                   double lr, double eps, double beta1, double beta2, double weight_decay) {
   const int64_t u_count = rows_U.size(0), d = values_VD.size(1);
   float* values = values_VD.data_ptr<float>();
   const int64_t* rows = rows_U.data_ptr<int64_t>();
@@ -200,12 +212,22 @@ void sparse_update(torch::Tensor values_VD, torch::Tensor rows_U, torch::Tensor 
   float* exp_avg = code == 2 ? exp_avg_VD.data_ptr<float>() : nullptr;
   float* exp_avg_sq = code == 2 ? exp_avg_sq_VD.data_ptr<float>() : nullptr;
   int64_t* step = code == 2 ? step_V.data_ptr<int64_t>() : nullptr;
+  const float* bc1_all = code == 2 ? bc1_U.data_ptr<float>() : nullptr;
+  const float* bc2_all = code == 2 ? bc2_U.data_ptr<float>() : nullptr;
   const float lr_f = static_cast<float>(lr), eps_f = static_cast<float>(eps);
   const float decay = static_cast<float>(1.0 - lr * weight_decay);
   const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
   const float one_b1 = static_cast<float>(1.0 - beta1), one_b2 = static_cast<float>(1.0 - beta2);
   at::parallel_for(0, u_count, grain(4 * d), [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
+      if (u + kAhead < end) {
+        const int64_t ahead = rows[u + kAhead] * d;
+        prefetch_row(values + ahead, d);
+        if (code == 2) {
+          prefetch_row(exp_avg + ahead, d);
+          prefetch_row(exp_avg_sq + ahead, d);
+        }
+      }
       const int64_t r = rows[u];
       float* w = values + r * d;
       const float* g = grad + u * d;
@@ -220,10 +242,8 @@ void sparse_update(torch::Tensor values_VD, torch::Tensor rows_U, torch::Tensor 
         const float denom = std::sqrt(acc) + eps_f;
         for (int64_t c = 0; c < d; ++c) w[c] -= lr_f * g[c] / denom;
       } else {
-        const int64_t t = step[r] + 1;
-        step[r] = t;
-        const float bc1 = static_cast<float>(1.0 - std::pow(beta1, static_cast<double>(t)));
-        const float bc2 = static_cast<float>(1.0 - std::pow(beta2, static_cast<double>(t)));
+        step[r] += 1;
+        const float bc1 = bc1_all[u], bc2 = bc2_all[u];
         float* m = exp_avg + r * d;
         float* v = exp_avg_sq + r * d;
         for (int64_t c = 0; c < d; ++c) {

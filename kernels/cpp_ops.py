@@ -94,11 +94,19 @@ def sparse_update_(
         torch_ops.sparse_update_(spec, values_VD, state, rows_U, grad_UD)
         return
     none = torch.empty(0)
+    bc1_U = bc2_U = none
+    if spec.name == "adam":
+        # As torch_ops: 1 - beta**t in float64 (fp32 loses 1 - 0.999**t's digits for small
+        # t), vectorised here rather than one pow per row in the kernel.
+        t_U = state["step"].index_select(0, rows_U).add_(1).double()
+        bc1_U = (1 - spec.betas[0] ** t_U).float()
+        bc2_U = (1 - spec.betas[1] ** t_U).float()
     extension().sparse_update(
         values_VD, rows_U.contiguous(), grad_UD.float().contiguous(),
         state.get("sum_sq", none), state.get("exp_avg", none), state.get("exp_avg_sq", none),
-        state.get("step", torch.empty(0, dtype=torch.int64)), OPTIMIZER_CODES[spec.name],
-        spec.lr, spec.eps, spec.betas[0], spec.betas[1], spec.weight_decay,
+        state.get("step", torch.empty(0, dtype=torch.int64)), bc1_U, bc2_U,
+        OPTIMIZER_CODES[spec.name], spec.lr, spec.eps, spec.betas[0], spec.betas[1],
+        spec.weight_decay,
     )  # fmt: skip
 
 
