@@ -48,6 +48,7 @@ __all__ = [
     "bag_backward_scores",
     "bag_backward_values",
     "bag_forward",
+    "best_pairs",
     "check_indices",
     "half_key_topk",
     "init_optimizer_state",
@@ -261,6 +262,21 @@ def half_key_topk(
     device = _check_devices(queries=q_NHQ, keys=keys_HCQ)
     name = _resolve("torch" if backend == "triton" else backend, device)
     return _CPU_OPS["torch" if name == "triton" else name].half_key_topk(q_NHQ, keys_HCQ, knn)
+
+
+def best_pairs(
+    top1_NHK: torch.Tensor, top2_NHK: torch.Tensor, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks ``(r1_NHK, r2_NHK)`` into two descending top-knn lists of the knn best sums
+    ``top1[..., i] + top2[..., j]``, best first (int64, no gradient: gather the sums)."""
+    if top1_NHK.ndim != 3 or top1_NHK.shape != top2_NHK.shape:
+        raise ShapeError(
+            f"top-k lists {_shape(top1_NHK)} and {_shape(top2_NHK)} must both be (N, H, knn)"
+        )
+    _check_float("top-k scores", top1_NHK)
+    device = _check_devices(top1=top1_NHK, top2=top2_NHK)
+    name = _resolve("torch" if backend == "triton" else backend, device)
+    return _CPU_OPS["torch" if name == "triton" else name].best_pairs(top1_NHK, top2_NHK)
 
 
 # --- sparse optimizers -----------------------------------------------------------

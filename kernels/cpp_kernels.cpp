@@ -336,7 +336,45 @@ std::vector<torch::Tensor> half_key_topk_backward(torch::Tensor dvals_NHK, torch
   return {dq_NHQ, dkeys_HCQ};
 }
 
+// The knn best pairs (i, j) of two sorted top-knn lists a, b by a[i] + b[j]: ranks
+// r1_NHK, r2_NHK, best first, equal sums in flat order i * knn + j. Only pairs with
+// (i + 1) * (j + 1) <= knn can be among them (each such pair is beaten or tied by the
+// (i + 1) * (j + 1) - 1 pairs above and left of it).
+std::vector<torch::Tensor> best_pairs(torch::Tensor top1_NHK, torch::Tensor top2_NHK) {
+  const int64_t rows = top1_NHK.size(0) * top1_NHK.size(1), knn = top1_NHK.size(2);
+  auto r1_NHK = torch::empty(top1_NHK.sizes(), top1_NHK.options().dtype(torch::kInt64));
+  auto r2_NHK = torch::empty_like(r1_NHK);
+  const float* a = top1_NHK.data_ptr<float>();
+  const float* b = top2_NHK.data_ptr<float>();
+  int64_t* r1 = r1_NHK.data_ptr<int64_t>();
+  int64_t* r2 = r2_NHK.data_ptr<int64_t>();
+  std::vector<int64_t> cand_i, cand_j;
+  for (int64_t i = 0; i < knn; ++i) {
+    for (int64_t j = 0; (i + 1) * (j + 1) <= knn; ++j) {
+      cand_i.push_back(i);
+      cand_j.push_back(j);
+    }
+  }
+  const int64_t p_count = static_cast<int64_t>(cand_i.size());
+  at::parallel_for(0, rows, grain(p_count * 4), [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> key(p_count);
+    std::vector<int64_t> pick(knn);
+    for (int64_t row = begin; row < end; ++row) {
+      const float* ar = a + row * knn;
+      const float* br = b + row * knn;
+      for (int64_t p = 0; p < p_count; ++p) key[p] = order_key(ar[cand_i[p]] + br[cand_j[p]]);
+      select_by_insertion(key.data(), p_count, knn, pick.data());
+      for (int64_t j = 0; j < knn; ++j) {
+        r1[row * knn + j] = cand_i[pick[j]];
+        r2[row * knn + j] = cand_j[pick[j]];
+      }
+    }
+  });
+  return {r1_NHK, r2_NHK};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("best_pairs", &best_pairs);
   m.def("half_key_topk", &half_key_topk);
   m.def("half_key_topk_backward", &half_key_topk_backward);
   m.def("bag_backward_scores", &bag_backward_scores);

@@ -138,3 +138,7 @@ def half_key_topk(
     if q_NHQ.dtype != torch.float32 or keys_HCQ.dtype != torch.float32:
         return torch_ops.half_key_topk(q_NHQ, keys_HCQ, knn)
     return HalfKeyTopK.apply(q_NHQ, keys_HCQ, knn)
+
+
+def best_pairs(top1_NHK: torch.Tensor, top2_NHK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return extension().best_pairs(top1_NHK.float().contiguous(), top2_NHK.float().contiguous())

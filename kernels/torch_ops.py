@@ -96,3 +96,18 @@ def half_key_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All (N, H, C) scores of one product-key half, then their top-``knn``."""
     return torch.einsum("nhq,hcq->nhc", q_NHQ, keys_HCQ).topk(knn, dim=-1)
+
+
+def best_pairs(top1_NHK: torch.Tensor, top2_NHK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks (i, j) of the knn best sums top1[i] + top2[j] of two sorted lists, best first.
+
+    Only pairs with ``(i + 1) * (j + 1) <= knn`` are scored (50 of 256 for knn = 16): every
+    pair (i', j') with i' <= i and j' <= j sums at least as high, so any other pair has
+    knn pairs at least as good (ties aside).
+    """
+    knn = top1_NHK.shape[-1]
+    i, j = torch.meshgrid(torch.arange(knn), torch.arange(knn), indexing="ij")
+    keep = (i + 1) * (j + 1) <= knn
+    r1_P, r2_P = i[keep].to(top1_NHK.device), j[keep].to(top1_NHK.device)
+    pick_NHK = (top1_NHK[..., r1_P] + top2_NHK[..., r2_P]).topk(knn, dim=-1).indices
+    return r1_P[pick_NHK], r2_P[pick_NHK]

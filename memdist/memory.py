@@ -40,37 +40,21 @@ from memdist.errors import ConfigError
 from memdist.table import ValueTable
 
 
-def pair_candidates(knn: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ranks (i, j) into the two halves' sorted top-knn lists whose pair can be among
-    the best knn: ``(i + 1) * (j + 1) <= knn``, in flat order ``i * knn + j``.
-
-    Every pair (i', j') with i' <= i and j' <= j scores at least as high as (i, j), so a
-    pair with ``(i + 1) * (j + 1) > knn`` has knn others at least as good (ties aside).
-    For knn = 16 that is 50 of the 256 pairs.
-    """
-    i, j = torch.meshgrid(torch.arange(knn), torch.arange(knn), indexing="ij")
-    keep = (i + 1) * (j + 1) <= knn
-    return i[keep], j[keep]
-
-
 def product_key_topk(
     q_NH2Q: torch.Tensor, keys_H2CQ: torch.Tensor, knn: int, *, backend: str = "torch"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``knn`` rows of the ``C*C`` product keys for each token and head.
 
     Returns raw scores ``(N, H, K)`` and row indices ``(N, H, K)`` (int64, ``i1*C + i2``).
-    ``backend`` picks the halves' scoring (``memdist.kernels.half_key_topk``).
+    ``backend`` picks the kernels (``memdist.kernels.half_key_topk`` and ``best_pairs``).
     """
     n_keys = keys_H2CQ.shape[2]
     top1_NHK, i1_NHK = kernels.half_key_topk(q_NH2Q[:, :, 0], keys_H2CQ[:, 0], knn, backend=backend)
     top2_NHK, i2_NHK = kernels.half_key_topk(q_NH2Q[:, :, 1], keys_H2CQ[:, 1], knn, backend=backend)
-    # Scores of the candidate pairs that can make the top knn; the best knn are the result.
-    r1_P, r2_P = pair_candidates(knn)
-    pair_NHP = top1_NHK[..., r1_P] + top2_NHK[..., r2_P]
-    best_NHK, pick_NHK = pair_NHP.topk(knn, dim=-1)
-    r1 = torch.gather(i1_NHK, -1, r1_P.to(pick_NHK.device)[pick_NHK])
-    r2 = torch.gather(i2_NHK, -1, r2_P.to(pick_NHK.device)[pick_NHK])
-    return best_NHK, r1.long() * n_keys + r2.long()
+    # The best knn of the knn x knn candidate pairs, as ranks into the two lists.
+    r1_NHK, r2_NHK = kernels.best_pairs(top1_NHK.detach(), top2_NHK.detach(), backend=backend)
+    best_NHK = top1_NHK.gather(-1, r1_NHK) + top2_NHK.gather(-1, r2_NHK)
+    return best_NHK, i1_NHK.gather(-1, r1_NHK) * n_keys + i2_NHK.gather(-1, r2_NHK)
 
 
 class GainRMSNorm(nn.Module):

@@ -131,3 +131,16 @@ def test_half_key_topk_threads_and_errors():
         kernels.half_key_topk(q_NHQ, keys_HCQ, 513, backend="cpp")
     with pytest.raises(ShapeError, match="must be"):
         kernels.half_key_topk(q_NHQ, keys_HCQ[:3], 4, backend="cpp")
+
+
+@pytest.mark.parametrize("knn", [1, 4, 16])
+def test_best_pairs_match_all_pairs_on_every_backend(knn):
+    g = torch.Generator().manual_seed(knn)
+    top1, top2 = (torch.randn(50, 3, knn, generator=g).sort(-1, descending=True).values
+                  for _ in range(2))  # fmt: skip
+    expect = kernels.best_pairs(top1, top2, backend="reference")
+    for backend in ("cpp", "torch"):
+        r1, r2 = kernels.best_pairs(top1, top2, backend=backend)
+        assert torch.equal(r1, expect[0]) and torch.equal(r2, expect[1]), backend
+    with pytest.raises(ShapeError, match="must both be"):
+        kernels.best_pairs(top1, top2[:, :2], backend="cpp")
