@@ -166,6 +166,37 @@ torch::Tensor bag_backward_scores(torch::Tensor values_VD, torch::Tensor idx_NK,
   return out_NK;
 }
 
+// The reverse index of flat indices idx_M (values in [0, num_rows)) by a counting sort:
+// sorted unique rows_U, offsets_U1 and order_M such that the positions of rows_U[u] are
+// order_M[offsets_U1[u] : offsets_U1[u + 1]] in increasing order (a stable sort's).
+std::vector<torch::Tensor> reverse_index(torch::Tensor idx_M, int64_t num_rows) {
+  const int64_t m_count = idx_M.size(0);
+  const int64_t* idx = idx_M.data_ptr<int64_t>();
+  std::vector<int64_t> start(num_rows + 1, 0);
+  for (int64_t m = 0; m < m_count; ++m) ++start[idx[m] + 1];
+  int64_t u_count = 0;
+  for (int64_t v = 0; v < num_rows; ++v) u_count += start[v + 1] > 0;
+  auto opts = idx_M.options();
+  auto rows_U = torch::empty({u_count}, opts);
+  auto offsets_U1 = torch::empty({u_count + 1}, opts);
+  auto order_M = torch::empty({m_count}, opts);
+  int64_t* rows = rows_U.data_ptr<int64_t>();
+  int64_t* offsets = offsets_U1.data_ptr<int64_t>();
+  int64_t* order = order_M.data_ptr<int64_t>();
+  int64_t u = 0;
+  offsets[0] = 0;
+  for (int64_t v = 0; v < num_rows; ++v) {
+    const int64_t count = start[v + 1];
+    start[v + 1] = start[v] + count;
+    if (count > 0) {
+      rows[u] = v;
+      offsets[++u] = start[v + 1];
+    }
+  }
+  for (int64_t m = 0; m < m_count; ++m) order[start[idx[m]]++] = m;
+  return {rows_U, offsets_U1, order_M};
+}
+
 // grad_UD[u] = sum over m in order_M[offsets_U1[u] : offsets_U1[u + 1]] of
 // scores_M[m] * dy_ND[m / K], added in that (flat position) order starting from zero:
 // the sums index_add_ makes with the products s * dy, without materialising them.
@@ -375,6 +406,7 @@ std::vector<torch::Tensor> best_pairs(torch::Tensor top1_NHK, torch::Tensor top2
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_pairs", &best_pairs);
+  m.def("reverse_index", &reverse_index);
   m.def("half_key_topk", &half_key_topk);
   m.def("half_key_topk_backward", &half_key_topk_backward);
   m.def("bag_backward_scores", &bag_backward_scores);

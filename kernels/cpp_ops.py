@@ -37,6 +37,8 @@ SOURCE = Path(__file__).with_name("cpp_kernels.cpp")
 # has already loaded, so torch.set_num_threads governs these kernels too.
 CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
 OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "adam": 2}
+# A counting sort costs O(positions + rows): worth it up to this many rows per position.
+COUNTING_SORT_ROWS_PER_POSITION = 8
 
 bag_forward = torch_ops.bag_forward
 
@@ -72,10 +74,20 @@ def bag_backward_scores(
     )
 
 
+def reverse_index(idx_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch_ops.reverse_index``'s result; by a counting sort when the rows span at most
+    a few times the positions (a value table's rows, or a shard's), else by its sort."""
+    flat_M = idx_NK.reshape(-1).contiguous()
+    lo, hi = torch.aminmax(flat_M)
+    if int(lo) < 0 or int(hi) >= COUNTING_SORT_ROWS_PER_POSITION * flat_M.numel() + 65536:
+        return torch_ops.reverse_index(idx_NK)
+    return tuple(extension().reverse_index(flat_M, int(hi) + 1))  # type: ignore[return-value]
+
+
 def bag_backward_values(
     idx_NK: torch.Tensor, scores_NK: torch.Tensor, dy_ND: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows_U, offsets_U1, order_M = torch_ops.reverse_index(idx_NK)
+    rows_U, offsets_U1, order_M = reverse_index(idx_NK)
     grad_UD = extension().bag_backward_values(
         order_M, offsets_U1, scores_NK.float().reshape(-1).contiguous(),
         dy_ND.float().contiguous(), idx_NK.shape[1],

@@ -10,7 +10,7 @@ import torch
 
 from memdist import kernels
 from memdist.errors import ConfigError, ShapeError
-from memdist.kernels import OptimizerSpec, cpp_ops
+from memdist.kernels import OptimizerSpec, cpp_ops, torch_ops
 
 pytestmark = pytest.mark.skipif(not cpp_ops.available(), reason="no C++ compiler here")
 
@@ -144,3 +144,13 @@ def test_best_pairs_match_all_pairs_on_every_backend(knn):
         assert torch.equal(r1, expect[0]) and torch.equal(r2, expect[1]), backend
     with pytest.raises(ShapeError, match="must both be"):
         kernels.best_pairs(top1, top2[:, :2], backend="cpp")
+
+
+@pytest.mark.parametrize("v", [5, 300, 10**7])  # 10**7 rows: past the counting sort's range
+def test_reverse_index_equals_the_stable_sort(v):
+    g = torch.Generator().manual_seed(v)
+    idx = torch.randint(0, v, (40, 9), generator=g)
+    idx[3] = v - 1
+    expect = torch_ops.reverse_index(idx)
+    got = cpp_ops.reverse_index(idx)
+    assert all(torch.equal(a, b) for a, b in zip(got, expect, strict=True))
