@@ -1,4 +1,5 @@
-"""The fast torch path: vectorised ops, the default on CPU.
+"""The vectorised torch path: the CPU fallback where the C++ kernels cannot be built, and
+the kernels' second oracle (beside ``reference``).
 
 Deterministic on CPU: the value gradient sums each row's contributions with
 ``index_add_``, which runs serially on the CPU in position order, whatever the
