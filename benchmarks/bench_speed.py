@@ -47,6 +47,7 @@ from memdist.assembly import build_model, make_optimizer, unique_tables
 from memdist.config import load_config
 from memdist.model import flops_per_token
 from memdist.step import loss_fn
+from memdist.values import init_values
 
 GOALS = {  # name: (goal, True when the figure must be at least the goal, else at most)
     "small_local_vs_dense": (0.9, True),
@@ -141,7 +142,8 @@ def bench_steps(rounds: int, steps: int) -> dict:
 
 def bench_kernels(rows: int, n: int, k: int, d: int, rounds: int, calls: int) -> dict:
     g = torch.Generator().manual_seed(0)
-    values = {b: torch.randn(rows, d, generator=g) for b in ("auto", "torch")}
+    # Tables as memdist allocates them (init_values; after main, with huge-page advice).
+    values = {b: init_values(0, rows, d, seed=i) for i, b in enumerate(("auto", "torch"))}
     state = {b: kernels.init_optimizer_state("adam", rows, d) for b in values}
     spec = kernels.OptimizerSpec("adam", lr=1e-3)
     idx_NK = torch.randint(0, rows, (n, k), generator=g)

@@ -306,7 +306,8 @@ def init_optimizer_state(
     """
     spec = _state_spec(optimizer, num_rows, dim)
     return {
-        key: torch.zeros(shape, dtype=dtype, device=device) for key, (shape, dtype) in spec.items()
+        key: cpp_ops.empty_table(shape, dtype, device).zero_()
+        for key, (shape, dtype) in spec.items()
     }
 
 

@@ -12,6 +12,10 @@
 
 #include <ATen/Parallel.h>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -45,6 +49,21 @@ inline void prefetch_row(const float* p, int64_t d) {
 }
 
 constexpr int64_t kAhead = 8;  // rows requested ahead
+
+constexpr int64_t kHugePage = int64_t{2} << 20;
+
+// Asks Linux to back [p, p + bytes) with 2 MiB pages where the kernel's transparent huge
+// pages are on "madvise" (a no-op where they are "always" or "never"): rows of a large
+// table read in random order then miss the TLB far less, and a fresh buffer faults once
+// per 2 MiB instead of per 4 KiB. Only whole huge pages inside the range are advised.
+void advise_range(void* p, int64_t bytes) {
+#ifdef __linux__
+  const auto start = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t lo = (start + kHugePage - 1) & ~static_cast<uintptr_t>(kHugePage - 1);
+  const uintptr_t hi = (start + bytes) & ~static_cast<uintptr_t>(kHugePage - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only
+#endif
+}
 
 // Grain sizes: a task of at least ~32K multiply-adds, so small calls stay on one thread.
 inline int64_t grain(int64_t work_per_item) {
@@ -205,6 +224,7 @@ torch::Tensor bag_backward_values(torch::Tensor order_M, torch::Tensor offsets_U
   const int64_t u_count = offsets_U1.size(0) - 1, d = dy_ND.size(1);
   const int64_t m_count = order_M.size(0);
   auto grad_UD = torch::empty({u_count, d}, dy_ND.options());
+  advise_range(grad_UD.data_ptr(), grad_UD.nbytes());
   const int64_t* order = order_M.data_ptr<int64_t>();
   const int64_t* offsets = offsets_U1.data_ptr<int64_t>();
   const float* scores = scores_M.data_ptr<float>();
@@ -404,7 +424,11 @@ std::vector<torch::Tensor> best_pairs(torch::Tensor top1_NHK, torch::Tensor top2
   return {r1_NHK, r2_NHK};
 }
 
+// advise_range over a tensor's storage, before its pages are first written.
+void advise_huge_pages(torch::Tensor t) { advise_range(t.data_ptr(), t.nbytes()); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("advise_huge_pages", &advise_huge_pages);
   m.def("best_pairs", &best_pairs);
   m.def("reverse_index", &reverse_index);
   m.def("half_key_topk", &half_key_topk);

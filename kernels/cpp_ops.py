@@ -64,6 +64,21 @@ def available() -> bool:
     return True
 
 
+HUGE_PAGE_MIN_BYTES = 64 * 2**20
+
+
+def empty_table(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """``torch.empty``, asking for 2 MiB pages when it is a CPU tensor of 64 MiB or more
+    and the kernels are built (before anything writes it: the advice applies to pages
+    not yet touched). Table rows are read in random order; huge pages spare the TLB."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if t.device.type == "cpu" and t.nbytes >= HUGE_PAGE_MIN_BYTES and available():
+        extension().advise_huge_pages(t)
+    return t
+
+
 def bag_backward_scores(
     values_VD: torch.Tensor, idx_NK: torch.Tensor, dy_ND: torch.Tensor
 ) -> torch.Tensor:

@@ -154,3 +154,11 @@ def test_reverse_index_equals_the_stable_sort(v):
     expect = torch_ops.reverse_index(idx)
     got = cpp_ops.reverse_index(idx)
     assert all(torch.equal(a, b) for a, b in zip(got, expect, strict=True))
+
+
+def test_large_tables_ask_for_huge_pages_and_stay_plain_tensors():
+    t = cpp_ops.empty_table((cpp_ops.HUGE_PAGE_MIN_BYTES // 4 + 3,), torch.float32, "cpu")
+    t.fill_(2.0)  # the advice changes how pages are backed, never what they hold
+    assert t.is_contiguous() and float(t[::4096].sum()) == 2.0 * t[::4096].numel()
+    small = cpp_ops.empty_table((3, 4), torch.float32, "cpu")
+    assert small.shape == (3, 4)
