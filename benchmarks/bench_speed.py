@@ -18,6 +18,7 @@ Parts (one JSON object: machine, versions, config, load averages, results, goals
    written; backward + update N*K table rows (scores' gradient) + N*K dy rows read
    and U gradient rows written (values' gradient), then U rows of weight, gradient
    and both moments read and weight and moments written (Adam): (2NK + 8U) * D * 4.
+   ``--profile`` adds the top ops of 3 profiled steps of ``dense`` and ``small``.
 3. ``big`` (``--big``): the small model's step with a 16M-row table against the
    64K-row one at equal forward FLOPs (k_dim 66 and 6, SGD values: 8 GiB of values).
 
@@ -106,7 +107,20 @@ class Runner:
             self.group.stop()
 
 
-def bench_steps(rounds: int, steps: int) -> dict:
+def profile_steps(runner: Runner, steps: int = 3, top: int = 15) -> list[dict]:
+    """The ``top`` ops by self CPU time over ``steps`` steps (torch.profiler), per step."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(steps):
+            runner.step()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+             "total_ms_per_step": e.cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps}
+            for e in rows[:top]]  # fmt: skip
+
+
+def bench_steps(rounds: int, steps: int, profiled: bool = False) -> dict:
     models = {
         "dense": ("dense", []),
         "small_local": ("small", ["shards.count=0"]),
@@ -117,10 +131,13 @@ def bench_steps(rounds: int, steps: int) -> dict:
         models["small_2ray_torch"] = ("small", ["shards.count=2", "shards.transport=ray",
                                                 "model.memory.backend=torch"])  # fmt: skip
     runners = {key: Runner(name, over) for key, (name, over) in models.items()}
+    profiles = {}
     try:
         for _ in range(rounds):
             for r in runners.values():
                 r.run(steps)
+        if profiled:
+            profiles = {key: profile_steps(runners[key]) for key in ("dense", "small_local")}
     finally:
         for r in runners.values():
             r.close()
@@ -134,6 +151,8 @@ def bench_steps(rounds: int, steps: int) -> dict:
     for v in out.values():
         v["vs_dense"] = v["tokens_per_s"] / out["dense"]["tokens_per_s"]
         v["vs_dense_median"] = v["tokens_per_s_median"] / out["dense"]["tokens_per_s_median"]
+    if profiles:
+        out["profiles"] = profiles
     return out
 
 
@@ -275,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--big", action="store_true", help="also the 16M-row table (8 GiB)")
     p.add_argument("--rows", type=int, nargs="+", default=[65536, 1048576])
     p.add_argument("--label", default="after", help="a word for the plot's title")
+    p.add_argument("--profile", action="store_true", help="also profile 3 steps of dense and small")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--name", default="speed")
     args = p.parse_args(argv)
@@ -287,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
                                "kernel_rows": args.rows, "big": args.big},
                     "loadavg_start": load_start}  # fmt: skip
     result["kernels"] = [bench_kernels(r, 2048, 64, 128, rounds, calls) for r in args.rows]
-    result["steps"] = bench_steps(rounds, steps)
+    result["steps"] = bench_steps(rounds, steps, args.profile)
     if args.big:
         result["big"] = bench_big(max(2, rounds // 2), steps)
     result["goals"] = goals(result)
