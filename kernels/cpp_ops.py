@@ -96,7 +96,8 @@ def reverse_index(idx_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     lo, hi = torch.aminmax(flat_M)
     if int(lo) < 0 or int(hi) >= COUNTING_SORT_ROWS_PER_POSITION * flat_M.numel() + 65536:
         return torch_ops.reverse_index(idx_NK)
-    return tuple(extension().reverse_index(flat_M, int(hi) + 1))  # type: ignore[return-value]
+    rows_U, offsets_U1, order_M = extension().reverse_index(flat_M, int(hi) + 1)
+    return rows_U, offsets_U1, order_M
 
 
 def bag_backward_values(
