@@ -4,10 +4,13 @@ Imported as ``memdist.kernels``; depends only on torch, triton and ``memdist.err
 Triton is imported on first use of the Triton backend, so importing this package is
 cheap on a machine without a GPU. Every public function takes ``backend``:
 
-- ``"auto"``: Triton when the tensors are on CUDA, the fast torch path otherwise;
+- ``"auto"``: Triton when the tensors are on CUDA; on CPU the C++ kernels, or the
+  torch path where they cannot be built (no C++ compiler: a warning says so);
+- ``"cpp"``: C++ CPU kernels (``cpp_ops``, built on first use by torch's cpp_extension)
+  for the backwards and the sparse update, fp32 tables; the forward is the torch path's;
 - ``"triton"``: the Triton kernels (on CPU tensors this needs ``TRITON_INTERPRET=1``
   in the environment before the kernels are first imported);
-- ``"torch"``: vectorised torch ops (``torch_ops``), the default on CPU;
+- ``"torch"``: vectorised torch ops (``torch_ops``);
 - ``"reference"``: plain, slow, obviously correct torch (``reference``).
 
 Letters: N bags (tokens), K rows per bag (heads * knn), V table rows, D row width,
@@ -33,7 +36,7 @@ from types import ModuleType
 import torch
 
 from memdist.errors import ConfigError, DataError, IndexOutOfRangeError, ShapeError
-from memdist.kernels import reference, torch_ops
+from memdist.kernels import cpp_ops, reference, torch_ops
 from memdist.kernels.spec import OPTIMIZERS, OptimizerSpec
 
 __all__ = [
@@ -45,13 +48,15 @@ __all__ = [
     "bag_backward_scores",
     "bag_backward_values",
     "bag_forward",
+    "best_pairs",
     "check_indices",
+    "half_key_topk",
     "init_optimizer_state",
     "sparse_update_",
     "weighted_embedding_bag",
 ]
 
-BACKENDS = ("auto", "torch", "triton", "reference")
+BACKENDS = ("auto", "cpp", "torch", "triton", "reference")
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
 GradSink = Callable[[torch.Tensor, torch.Tensor], None]
@@ -64,9 +69,13 @@ def _resolve(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ConfigError(f"kernel backend={backend!r} must be one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "triton"
+        return "cpp" if device.type == "cpu" and cpp_ops.available() else "torch"
     if backend == "triton" and device.type != "cuda":
         _require_interpreter(device)
+    if backend == "cpp" and device.type != "cpu":
+        raise ConfigError(f"kernel backend='cpp' runs on CPU tensors, got {device.type} tensors")
     return backend
 
 
@@ -83,13 +92,16 @@ def _require_interpreter(device: torch.device) -> None:
         )
 
 
+_CPU_OPS = {"cpp": cpp_ops, "torch": torch_ops, "reference": reference}
+
+
 def _bag_ops(backend: str, device: torch.device) -> ModuleType:
     name = _resolve(backend, device)
     if name == "triton":
         from memdist.kernels import triton_bag
 
         return triton_bag
-    return torch_ops if name == "torch" else reference
+    return _CPU_OPS[name]
 
 
 def _optim_ops(backend: str, device: torch.device) -> ModuleType:
@@ -98,7 +110,7 @@ def _optim_ops(backend: str, device: torch.device) -> ModuleType:
         from memdist.kernels import triton_optim
 
         return triton_optim
-    return torch_ops if name == "torch" else reference
+    return _CPU_OPS[name]
 
 
 # --- argument checks ---------------------------------------------------------------
@@ -221,6 +233,52 @@ def bag_backward_values(
     return ops.bag_backward_values(idx_NK.long(), scores_NK, dy_ND)
 
 
+# --- product-key selection ---------------------------------------------------------
+
+
+def half_key_topk(
+    q_NHQ: torch.Tensor, keys_HCQ: torch.Tensor, knn: int, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``knn`` of one product-key half's scores ``s[n, h, c] = <q_NHQ[n, h],
+    keys_HCQ[h, c]>``: values (N, H, knn), sorted descending, and int64 indices into C.
+
+    Differentiable in ``q_NHQ`` and ``keys_HCQ`` (through the selected scores). The
+    ``cpp`` backend never builds the (N, H, C) scores, which grow with sqrt(table rows);
+    the others (``triton`` included: selection is not a Triton kernel) are einsum + topk.
+    """
+    if (
+        q_NHQ.ndim != 3
+        or keys_HCQ.ndim != 3
+        or q_NHQ.shape[1] != keys_HCQ.shape[0]
+        or (q_NHQ.shape[2] != keys_HCQ.shape[2])
+    ):
+        raise ShapeError(
+            f"queries {_shape(q_NHQ)} and keys {_shape(keys_HCQ)} must be (N, H, Q) and (H, C, Q)"
+        )
+    _check_float("queries", q_NHQ)
+    _check_float("keys", keys_HCQ)
+    if not 1 <= knn <= keys_HCQ.shape[1]:
+        raise ConfigError(f"knn={knn} must be in [1, {keys_HCQ.shape[1]}] (the keys per half)")
+    device = _check_devices(queries=q_NHQ, keys=keys_HCQ)
+    name = _resolve("torch" if backend == "triton" else backend, device)
+    return _CPU_OPS["torch" if name == "triton" else name].half_key_topk(q_NHQ, keys_HCQ, knn)
+
+
+def best_pairs(
+    top1_NHK: torch.Tensor, top2_NHK: torch.Tensor, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks ``(r1_NHK, r2_NHK)`` into two descending top-knn lists of the knn best sums
+    ``top1[..., i] + top2[..., j]``, best first (int64, no gradient: gather the sums)."""
+    if top1_NHK.ndim != 3 or top1_NHK.shape != top2_NHK.shape:
+        raise ShapeError(
+            f"top-k lists {_shape(top1_NHK)} and {_shape(top2_NHK)} must both be (N, H, knn)"
+        )
+    _check_float("top-k scores", top1_NHK)
+    device = _check_devices(top1=top1_NHK, top2=top2_NHK)
+    name = _resolve("torch" if backend == "triton" else backend, device)
+    return _CPU_OPS["torch" if name == "triton" else name].best_pairs(top1_NHK, top2_NHK)
+
+
 # --- sparse optimizers -----------------------------------------------------------
 
 
@@ -248,7 +306,8 @@ def init_optimizer_state(
     """
     spec = _state_spec(optimizer, num_rows, dim)
     return {
-        key: torch.zeros(shape, dtype=dtype, device=device) for key, (shape, dtype) in spec.items()
+        key: cpp_ops.empty_table(shape, dtype, device).zero_()
+        for key, (shape, dtype) in spec.items()
     }
 
 

@@ -35,6 +35,18 @@ def bag_backward_values(
     return rows_U, grad_UD
 
 
+def half_key_topk(
+    q_NHQ: torch.Tensor, keys_HCQ: torch.Tensor, knn: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (q_NHQ.unsqueeze(2) * keys_HCQ.unsqueeze(0)).sum(-1).topk(knn, dim=-1)
+
+
+def best_pairs(top1_NHK: torch.Tensor, top2_NHK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    knn = top1_NHK.shape[-1]
+    flat_NHK = (top1_NHK.unsqueeze(-1) + top2_NHK.unsqueeze(-2)).flatten(-2).topk(knn).indices
+    return torch.div(flat_NHK, knn, rounding_mode="floor"), flat_NHK % knn
+
+
 def sparse_update_(
     spec: OptimizerSpec,
     values_VD: torch.Tensor,

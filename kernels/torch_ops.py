@@ -1,4 +1,5 @@
-"""The fast torch path: vectorised ops, the default on CPU.
+"""The vectorised torch path: the CPU fallback where the C++ kernels cannot be built, and
+the kernels' second oracle (beside ``reference``).
 
 Deterministic on CPU: the value gradient sums each row's contributions with
 ``index_add_``, which runs serially on the CPU in position order, whatever the
@@ -89,3 +90,25 @@ def sparse_update_(
         bc2 = (1 - b2**tf_U1).float()
         w_UD.sub_(spec.lr * (m_UD / bc1) / ((v_UD / bc2).sqrt() + spec.eps))
     values_VD.index_copy_(0, rows_U, w_UD.to(values_VD.dtype))
+
+
+def half_key_topk(
+    q_NHQ: torch.Tensor, keys_HCQ: torch.Tensor, knn: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (N, H, C) scores of one product-key half, then their top-``knn``."""
+    return torch.einsum("nhq,hcq->nhc", q_NHQ, keys_HCQ).topk(knn, dim=-1)
+
+
+def best_pairs(top1_NHK: torch.Tensor, top2_NHK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks (i, j) of the knn best sums top1[i] + top2[j] of two sorted lists, best first.
+
+    Only pairs with ``(i + 1) * (j + 1) <= knn`` are scored (50 of 256 for knn = 16): every
+    pair (i', j') with i' <= i and j' <= j sums at least as high, so any other pair has
+    knn pairs at least as good (ties aside).
+    """
+    knn = top1_NHK.shape[-1]
+    i, j = torch.meshgrid(torch.arange(knn), torch.arange(knn), indexing="ij")
+    keep = (i + 1) * (j + 1) <= knn
+    r1_P, r2_P = i[keep].to(top1_NHK.device), j[keep].to(top1_NHK.device)
+    pick_NHK = (top1_NHK[..., r1_P] + top2_NHK[..., r2_P]).topk(knn, dim=-1).indices
+    return r1_P[pick_NHK], r2_P[pick_NHK]

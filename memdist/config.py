@@ -49,7 +49,7 @@ class MemoryConfig:
     value_eps: float = 1e-8
     value_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # lazy Adam's
     value_grad_clip: float | None = None  # max norm of the values' gradient (null: off)
-    backend: str = "auto"  # kernels: auto | torch | triton | reference
+    backend: str = "auto"  # kernels: auto | cpp | torch | triton | reference
 
     @property
     def rows(self) -> int:
@@ -447,8 +447,8 @@ def validate_memory(mem: MemoryConfig, dim: int, n_layers: int | None = None) ->
         f"model.memory.value_grad_clip={mem.value_grad_clip} must be > 0 or null (off)",
     )
     _check(
-        mem.backend in ("auto", "torch", "triton", "reference"),
-        f"model.memory.backend={mem.backend!r} must be auto, torch, triton or reference",
+        mem.backend in ("auto", "cpp", "torch", "triton", "reference"),
+        f"model.memory.backend={mem.backend!r} must be auto, cpp, torch, triton or reference",
     )
     _check(len(mem.layers) >= 1, "model.memory.layers must name at least one block")
     _check(

@@ -34,29 +34,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memdist import kernels
 from memdist.config import MemoryConfig, validate_memory
 from memdist.errors import ConfigError
 from memdist.table import ValueTable
 
 
 def product_key_topk(
-    q_NH2Q: torch.Tensor, keys_H2CQ: torch.Tensor, knn: int
+    q_NH2Q: torch.Tensor, keys_H2CQ: torch.Tensor, knn: int, *, backend: str = "torch"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``knn`` rows of the ``C*C`` product keys for each token and head.
 
     Returns raw scores ``(N, H, K)`` and row indices ``(N, H, K)`` (int64, ``i1*C + i2``).
+    ``backend`` picks the kernels (``memdist.kernels.half_key_topk`` and ``best_pairs``).
     """
     n_keys = keys_H2CQ.shape[2]
-    s1_NHC = torch.einsum("nhq,hcq->nhc", q_NH2Q[:, :, 0], keys_H2CQ[:, 0])
-    s2_NHC = torch.einsum("nhq,hcq->nhc", q_NH2Q[:, :, 1], keys_H2CQ[:, 1])
-    top1_NHK, i1_NHK = s1_NHC.topk(knn, dim=-1)
-    top2_NHK, i2_NHK = s2_NHC.topk(knn, dim=-1)
-    # Scores of the knn x knn candidate pairs; the best knn of them are the result.
-    pair_NHKK = top1_NHK.unsqueeze(-1) + top2_NHK.unsqueeze(-2)
-    best_NHK, flat_NHK = pair_NHKK.flatten(-2).topk(knn, dim=-1)
-    r1 = torch.gather(i1_NHK, -1, torch.div(flat_NHK, knn, rounding_mode="floor"))
-    r2 = torch.gather(i2_NHK, -1, flat_NHK % knn)
-    return best_NHK, r1.long() * n_keys + r2.long()
+    top1_NHK, i1_NHK = kernels.half_key_topk(q_NH2Q[:, :, 0], keys_H2CQ[:, 0], knn, backend=backend)
+    top2_NHK, i2_NHK = kernels.half_key_topk(q_NH2Q[:, :, 1], keys_H2CQ[:, 1], knn, backend=backend)
+    # The best knn of the knn x knn candidate pairs, as ranks into the two lists.
+    r1_NHK, r2_NHK = kernels.best_pairs(top1_NHK.detach(), top2_NHK.detach(), backend=backend)
+    best_NHK = top1_NHK.gather(-1, r1_NHK) + top2_NHK.gather(-1, r2_NHK)
+    return best_NHK, i1_NHK.gather(-1, r1_NHK) * n_keys + i2_NHK.gather(-1, r2_NHK)
 
 
 class GainRMSNorm(nn.Module):
@@ -148,7 +146,7 @@ class MemoryLayer(nn.Module):
             # score, so it commutes with the dot products and the top-k.
             q_NH2Q = self.query_norm(q_NH2Q) * (cfg.k_dim // 2) ** -0.5
             keys_H2CQ = self.key_norm(keys_H2CQ)
-        raw_NHK, idx_NHK = product_key_topk(q_NH2Q, keys_H2CQ, cfg.knn)
+        raw_NHK, idx_NHK = product_key_topk(q_NH2Q, keys_H2CQ, cfg.knn, backend=cfg.backend)
         scores_NHK = torch.softmax(raw_NHK.float(), dim=-1).to(x_ND.dtype)
         return idx_NHK.reshape(n, -1), scores_NHK.reshape(n, -1)
 

@@ -50,7 +50,7 @@ def init_values(
     piece by piece on shards that never hold the rest.
     """
     col_stop = dim if col_stop is None else col_stop
-    out = torch.empty(row_stop - row_start, col_stop - col_start, dtype=dtype, device=device)
+    out = kernels.cpp_ops.empty_table((row_stop - row_start, col_stop - col_start), dtype, device)
     first, last = row_start // INIT_BLOCK_ROWS, (row_stop - 1) // INIT_BLOCK_ROWS
     for block in range(first, last + 1):
         b0 = block * INIT_BLOCK_ROWS

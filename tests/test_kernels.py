@@ -19,7 +19,10 @@ from memdist import kernels
 from memdist.errors import ConfigError, IndexOutOfRangeError, ShapeError
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+CPP = pytest.param(
+    "cpp", marks=pytest.mark.skipif(DEVICE.type != "cpu", reason="C++ kernels run on CPU tensors")
+)
+BACKENDS = [CPP, "torch", pytest.param("triton", marks=pytest.mark.triton)]
 # (bags N, bag size K, rows V, width D, index pattern)
 CASES = [
     (16, 1, 50, 1, "random"),
@@ -162,9 +165,9 @@ def test_torch_value_gradient_does_not_depend_on_thread_count():
     assert torch.equal(grad1, grad2)
 
 
-def test_auto_backend_is_triton_on_cuda_and_torch_elsewhere():
+def test_auto_backend_is_triton_on_cuda_and_cpp_on_cpu():
     values, idx, scores, dy = make_inputs(4, 8, 30, 16, "random", torch.float32)
-    expect = "triton" if DEVICE.type == "cuda" else "torch"
+    expect = "triton" if DEVICE.type == "cuda" else "cpp"
     y_auto = kernels.bag_forward(values, idx, scores)
     _, grad_auto = kernels.bag_backward_values(idx, scores, dy)
     assert torch.equal(y_auto, kernels.bag_forward(values, idx, scores, backend=expect))

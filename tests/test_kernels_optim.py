@@ -12,7 +12,10 @@ from memdist.errors import ConfigError, DataError, IndexOutOfRangeError, ShapeEr
 from memdist.kernels import OptimizerSpec, reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.triton)]
+CPP = pytest.param(
+    "cpp", marks=pytest.mark.skipif(DEVICE.type != "cpu", reason="C++ kernels run on CPU tensors")
+)
+BACKENDS = [CPP, "torch", pytest.param("triton", marks=pytest.mark.triton)]
 OPTIMIZERS = ["sgd", "adagrad", "adam"]
 
 

@@ -66,6 +66,7 @@ def test_built_wheel_imports(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("memdist-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "memdist/kernels/__init__.py" in names and "memdist/configs/small.yaml" in names
+    assert "memdist/kernels/cpp_kernels.cpp" in names  # cpp_ops builds it on first use
     assert not any(n.startswith(("tests/", "kernels/", "benchmarks/")) for n in names)
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

@@ -1,0 +1,439 @@
+// CPU kernels for the memory lookup's backwards and the sparse optimizer update.
+//
+// Built on first use by memdist/kernels/cpp_ops.py through torch's cpp_extension, with
+// -ffp-contract=off so that no multiply-add is fused: every output element is computed by
+// one thread in a fixed order, so results do not depend on the thread count, the CPU's
+// instruction set or how the work is split (a row-wise shard sees bags of one).
+//
+// Letters: N bags, K rows per bag, V table rows, D row width, U unique rows, M = N*K.
+// Tensors arrive checked (memdist.kernels): fp32 contiguous data, int64 indices.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+// <a, b> over d elements: 16 independent partial sums (the compiler vectorises them
+// without reassociating), folded in a fixed tree, then the tail in order.
+inline float dot(const float* a, const float* b, int64_t d) {
+  float acc[kLanes] = {0.f};
+  const int64_t body = d - d % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  for (int64_t w = kLanes / 2; w > 0; w /= 2) {
+    for (int64_t j = 0; j < w; ++j) acc[j] += acc[j + w];
+  }
+  float out = acc[0];
+  for (int64_t i = body; i < d; ++i) out += a[i] * b[i];
+  return out;
+}
+
+// Asks for the row at p (d floats) ahead of its use: rows of a large table are read in an
+// order no hardware prefetcher guesses, so each would otherwise wait on memory in turn.
+inline void prefetch_row(const float* p, int64_t d) {
+  for (int64_t i = 0; i < d; i += 16) __builtin_prefetch(p + i);
+}
+
+constexpr int64_t kAhead = 8;  // rows requested ahead
+
+constexpr int64_t kHugePage = int64_t{2} << 20;
+
+// Asks Linux to back [p, p + bytes) with 2 MiB pages where the kernel's transparent huge
+// pages are on "madvise" (a no-op where they are "always" or "never"): rows of a large
+// table read in random order then miss the TLB far less, and a fresh buffer faults once
+// per 2 MiB instead of per 4 KiB. Only whole huge pages inside the range are advised.
+void advise_range(void* p, int64_t bytes) {
+#ifdef __linux__
+  const auto start = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t lo = (start + kHugePage - 1) & ~static_cast<uintptr_t>(kHugePage - 1);
+  const uintptr_t hi = (start + bytes) & ~static_cast<uintptr_t>(kHugePage - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only
+#endif
+}
+
+// Grain sizes: a task of at least ~32K multiply-adds, so small calls stay on one thread.
+inline int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
+}
+
+// scores[c] = sum_i q[i] * keysT[i * C + c], each summed over i in order, 16 keys at a
+// time. Cloned for AVX2: the lanes are independent and nothing is contracted, so both
+// clones compute the same bits.
+__attribute__((target_clones("avx2", "default"))) void score_keys(
+    const float* q, const float* keysT, int64_t qd, int64_t c_count, float* scores) {
+  const int64_t body = c_count - c_count % kLanes;
+  for (int64_t c0 = 0; c0 < body; c0 += kLanes) {
+    float acc[kLanes] = {0.f};
+    for (int64_t i = 0; i < qd; ++i) {
+      const float qi = q[i];
+      const float* row = keysT + i * c_count + c0;
+      for (int64_t j = 0; j < kLanes; ++j) acc[j] += qi * row[j];
+    }
+    for (int64_t j = 0; j < kLanes; ++j) scores[c0 + j] = acc[j];
+  }
+  for (int64_t c = body; c < c_count; ++c) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < qd; ++i) acc += q[i] * keysT[i * c_count + c];
+    scores[c] = acc;
+  }
+}
+
+// Scores as unsigned keys in the same order (NaN lowest, then -inf ... +inf; -0 < +0), so
+// ranking is integer comparison: higher key first, equal keys lower index first.
+inline uint32_t order_key(float x) {
+  if (std::isnan(x)) return 0u;
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+inline bool ranks_before(const uint32_t* key, int64_t a, int64_t b) {
+  return key[a] > key[b] || (key[a] == key[b] && a < b);
+}
+
+// Sorts idx[0, k) into rank order (k is small).
+inline void sort_by_rank(const uint32_t* key, int64_t* idx, int64_t k) {
+  for (int64_t j = 1; j < k; ++j) {
+    const int64_t c = idx[j];
+    int64_t pos = j;
+    while (pos > 0 && ranks_before(key, c, idx[pos - 1])) {
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    idx[pos] = c;
+  }
+}
+
+// The knn best of key[0, C) into idx (two ways to the same result). Few keys per pick:
+// find the knn-th largest key bit by bit (each bit one vectorised counting pass), take
+// the keys above it and the first of those equal to it, sort those. Many keys per pick:
+// a sorted buffer that a key must beat to enter (rarely, once the buffer is good).
+__attribute__((target_clones("avx2", "default"))) uint32_t kth_key(const uint32_t* key,
+                                                                    int32_t c_count,
+                                                                    int32_t knn) {
+  uint32_t kth = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t cand = kth | (1u << bit);
+    int32_t count = 0;
+    for (int32_t c = 0; c < c_count; ++c) count += key[c] >= cand ? 1 : 0;
+    if (count >= knn) kth = cand;
+  }
+  return kth;
+}
+
+void select_by_radix(const uint32_t* key, int64_t c_count, int64_t knn, int64_t* idx) {
+  const uint32_t kth = kth_key(key, static_cast<int32_t>(c_count), static_cast<int32_t>(knn));
+  int64_t out = 0;
+  for (int64_t c = 0; c < c_count; ++c) {
+    if (key[c] > kth) idx[out++] = c;
+  }
+  for (int64_t c = 0; c < c_count && out < knn; ++c) {
+    if (key[c] == kth) idx[out++] = c;
+  }
+  sort_by_rank(key, idx, knn);
+}
+
+void select_by_insertion(const uint32_t* key, int64_t c_count, int64_t knn, int64_t* idx) {
+  for (int64_t c = 0; c < knn; ++c) idx[c] = c;
+  sort_by_rank(key, idx, knn);
+  for (int64_t c = knn; c < c_count; ++c) {
+    // c runs up, so an equal key never displaces an earlier one.
+    if (key[c] <= key[idx[knn - 1]]) continue;
+    int64_t pos = knn - 1;
+    while (pos > 0 && key[c] > key[idx[pos - 1]]) {
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    idx[pos] = c;
+  }
+}
+
+}  // namespace
+
+// dscores_NK[n, k] = <dy_ND[n], values_VD[idx_NK[n, k]]>
+torch::Tensor bag_backward_scores(torch::Tensor values_VD, torch::Tensor idx_NK,
+                                  torch::Tensor dy_ND) {
+  const int64_t n = idx_NK.size(0), k = idx_NK.size(1), d = values_VD.size(1);
+  auto out_NK = torch::empty({n, k}, dy_ND.options());
+  const float* values = values_VD.data_ptr<float>();
+  const float* dy = dy_ND.data_ptr<float>();
+  const int64_t* idx = idx_NK.data_ptr<int64_t>();
+  float* out = out_NK.data_ptr<float>();
+  at::parallel_for(0, n, grain(k * d), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t ahead = i * k + j + kAhead;
+        if (ahead < end * k) prefetch_row(values + idx[ahead] * d, d);
+        out[i * k + j] = dot(dy + i * d, values + idx[i * k + j] * d, d);
+      }
+    }
+  });
+  return out_NK;
+}
+
+// The reverse index of flat indices idx_M (values in [0, num_rows)) by a counting sort:
+// sorted unique rows_U, offsets_U1 and order_M such that the positions of rows_U[u] are
+// order_M[offsets_U1[u] : offsets_U1[u + 1]] in increasing order (a stable sort's).
+std::vector<torch::Tensor> reverse_index(torch::Tensor idx_M, int64_t num_rows) {
+  const int64_t m_count = idx_M.size(0);
+  const int64_t* idx = idx_M.data_ptr<int64_t>();
+  std::vector<int64_t> start(num_rows + 1, 0);
+  for (int64_t m = 0; m < m_count; ++m) ++start[idx[m] + 1];
+  int64_t u_count = 0;
+  for (int64_t v = 0; v < num_rows; ++v) u_count += start[v + 1] > 0;
+  auto opts = idx_M.options();
+  auto rows_U = torch::empty({u_count}, opts);
+  auto offsets_U1 = torch::empty({u_count + 1}, opts);
+  auto order_M = torch::empty({m_count}, opts);
+  int64_t* rows = rows_U.data_ptr<int64_t>();
+  int64_t* offsets = offsets_U1.data_ptr<int64_t>();
+  int64_t* order = order_M.data_ptr<int64_t>();
+  int64_t u = 0;
+  offsets[0] = 0;
+  for (int64_t v = 0; v < num_rows; ++v) {
+    const int64_t count = start[v + 1];
+    start[v + 1] = start[v] + count;
+    if (count > 0) {
+      rows[u] = v;
+      offsets[++u] = start[v + 1];
+    }
+  }
+  for (int64_t m = 0; m < m_count; ++m) order[start[idx[m]]++] = m;
+  return {rows_U, offsets_U1, order_M};
+}
+
+// grad_UD[u] = sum over m in order_M[offsets_U1[u] : offsets_U1[u + 1]] of
+// scores_M[m] * dy_ND[m / K], added in that (flat position) order starting from zero:
+// the sums index_add_ makes with the products s * dy, without materialising them.
+torch::Tensor bag_backward_values(torch::Tensor order_M, torch::Tensor offsets_U1,
+                                  torch::Tensor scores_M, torch::Tensor dy_ND, int64_t k) {
+  const int64_t u_count = offsets_U1.size(0) - 1, d = dy_ND.size(1);
+  const int64_t m_count = order_M.size(0);
+  auto grad_UD = torch::empty({u_count, d}, dy_ND.options());
+  advise_range(grad_UD.data_ptr(), grad_UD.nbytes());
+  const int64_t* order = order_M.data_ptr<int64_t>();
+  const int64_t* offsets = offsets_U1.data_ptr<int64_t>();
+  const float* scores = scores_M.data_ptr<float>();
+  const float* dy = dy_ND.data_ptr<float>();
+  float* grad = grad_UD.data_ptr<float>();
+  const int64_t per_row = std::max<int64_t>(1, m_count / std::max<int64_t>(1, u_count));
+  at::parallel_for(0, u_count, grain(per_row * d), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      float* g = grad + u * d;
+      for (int64_t c = 0; c < d; ++c) g[c] = 0.f;
+      for (int64_t p = offsets[u]; p < offsets[u + 1]; ++p) {
+        const int64_t m = order[p];
+        const float s = scores[m];
+        const float* row = dy + (m / k) * d;
+        for (int64_t c = 0; c < d; ++c) g[c] += s * row[c];
+      }
+    }
+  });
+  return grad_UD;
+}
+
+// One pass over each touched row: weight decay, then SGD (code 0), row-wise Adagrad (1)
+// or lazy Adam (2) in fp32, in place. Rows are unique, so no two threads write one row.
+// Adam's bias corrections bc1_U, bc2_U are per row, 1 - beta**t for the row's new step
+// count t, computed by the caller in double (t small loses digits in fp32); empty
+// tensors stand for the state an optimizer does not have.
+void sparse_update(torch::Tensor values_VD, torch::Tensor rows_U, torch::Tensor grad_UD,
+                   torch::Tensor sum_sq_V, torch::Tensor exp_avg_VD, torch::Tensor exp_avg_sq_VD,
+                   torch::Tensor step_V, torch::Tensor bc1_U, torch::Tensor bc2_U, int64_t code,
+                   double lr, double eps, double beta1, double beta2, double weight_decay) {
+  const int64_t u_count = rows_U.size(0), d = values_VD.size(1);
+  float* values = values_VD.data_ptr<float>();
+  const int64_t* rows = rows_U.data_ptr<int64_t>();
+  const float* grad = grad_UD.data_ptr<float>();
+  float* sum_sq = code == 1 ? sum_sq_V.data_ptr<float>() : nullptr;
+  float* exp_avg = code == 2 ? exp_avg_VD.data_ptr<float>() : nullptr;
+  float* exp_avg_sq = code == 2 ? exp_avg_sq_VD.data_ptr<float>() : nullptr;
+  int64_t* step = code == 2 ? step_V.data_ptr<int64_t>() : nullptr;
+  const float* bc1_all = code == 2 ? bc1_U.data_ptr<float>() : nullptr;
+  const float* bc2_all = code == 2 ? bc2_U.data_ptr<float>() : nullptr;
+  const float lr_f = static_cast<float>(lr), eps_f = static_cast<float>(eps);
+  const float decay = static_cast<float>(1.0 - lr * weight_decay);
+  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
+  const float one_b1 = static_cast<float>(1.0 - beta1), one_b2 = static_cast<float>(1.0 - beta2);
+  at::parallel_for(0, u_count, grain(4 * d), [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      if (u + kAhead < end) {
+        const int64_t ahead = rows[u + kAhead] * d;
+        prefetch_row(values + ahead, d);
+        if (code == 2) {
+          prefetch_row(exp_avg + ahead, d);
+          prefetch_row(exp_avg_sq + ahead, d);
+        }
+      }
+      const int64_t r = rows[u];
+      float* w = values + r * d;
+      const float* g = grad + u * d;
+      if (weight_decay != 0.0) {
+        for (int64_t c = 0; c < d; ++c) w[c] *= decay;
+      }
+      if (code == 0) {
+        for (int64_t c = 0; c < d; ++c) w[c] -= lr_f * g[c];
+      } else if (code == 1) {
+        const float acc = sum_sq[r] + dot(g, g, d) / static_cast<float>(d);
+        sum_sq[r] = acc;
+        const float denom = std::sqrt(acc) + eps_f;
+        for (int64_t c = 0; c < d; ++c) w[c] -= lr_f * g[c] / denom;
+      } else {
+        step[r] += 1;
+        const float bc1 = bc1_all[u], bc2 = bc2_all[u];
+        float* m = exp_avg + r * d;
+        float* v = exp_avg_sq + r * d;
+        for (int64_t c = 0; c < d; ++c) {
+          const float mc = b1 * m[c] + one_b1 * g[c];
+          const float vc = b2 * v[c] + one_b2 * g[c] * g[c];
+          m[c] = mc;
+          v[c] = vc;
+          w[c] -= lr_f * (mc / bc1) / (std::sqrt(vc / bc2) + eps_f);
+        }
+      }
+    }
+  });
+}
+
+// Product-key half scores and their top-k without the (N, H, C) score matrix: for each
+// token and head, s_c = <q_NHQ[n, h], keys[h, c]> (summed over the query in order; the
+// keys come transposed, keysT_HQC, so 16 keys are scored at once), and the knn best
+// (score descending; among equal scores the lower c first; NaN last), so every index
+// returned is a real key.
+std::vector<torch::Tensor> half_key_topk(torch::Tensor q_NHQ, torch::Tensor keysT_HQC,
+                                         int64_t knn) {
+  const int64_t n = q_NHQ.size(0), h = q_NHQ.size(1), qd = q_NHQ.size(2);
+  const int64_t c_count = keysT_HQC.size(2);
+  auto vals_NHK = torch::empty({n, h, knn}, q_NHQ.options());
+  auto idx_NHK = torch::empty({n, h, knn}, q_NHQ.options().dtype(torch::kInt64));
+  const float* q = q_NHQ.data_ptr<float>();
+  const float* keysT = keysT_HQC.data_ptr<float>();
+  float* vals = vals_NHK.data_ptr<float>();
+  int64_t* idx = idx_NHK.data_ptr<int64_t>();
+  at::parallel_for(0, n * h, grain(c_count * qd), [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(c_count);
+    std::vector<uint32_t> keys(c_count);
+    for (int64_t nh = begin; nh < end; ++nh) {
+      const float* qv = q + nh * qd;
+      const float* kh = keysT + (nh % h) * qd * c_count;
+      score_keys(qv, kh, qd, c_count, scores.data());
+      float* bv = vals + nh * knn;
+      int64_t* bi = idx + nh * knn;
+      for (int64_t c = 0; c < c_count; ++c) keys[c] = order_key(scores[c]);
+      if (c_count <= 32 * knn && c_count < (int64_t{1} << 31)) {
+        select_by_radix(keys.data(), c_count, knn, bi);
+      } else {
+        select_by_insertion(keys.data(), c_count, knn, bi);
+      }
+      for (int64_t j = 0; j < knn; ++j) bv[j] = scores[bi[j]];
+    }
+  });
+  return {vals_NHK, idx_NHK};
+}
+
+// Gradients of half_key_topk's scores: dq_NHQ[n, h] = sum_k dvals[n, h, k] * keys[h, i],
+// dkeys_HCQ[h, i] += dvals[n, h, k] * q[n, h] with i = idx[n, h, k], summed per head in
+// (n, k) order by one thread, so the sums do not depend on the thread count.
+std::vector<torch::Tensor> half_key_topk_backward(torch::Tensor dvals_NHK, torch::Tensor idx_NHK,
+                                                  torch::Tensor q_NHQ, torch::Tensor keys_HCQ) {
+  const int64_t n = q_NHQ.size(0), h = q_NHQ.size(1), qd = q_NHQ.size(2);
+  const int64_t knn = idx_NHK.size(2), c_count = keys_HCQ.size(1);
+  auto dq_NHQ = torch::zeros_like(q_NHQ);
+  auto dkeys_HCQ = torch::zeros_like(keys_HCQ);
+  const float* dv = dvals_NHK.data_ptr<float>();
+  const int64_t* idx = idx_NHK.data_ptr<int64_t>();
+  const float* q = q_NHQ.data_ptr<float>();
+  const float* keys = keys_HCQ.data_ptr<float>();
+  float* dq = dq_NHQ.data_ptr<float>();
+  float* dkeys = dkeys_HCQ.data_ptr<float>();
+  at::parallel_for(0, n * h, grain(knn * qd), [&](int64_t begin, int64_t end) {
+    for (int64_t nh = begin; nh < end; ++nh) {
+      const float* kh = keys + (nh % h) * c_count * qd;
+      float* out = dq + nh * qd;
+      for (int64_t j = 0; j < knn; ++j) {
+        const float g = dv[nh * knn + j];
+        const float* key = kh + idx[nh * knn + j] * qd;
+        for (int64_t c = 0; c < qd; ++c) out[c] += g * key[c];
+      }
+    }
+  });
+  at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t head = begin; head < end; ++head) {
+      float* dk = dkeys + head * c_count * qd;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t nh = i * h + head;
+        for (int64_t j = 0; j < knn; ++j) {
+          const float g = dv[nh * knn + j];
+          float* key = dk + idx[nh * knn + j] * qd;
+          for (int64_t c = 0; c < qd; ++c) key[c] += g * q[nh * qd + c];
+        }
+      }
+    }
+  });
+  return {dq_NHQ, dkeys_HCQ};
+}
+
+// The knn best pairs (i, j) of two sorted top-knn lists a, b by a[i] + b[j]: ranks
+// r1_NHK, r2_NHK, best first, equal sums in flat order i * knn + j. Only pairs with
+// (i + 1) * (j + 1) <= knn can be among them (each such pair is beaten or tied by the
+// (i + 1) * (j + 1) - 1 pairs above and left of it).
+std::vector<torch::Tensor> best_pairs(torch::Tensor top1_NHK, torch::Tensor top2_NHK) {
+  const int64_t rows = top1_NHK.size(0) * top1_NHK.size(1), knn = top1_NHK.size(2);
+  auto r1_NHK = torch::empty(top1_NHK.sizes(), top1_NHK.options().dtype(torch::kInt64));
+  auto r2_NHK = torch::empty_like(r1_NHK);
+  const float* a = top1_NHK.data_ptr<float>();
+  const float* b = top2_NHK.data_ptr<float>();
+  int64_t* r1 = r1_NHK.data_ptr<int64_t>();
+  int64_t* r2 = r2_NHK.data_ptr<int64_t>();
+  std::vector<int64_t> cand_i, cand_j;
+  for (int64_t i = 0; i < knn; ++i) {
+    for (int64_t j = 0; (i + 1) * (j + 1) <= knn; ++j) {
+      cand_i.push_back(i);
+      cand_j.push_back(j);
+    }
+  }
+  const int64_t p_count = static_cast<int64_t>(cand_i.size());
+  at::parallel_for(0, rows, grain(p_count * 4), [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> key(p_count);
+    std::vector<int64_t> pick(knn);
+    for (int64_t row = begin; row < end; ++row) {
+      const float* ar = a + row * knn;
+      const float* br = b + row * knn;
+      for (int64_t p = 0; p < p_count; ++p) key[p] = order_key(ar[cand_i[p]] + br[cand_j[p]]);
+      select_by_insertion(key.data(), p_count, knn, pick.data());
+      for (int64_t j = 0; j < knn; ++j) {
+        r1[row * knn + j] = cand_i[pick[j]];
+        r2[row * knn + j] = cand_j[pick[j]];
+      }
+    }
+  });
+  return {r1_NHK, r2_NHK};
+}
+
+// advise_range over a tensor's storage, before its pages are first written.
+void advise_huge_pages(torch::Tensor t) { advise_range(t.data_ptr(), t.nbytes()); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("advise_huge_pages", &advise_huge_pages);
+  m.def("best_pairs", &best_pairs);
+  m.def("reverse_index", &reverse_index);
+  m.def("half_key_topk", &half_key_topk);
+  m.def("half_key_topk_backward", &half_key_topk_backward);
+  m.def("bag_backward_scores", &bag_backward_scores);
+  m.def("bag_backward_values", &bag_backward_values);
+  m.def("sparse_update", &sparse_update);
+}

@@ -1,0 +1,172 @@
+"""The C++ CPU path: fused backwards and sparse update, the default on CPU where it builds.
+
+``cpp_kernels.cpp`` is compiled by torch's ``cpp_extension`` on first use (about 30 s,
+once per machine: the build is cached under ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``; later processes load it in about a second). It exists
+because the torch path materialises N x K x D tensors in the backward (the gathered
+rows for the scores' gradient, the score-weighted dy rows for the values') and makes
+six index_select/index_copy passes in Adam; these kernels read each row once and
+write nothing of that size (see benchmarks/bench_speed.py for the figures).
+
+Deterministic like the torch path, and more so: each output element is computed by
+one thread in a fixed order, with no fused multiply-adds, so results are the same for
+any thread count and CPU instruction set, and for a row-wise shard's bags of one.
+The values' gradient is bit-for-bit the torch path's (products summed in flat
+position order from zero); the scores' dot products and the optimizer's arithmetic
+round differently from torch's (within the reference tolerances).
+
+fp32 tables only; bf16/fp16 tables and the forward (``F.embedding_bag``, already
+near copy speed) use the torch path's functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from memdist.kernels import torch_ops
+from memdist.kernels.spec import OptimizerSpec
+
+SOURCE = Path(__file__).with_name("cpp_kernels.cpp")
+# No -march=native: the build must compute the same bits on every x86-64 it runs on.
+# -fopenmp: at::parallel_for is inline OpenMP; the link finds the libgomp.so.1 torch
+# has already loaded, so torch.set_num_threads governs these kernels too.
+CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
+OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "adam": 2}
+# A counting sort costs O(positions + rows): worth it up to this many rows per position.
+COUNTING_SORT_ROWS_PER_POSITION = 8
+
+bag_forward = torch_ops.bag_forward
+
+
+@functools.cache
+def extension() -> ModuleType:
+    """The compiled kernels (built on the first call in a machine's life, then loaded)."""
+    from torch.utils.cpp_extension import load
+
+    return load(name="memdist_cpp_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                extra_ldflags=["-fopenmp"], verbose=False)  # fmt: skip
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels build and load here (a C++ compiler and ninja are needed)."""
+    try:
+        extension()
+    except Exception as exc:  # a missing compiler raises anything from OSError to RuntimeError
+        warnings.warn(f"memdist C++ CPU kernels unavailable, using the torch path: {exc}",
+                      RuntimeWarning, stacklevel=2)  # fmt: skip
+        return False
+    return True
+
+
+HUGE_PAGE_MIN_BYTES = 64 * 2**20
+
+
+def empty_table(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """``torch.empty``, asking for 2 MiB pages when it is a CPU tensor of 64 MiB or more
+    and the kernels are built (before anything writes it: the advice applies to pages
+    not yet touched). Table rows are read in random order; huge pages spare the TLB."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if t.device.type == "cpu" and t.nbytes >= HUGE_PAGE_MIN_BYTES and available():
+        extension().advise_huge_pages(t)
+    return t
+
+
+def bag_backward_scores(
+    values_VD: torch.Tensor, idx_NK: torch.Tensor, dy_ND: torch.Tensor
+) -> torch.Tensor:
+    if values_VD.dtype != torch.float32 or not values_VD.is_contiguous():
+        return torch_ops.bag_backward_scores(values_VD, idx_NK, dy_ND)
+    return extension().bag_backward_scores(
+        values_VD, idx_NK.contiguous(), dy_ND.float().contiguous()
+    )
+
+
+def reverse_index(idx_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch_ops.reverse_index``'s result; by a counting sort when the rows span at most
+    a few times the positions (a value table's rows, or a shard's), else by its sort."""
+    flat_M = idx_NK.reshape(-1).contiguous()
+    lo, hi = torch.aminmax(flat_M)
+    if int(lo) < 0 or int(hi) >= COUNTING_SORT_ROWS_PER_POSITION * flat_M.numel() + 65536:
+        return torch_ops.reverse_index(idx_NK)
+    rows_U, offsets_U1, order_M = extension().reverse_index(flat_M, int(hi) + 1)
+    return rows_U, offsets_U1, order_M
+
+
+def bag_backward_values(
+    idx_NK: torch.Tensor, scores_NK: torch.Tensor, dy_ND: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows_U, offsets_U1, order_M = reverse_index(idx_NK)
+    grad_UD = extension().bag_backward_values(
+        order_M, offsets_U1, scores_NK.float().reshape(-1).contiguous(),
+        dy_ND.float().contiguous(), idx_NK.shape[1],
+    )  # fmt: skip
+    return rows_U, grad_UD
+
+
+def sparse_update_(
+    spec: OptimizerSpec,
+    values_VD: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    rows_U: torch.Tensor,
+    grad_UD: torch.Tensor,
+) -> None:
+    if values_VD.dtype != torch.float32 or not values_VD.is_contiguous():
+        torch_ops.sparse_update_(spec, values_VD, state, rows_U, grad_UD)
+        return
+    none = torch.empty(0)
+    bc1_U = bc2_U = none
+    if spec.name == "adam":
+        # As torch_ops: 1 - beta**t in float64 (fp32 loses 1 - 0.999**t's digits for small
+        # t), vectorised here rather than one pow per row in the kernel.
+        t_U = state["step"].index_select(0, rows_U).add_(1).double()
+        bc1_U = (1 - spec.betas[0] ** t_U).float()
+        bc2_U = (1 - spec.betas[1] ** t_U).float()
+    extension().sparse_update(
+        values_VD, rows_U.contiguous(), grad_UD.float().contiguous(),
+        state.get("sum_sq", none), state.get("exp_avg", none), state.get("exp_avg_sq", none),
+        state.get("step", torch.empty(0, dtype=torch.int64)), bc1_U, bc2_U,
+        OPTIMIZER_CODES[spec.name], spec.lr, spec.eps, spec.betas[0], spec.betas[1],
+        spec.weight_decay,
+    )  # fmt: skip
+
+
+class HalfKeyTopK(torch.autograd.Function):
+    """Top-``knn`` scores and indices of one product-key half; gradients flow to the
+    query and the keys through the selected scores only, as through einsum + topk."""
+
+    @staticmethod
+    def forward(ctx, q_NHQ, keys_HCQ, knn):
+        q_NHQ, keys_HCQ = q_NHQ.float().contiguous(), keys_HCQ.float().contiguous()
+        keysT_HQC = keys_HCQ.transpose(1, 2).contiguous()
+        vals_NHK, idx_NHK = extension().half_key_topk(q_NHQ, keysT_HQC, knn)
+        ctx.save_for_backward(q_NHQ, keys_HCQ, idx_NHK)
+        ctx.mark_non_differentiable(idx_NHK)
+        return vals_NHK, idx_NHK
+
+    @staticmethod
+    def backward(ctx, dvals_NHK, _didx):
+        q_NHQ, keys_HCQ, idx_NHK = ctx.saved_tensors
+        dq_NHQ, dkeys_HCQ = extension().half_key_topk_backward(
+            dvals_NHK.float().contiguous(), idx_NHK, q_NHQ, keys_HCQ
+        )
+        return dq_NHQ, dkeys_HCQ, None
+
+
+def half_key_topk(
+    q_NHQ: torch.Tensor, keys_HCQ: torch.Tensor, knn: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if q_NHQ.dtype != torch.float32 or keys_HCQ.dtype != torch.float32:
+        return torch_ops.half_key_topk(q_NHQ, keys_HCQ, knn)
+    return HalfKeyTopK.apply(q_NHQ, keys_HCQ, knn)
+
+
+def best_pairs(top1_NHK: torch.Tensor, top2_NHK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return extension().best_pairs(top1_NHK.float().contiguous(), top2_NHK.float().contiguous())

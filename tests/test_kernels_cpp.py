@@ -1,0 +1,164 @@
+"""The C++ CPU kernels' own promises, beyond matching the reference (test_kernels*.py).
+
+The value gradient equals the torch path's bit for bit; every result is the same on 1
+and 2 threads; a row-wise shard's bags of one give the rows the same bits as the whole
+bags; bf16 tables fall back to the torch path; the half-key top-k matches einsum + topk.
+"""
+
+import pytest
+import torch
+
+from memdist import kernels
+from memdist.errors import ConfigError, ShapeError
+from memdist.kernels import OptimizerSpec, cpp_ops, torch_ops
+
+pytestmark = pytest.mark.skipif(not cpp_ops.available(), reason="no C++ compiler here")
+
+
+def inputs(n=64, k=32, v=300, d=72, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(v, d, generator=g)
+    idx = torch.randint(0, v, (n, k), generator=g)
+    idx[:, :4] = 7  # a hot row, read several times per bag
+    return values, idx, torch.rand(n, k, generator=g), torch.randn(n, d, generator=g)
+
+
+def test_value_gradient_equals_the_torch_path_bitwise():
+    _, idx, scores, dy = inputs()
+    rows, grad = kernels.bag_backward_values(idx, scores, dy, backend="cpp")
+    rows_t, grad_t = kernels.bag_backward_values(idx, scores, dy, backend="torch")
+    assert torch.equal(rows, rows_t) and torch.equal(grad, grad_t)
+
+
+def run_all(values, idx, scores, dy):
+    out = [kernels.bag_backward_scores(values, idx, dy, backend="cpp")]
+    rows, grad = kernels.bag_backward_values(idx, scores, dy, backend="cpp")
+    out.append(grad)
+    for name in ("sgd", "adagrad", "adam"):
+        table = values.clone()
+        state = kernels.init_optimizer_state(name, *values.shape)
+        for _ in range(2):
+            kernels.sparse_update_(OptimizerSpec(name, lr=0.1, weight_decay=0.01), table,
+                                   state, rows, grad, backend="cpp")  # fmt: skip
+        out += [table, *state.values()]
+    return out
+
+
+def test_results_do_not_depend_on_thread_count():
+    # Large enough that the kernels split the work between threads.
+    args = inputs(n=512, k=64, v=2000, d=128)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_all(*args)
+        torch.set_num_threads(2)
+        two = run_all(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def test_bags_of_one_give_a_row_wise_shard_the_same_bits():
+    """What cluster/shard.py does for a row-wise region: its entries, in flat position
+    order, as bags of one; masked-out entries read row 0 and are zeroed."""
+    values, idx, scores, dy = inputs()
+    mask = idx < 150
+    rows, grad = kernels.bag_backward_values(idx, scores, dy, backend="cpp")
+    n_M, k_M = mask.nonzero(as_tuple=True)
+    rows_s, grad_s = kernels.bag_backward_values(
+        idx[n_M, k_M].view(-1, 1), scores[n_M, k_M].view(-1, 1), dy[n_M], backend="cpp"
+    )
+    assert torch.equal(rows_s, rows[rows < 150]) and torch.equal(grad_s, grad[rows < 150])
+    ds = kernels.bag_backward_scores(values, idx, dy, backend="cpp")
+    ds_s = kernels.bag_backward_scores(values, torch.where(mask, idx, 0), dy, backend="cpp")
+    assert torch.equal(ds_s * mask, ds * mask)
+
+
+def test_bf16_tables_use_the_torch_path():
+    values, idx, scores, dy = inputs()
+    values = values.to(torch.bfloat16)
+    expect = kernels.bag_backward_scores(values, idx, dy, backend="torch")
+    assert torch.equal(kernels.bag_backward_scores(values, idx, dy, backend="cpp"), expect)
+
+
+def test_cpp_backend_refuses_non_cpu_tensors():
+    values, idx, scores, _ = inputs()
+    with pytest.raises(ConfigError, match="backend='cpp' runs on CPU tensors, got meta"):
+        kernels.bag_forward(values.to("meta"), idx.to("meta"), scores.to("meta"), backend="cpp")
+
+
+@pytest.mark.parametrize("c, q", [(10, 6), (64, 32), (300, 3)])
+def test_half_key_topk_matches_einsum_topk_with_gradients(c, q):
+    g = torch.Generator().manual_seed(c)
+    q_NHQ = torch.randn(40, 3, q, generator=g)
+    keys_HCQ = torch.randn(3, c, q, generator=g)
+    out = {}
+    for backend in ("cpp", "reference"):
+        qq, kk = q_NHQ.clone().requires_grad_(), keys_HCQ.clone().requires_grad_()
+        vals, idx = kernels.half_key_topk(qq, kk, 5, backend=backend)
+        (vals * torch.arange(1.0, 6.0)).sum().backward()
+        out[backend] = vals.detach(), idx, qq.grad, kk.grad
+    (v, i, dq, dk), (v_ref, i_ref, dq_ref, dk_ref) = out["cpp"], out["reference"]
+    assert torch.equal(i, i_ref) and i.dtype == torch.int64
+    torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dq, dq_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dk, dk_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_half_key_topk_breaks_ties_by_lower_index_and_never_returns_nan_keys():
+    keys_HCQ = torch.tensor([[[1.0], [2.0], [2.0], [float("nan")], [0.5]]])
+    vals, idx = kernels.half_key_topk(torch.ones(1, 1, 1), keys_HCQ, 3, backend="cpp")
+    assert idx.tolist() == [[[1, 2, 0]]] and vals.tolist() == [[[2.0, 2.0, 1.0]]]
+
+
+def test_half_key_topk_threads_and_errors():
+    g = torch.Generator().manual_seed(0)
+    q_NHQ, keys_HCQ = torch.randn(256, 4, 8, generator=g), torch.randn(4, 512, 8, generator=g)
+    dv = torch.randn(256, 4, 16, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            qq, kk = q_NHQ.clone().requires_grad_(), keys_HCQ.clone().requires_grad_()
+            vals, idx = kernels.half_key_topk(qq, kk, 16, backend="cpp")
+            vals.backward(dv)
+            results.append((vals, idx, qq.grad, kk.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    with pytest.raises(ConfigError, match="knn=513 must be in"):
+        kernels.half_key_topk(q_NHQ, keys_HCQ, 513, backend="cpp")
+    with pytest.raises(ShapeError, match="must be"):
+        kernels.half_key_topk(q_NHQ, keys_HCQ[:3], 4, backend="cpp")
+
+
+@pytest.mark.parametrize("knn", [1, 4, 16])
+def test_best_pairs_match_all_pairs_on_every_backend(knn):
+    g = torch.Generator().manual_seed(knn)
+    top1, top2 = (torch.randn(50, 3, knn, generator=g).sort(-1, descending=True).values
+                  for _ in range(2))  # fmt: skip
+    expect = kernels.best_pairs(top1, top2, backend="reference")
+    for backend in ("cpp", "torch"):
+        r1, r2 = kernels.best_pairs(top1, top2, backend=backend)
+        assert torch.equal(r1, expect[0]) and torch.equal(r2, expect[1]), backend
+    with pytest.raises(ShapeError, match="must both be"):
+        kernels.best_pairs(top1, top2[:, :2], backend="cpp")
+
+
+@pytest.mark.parametrize("v", [5, 300, 10**7])  # 10**7 rows: past the counting sort's range
+def test_reverse_index_equals_the_stable_sort(v):
+    g = torch.Generator().manual_seed(v)
+    idx = torch.randint(0, v, (40, 9), generator=g)
+    idx[3] = v - 1
+    expect = torch_ops.reverse_index(idx)
+    got = cpp_ops.reverse_index(idx)
+    assert all(torch.equal(a, b) for a, b in zip(got, expect, strict=True))
+
+
+def test_large_tables_ask_for_huge_pages_and_stay_plain_tensors():
+    t = cpp_ops.empty_table((cpp_ops.HUGE_PAGE_MIN_BYTES // 4 + 3,), torch.float32, "cpu")
+    t.fill_(2.0)  # the advice changes how pages are backed, never what they hold
+    assert t.is_contiguous() and float(t[::4096].sum()) == 2.0 * t[::4096].numel()
+    small = cpp_ops.empty_table((3, 4), torch.float32, "cpu")
+    assert small.shape == (3, 4)
