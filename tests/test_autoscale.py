@@ -134,11 +134,15 @@ def test_cluster_submit_runs_a_training_job_on_a_head_with_token_auth(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dash = sock.getsockname()[1]
+    with socket.socket() as sock:  # not the default 52365, which another head's agent may hold
+        sock.bind(("127.0.0.1", 0))
+        agent = sock.getsockname()[1]
     env = token_env(tmp_path)
     token = tmp_path / "token"
     head = subprocess.Popen(
         [ray_cli(), "start", "--head", f"--port={port}", "--num-cpus=2", "--block",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+         f"--dashboard-agent-listen-port={agent}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     api = f"http://127.0.0.1:{dash}"
