@@ -2,7 +2,8 @@
 
 ``cpp_kernels.cpp`` is compiled by torch's ``cpp_extension`` on first use (about 30 s,
 once per machine: the build is cached under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``; later processes load it in about a second). It exists
+``~/.cache/torch_extensions``; later processes load it in about a second; see
+``jit_build`` for why a killed build does not hang the next). It exists
 because the torch path materialises N x K x D tensors in the backward (the gathered
 rows for the scores' gradient, the score-weighted dy rows for the values') and makes
 six index_select/index_copy passes in Adam; these kernels read each row once and
@@ -28,9 +29,10 @@ from types import ModuleType
 
 import torch
 
-from memdist.kernels import torch_ops
+from memdist.kernels import jit_build, torch_ops
 from memdist.kernels.spec import OptimizerSpec
 
+NAME = "memdist_cpp_kernels"
 SOURCE = Path(__file__).with_name("cpp_kernels.cpp")
 # No -march=native: the build must compute the same bits on every x86-64 it runs on.
 # -fopenmp: at::parallel_for is inline OpenMP; the link finds the libgomp.so.1 torch
@@ -48,8 +50,10 @@ def extension() -> ModuleType:
     """The compiled kernels (built on the first call in a machine's life, then loaded)."""
     from torch.utils.cpp_extension import load
 
-    return load(name="memdist_cpp_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                extra_ldflags=["-fopenmp"], verbose=False)  # fmt: skip
+    return jit_build.guarded(NAME, lambda: load(
+        name=NAME, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        verbose=False,
+    ))  # fmt: skip
 
 
 @functools.cache

@@ -21,7 +21,7 @@ import torch
 
 from memdist.config import MemoryConfig, ModelConfig, RunConfig
 from memdist.errors import ConfigError
-from memdist.kernels import OptimizerSpec
+from memdist.kernels import OptimizerSpec, jit_build
 from memdist.model import Transformer
 from memdist.values import LocalTable
 
@@ -227,6 +227,8 @@ def make_engine(cfg: RunConfig, model: torch.nn.Module, rt: Runtime, *, universa
     if rt.device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
+
+    jit_build.deepspeed_comm_op()
 
     if cfg.train.freeze_backbone:
         # Only the values train, by their own optimizer outside the engine: no backbone

@@ -35,3 +35,7 @@ class ShardTimeoutError(ShardError):
 
 class WorkerError(MemdistError):
     """A data-parallel worker failed; the run stopped (no step is left half-applied)."""
+
+
+class BuildError(MemdistError):
+    """A C++ extension could not be built or loaded in time (another build held it too long)."""

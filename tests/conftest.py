@@ -13,6 +13,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def pytest_sessionstart(session):
+    """Build the C++ extensions (memdist's kernels, DeepSpeed's CPU comm op) once, here,
+    rather than in whichever test's processes first need them: there every process waits
+    for the build, and a test that stops its processes could stop it midway."""
+    from memdist.kernels import cpp_ops, jit_build
+
+    cpp_ops.available()
+    if not torch.cuda.is_available():
+        jit_build.deepspeed_comm_op()
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A real local Ray instance for the tests of one module."""
