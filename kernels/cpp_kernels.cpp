@@ -120,31 +120,74 @@ inline void sort_by_rank(const uint32_t* key, int64_t* idx, int64_t k) {
 
 // The knn best of key[0, C) into idx (two ways to the same result). Few keys per pick:
 // find the knn-th largest key bit by bit (each bit one vectorised counting pass), take
-// the keys above it and the first of those equal to it, sort those. Many keys per pick:
-// a sorted buffer that a key must beat to enter (rarely, once the buffer is good).
+// the keys above it and the first of those equal to it, sort those. Bits every key
+// shares are the threshold's too and cost no pass; the search stops early at a
+// threshold exactly knn keys reach (then those are the knn best, whatever the lower
+// bits). Many keys per pick: a sorted buffer that a key must beat to enter (rarely,
+// once the buffer is good).
 __attribute__((target_clones("avx2", "default"))) uint32_t kth_key(const uint32_t* key,
                                                                     int32_t c_count,
                                                                     int32_t knn) {
-  uint32_t kth = 0;
-  for (int bit = 31; bit >= 0; --bit) {
+  uint32_t all_and = ~0u, all_or = 0u;
+  for (int32_t c = 0; c < c_count; ++c) {
+    all_and &= key[c];
+    all_or |= key[c];
+  }
+  const uint32_t differ = all_and ^ all_or;
+  if (differ == 0u) return all_and;  // every key equal
+  const int top = 31 - __builtin_clz(differ);  // the highest bit where keys differ
+  uint32_t kth = all_and & ~((2u << top) - 1u);  // the shared bits above it
+  for (int bit = top; bit >= 0; --bit) {
     const uint32_t cand = kth | (1u << bit);
     int32_t count = 0;
     for (int32_t c = 0; c < c_count; ++c) count += key[c] >= cand ? 1 : 0;
-    if (count >= knn) kth = cand;
+    if (count >= knn) {
+      kth = cand;
+      if (count == knn) break;
+    }
   }
   return kth;
 }
 
-void select_by_radix(const uint32_t* key, int64_t c_count, int64_t knn, int64_t* idx) {
+// The knn keys' rank order without branches: each one's place is how many of the others
+// rank before it (keys packed above their complemented index, so every pair differs and
+// a greater packed value ranks first). O(knn^2) compares that vectorise; knn <= 64 here.
+__attribute__((target_clones("avx2", "default"))) void rank_in_place(const uint32_t* key,
+                                                                      int64_t* idx,
+                                                                      int64_t knn) {
+  int64_t packed[64], place[64];
+  for (int64_t j = 0; j < knn; ++j) {
+    const uint64_t p = (static_cast<uint64_t>(key[idx[j]]) << 32) | (~static_cast<uint32_t>(idx[j]));
+    packed[j] = static_cast<int64_t>(p ^ (uint64_t{1} << 63));  // signed order = unsigned order
+  }
+  for (int64_t j = 0; j < knn; ++j) {
+    int64_t before = 0;
+    for (int64_t i = 0; i < knn; ++i) before += packed[i] > packed[j] ? 1 : 0;
+    place[j] = before;
+  }
+  int64_t sorted[64];
+  for (int64_t j = 0; j < knn; ++j) sorted[place[j]] = idx[j];
+  std::memcpy(idx, sorted, sizeof(int64_t) * knn);
+}
+
+// scratch holds c_count + 1 indices.
+void select_by_radix(const uint32_t* key, int64_t c_count, int64_t knn, int64_t* idx,
+                     int64_t* scratch) {
   const uint32_t kth = kth_key(key, static_cast<int32_t>(c_count), static_cast<int32_t>(knn));
   int64_t out = 0;
-  for (int64_t c = 0; c < c_count; ++c) {
-    if (key[c] > kth) idx[out++] = c;
+  for (int64_t c = 0; c < c_count; ++c) {  // at most knn keys lie above kth
+    scratch[out] = c;
+    out += key[c] > kth ? 1 : 0;
   }
+  std::memcpy(idx, scratch, sizeof(int64_t) * out);
   for (int64_t c = 0; c < c_count && out < knn; ++c) {
     if (key[c] == kth) idx[out++] = c;
   }
-  sort_by_rank(key, idx, knn);
+  if (knn <= 64) {
+    rank_in_place(key, idx, knn);
+  } else {
+    sort_by_rank(key, idx, knn);
+  }
 }
 
 void select_by_insertion(const uint32_t* key, int64_t c_count, int64_t knn, int64_t* idx) {
@@ -159,6 +202,16 @@ void select_by_insertion(const uint32_t* key, int64_t c_count, int64_t knn, int6
       --pos;
     }
     idx[pos] = c;
+  }
+}
+
+// The knn best of key[0, C) into idx, best first; scratch holds C + 1 indices.
+void select_best(const uint32_t* key, int64_t c_count, int64_t knn, int64_t* idx,
+                 int64_t* scratch) {
+  if (c_count <= 32 * knn && c_count < (int64_t{1} << 31)) {
+    select_by_radix(key, c_count, knn, idx, scratch);
+  } else {
+    select_by_insertion(key, c_count, knn, idx);
   }
 }
 
@@ -327,6 +380,7 @@ std::vector<torch::Tensor> half_key_topk(torch::Tensor q_NHQ, torch::Tensor keys
   at::parallel_for(0, n * h, grain(c_count * qd), [&](int64_t begin, int64_t end) {
     std::vector<float> scores(c_count);
     std::vector<uint32_t> keys(c_count);
+    std::vector<int64_t> scratch(c_count + 1);
     for (int64_t nh = begin; nh < end; ++nh) {
       const float* qv = q + nh * qd;
       const float* kh = keysT + (nh % h) * qd * c_count;
@@ -334,11 +388,7 @@ std::vector<torch::Tensor> half_key_topk(torch::Tensor q_NHQ, torch::Tensor keys
       float* bv = vals + nh * knn;
       int64_t* bi = idx + nh * knn;
       for (int64_t c = 0; c < c_count; ++c) keys[c] = order_key(scores[c]);
-      if (c_count <= 32 * knn && c_count < (int64_t{1} << 31)) {
-        select_by_radix(keys.data(), c_count, knn, bi);
-      } else {
-        select_by_insertion(keys.data(), c_count, knn, bi);
-      }
+      select_best(keys.data(), c_count, knn, bi, scratch.data());
       for (int64_t j = 0; j < knn; ++j) bv[j] = scores[bi[j]];
     }
   });
@@ -409,12 +459,12 @@ std::vector<torch::Tensor> best_pairs(torch::Tensor top1_NHK, torch::Tensor top2
   const int64_t p_count = static_cast<int64_t>(cand_i.size());
   at::parallel_for(0, rows, grain(p_count * 4), [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> key(p_count);
-    std::vector<int64_t> pick(knn);
+    std::vector<int64_t> pick(knn), scratch(p_count + 1);
     for (int64_t row = begin; row < end; ++row) {
       const float* ar = a + row * knn;
       const float* br = b + row * knn;
       for (int64_t p = 0; p < p_count; ++p) key[p] = order_key(ar[cand_i[p]] + br[cand_j[p]]);
-      select_by_insertion(key.data(), p_count, knn, pick.data());
+      select_best(key.data(), p_count, knn, pick.data(), scratch.data());
       for (int64_t j = 0; j < knn; ++j) {
         r1[row * knn + j] = cand_i[pick[j]];
         r2[row * knn + j] = cand_j[pick[j]];

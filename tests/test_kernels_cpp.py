@@ -111,6 +111,34 @@ def test_half_key_topk_breaks_ties_by_lower_index_and_never_returns_nan_keys():
     assert idx.tolist() == [[[1, 2, 0]]] and vals.tolist() == [[[2.0, 2.0, 1.0]]]
 
 
+@pytest.mark.parametrize(
+    ("c", "knn", "levels"),
+    [(64, 16, 3), (64, 16, 1), (50, 7, 5), (200, 80, 4), (600, 4, 6), (64, 16, 0)],
+)  # radix select (early stop, all keys equal), more than 64 picked, the insertion path
+def test_half_key_topk_selects_like_the_reference_among_many_ties(c, knn, levels):
+    g = torch.Generator().manual_seed(c + knn)
+    keys_HCQ = torch.randn(2, c, 1, generator=g)
+    if levels:  # few distinct scores: ties straddle the knn-th place
+        keys_HCQ = (keys_HCQ * levels).round() / levels
+    q_NHQ = torch.randn(30, 2, 1, generator=g).sign()  # negative and positive scores
+    vals, idx = kernels.half_key_topk(q_NHQ, keys_HCQ, knn, backend="cpp")
+    # The promised order: score descending, equal scores lower index first (a stable
+    # sort; torch.topk, the reference's, leaves the order of ties open).
+    scores_NHC = (q_NHQ.unsqueeze(2) * keys_HCQ.unsqueeze(0)).sum(-1)
+    want_vals, want_idx = scores_NHC.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(idx, want_idx[..., :knn]) and torch.equal(vals, want_vals[..., :knn])
+
+
+def test_best_pairs_break_equal_sums_in_flat_order():
+    g = torch.Generator().manual_seed(1)
+    top1, top2 = (torch.randint(0, 3, (40, 2, 16), generator=g).float().sort(-1, descending=True)
+                  .values for _ in range(2))  # fmt: skip
+    sums = (top1.unsqueeze(-1) + top2.unsqueeze(-2)).flatten(-2)
+    flat = sums.sort(dim=-1, descending=True, stable=True).indices[..., :16]
+    r1, r2 = kernels.best_pairs(top1, top2, backend="cpp")
+    assert torch.equal(r1, flat // 16) and torch.equal(r2, flat % 16)
+
+
 def test_half_key_topk_threads_and_errors():
     g = torch.Generator().manual_seed(0)
     q_NHQ, keys_HCQ = torch.randn(256, 4, 8, generator=g), torch.randn(4, 512, 8, generator=g)
