@@ -21,6 +21,7 @@ from typing import Any
 
 import ray
 
+from memdist import wire
 from memdist.cluster.plan import ShardingPlan
 from memdist.cluster.shard import ShardServer
 from memdist.errors import ShardError
@@ -65,11 +66,16 @@ class _ShardActor(ShardServer):
                 self._next[worker] = 0
             self._turns.wait_for(lambda: self._next.get(worker, 0) >= seq, self.barrier_timeout_s)
         try:
-            return self.handle(req)
+            return self.handle_arrays(req)
         finally:
             with self._turns:
                 self._next[worker] = max(self._next.get(worker, 0), seq + 1)
                 self._turns.notify_all()
+
+    def handle_arrays(self, req: Any) -> Any:
+        """``handle`` for a request in ``wire.to_arrays`` form (how RayTransport sends
+        them); the reply goes back in that form too."""
+        return wire.to_arrays(self.handle(wire.from_arrays(req)))
 
     def where(self) -> dict[str, Any]:
         return {**super().where(), "node": ray.get_runtime_context().get_node_id()}

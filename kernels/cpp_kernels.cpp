@@ -398,6 +398,40 @@ std::vector<torch::Tensor> half_key_topk(torch::Tensor q_NHQ, torch::Tensor keys
 // Gradients of half_key_topk's scores: dq_NHQ[n, h] = sum_k dvals[n, h, k] * keys[h, i],
 // dkeys_HCQ[h, i] += dvals[n, h, k] * q[n, h] with i = idx[n, h, k], summed per head in
 // (n, k) order by one thread, so the sums do not depend on the thread count.
+namespace {
+
+// dq rows [begin, end) of half_key_topk_backward (cloned for AVX2 like score_keys).
+__attribute__((target_clones("avx2", "default"))) void topk_dq_rows(
+    int64_t begin, int64_t end, int64_t h, int64_t qd, int64_t knn, int64_t c_count,
+    const float* dv, const int64_t* idx, const float* keys, float* dq) {
+  for (int64_t nh = begin; nh < end; ++nh) {
+    const float* kh = keys + (nh % h) * c_count * qd;
+    float* out = dq + nh * qd;
+    for (int64_t j = 0; j < knn; ++j) {
+      const float g = dv[nh * knn + j];
+      const float* key = kh + idx[nh * knn + j] * qd;
+      for (int64_t c = 0; c < qd; ++c) out[c] += g * key[c];
+    }
+  }
+}
+
+// dkeys of one head, tokens in order (cloned for AVX2 like score_keys).
+__attribute__((target_clones("avx2", "default"))) void topk_dkeys_head(
+    int64_t head, int64_t n, int64_t h, int64_t qd, int64_t knn, int64_t c_count,
+    const float* dv, const int64_t* idx, const float* q, float* dkeys) {
+  float* dk = dkeys + head * c_count * qd;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t nh = i * h + head;
+    for (int64_t j = 0; j < knn; ++j) {
+      const float g = dv[nh * knn + j];
+      float* key = dk + idx[nh * knn + j] * qd;
+      for (int64_t c = 0; c < qd; ++c) key[c] += g * q[nh * qd + c];
+    }
+  }
+}
+
+}  // namespace
+
 std::vector<torch::Tensor> half_key_topk_backward(torch::Tensor dvals_NHK, torch::Tensor idx_NHK,
                                                   torch::Tensor q_NHQ, torch::Tensor keys_HCQ) {
   const int64_t n = q_NHQ.size(0), h = q_NHQ.size(1), qd = q_NHQ.size(2);
@@ -411,27 +445,11 @@ std::vector<torch::Tensor> half_key_topk_backward(torch::Tensor dvals_NHK, torch
   float* dq = dq_NHQ.data_ptr<float>();
   float* dkeys = dkeys_HCQ.data_ptr<float>();
   at::parallel_for(0, n * h, grain(knn * qd), [&](int64_t begin, int64_t end) {
-    for (int64_t nh = begin; nh < end; ++nh) {
-      const float* kh = keys + (nh % h) * c_count * qd;
-      float* out = dq + nh * qd;
-      for (int64_t j = 0; j < knn; ++j) {
-        const float g = dv[nh * knn + j];
-        const float* key = kh + idx[nh * knn + j] * qd;
-        for (int64_t c = 0; c < qd; ++c) out[c] += g * key[c];
-      }
-    }
+    topk_dq_rows(begin, end, h, qd, knn, c_count, dv, idx, keys, dq);
   });
   at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
     for (int64_t head = begin; head < end; ++head) {
-      float* dk = dkeys + head * c_count * qd;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t nh = i * h + head;
-        for (int64_t j = 0; j < knn; ++j) {
-          const float g = dv[nh * knn + j];
-          float* key = dk + idx[nh * knn + j] * qd;
-          for (int64_t c = 0; c < qd; ++c) key[c] += g * q[nh * qd + c];
-        }
-      }
+      topk_dkeys_head(head, n, h, qd, knn, c_count, dv, idx, q, dkeys);
     }
   });
   return {dq_NHQ, dkeys_HCQ};

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from memdist.errors import ShardError, ShardTimeoutError
-from memdist.wire import ORDERED, Request
+from memdist.wire import ORDERED, Request, from_arrays, to_arrays
 
 
 class Transport(ABC):
@@ -79,10 +79,11 @@ class RayTransport(Transport):
 
     def submit(self, shard: int, req: Request) -> Any:
         actor = self.actors[shard]
+        sent = to_arrays(req)
         if not isinstance(req, ORDERED):
-            return (shard, actor.handle.remote(req))
+            return (shard, actor.handle_arrays.remote(sent))
         seq, self._seq[shard] = self._seq[shard], self._seq[shard] + 1
-        return (shard, actor.handle_ordered.remote(req, self.worker, seq))
+        return (shard, actor.handle_ordered.remote(sent, self.worker, seq))
 
     def wait(self, handles: Sequence[Any], what: str) -> list[Any]:
         import ray
@@ -95,7 +96,7 @@ class RayTransport(Transport):
             if ref not in ready_set:
                 raise timed_out(shard, what, self.timeout_s)
             try:
-                out.append(ray.get(ref))
+                out.append(from_arrays(ray.get(ref)))
             except ray.exceptions.RayActorError as exc:
                 raise ShardError(f"memory shard {shard} died during {what}: {exc}") from exc
             except ray.exceptions.RayTaskError as exc:

@@ -13,9 +13,11 @@ int32 position per entry, instead of N x K int64 indices.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -223,3 +225,58 @@ def reply_from_tensor(req: Request, t: torch.Tensor) -> object:
     if isinstance(req, Prefetch):
         return int(t[0])
     return t
+
+
+# -- over Ray: tensors as numpy arrays ---------------------------------------------------
+# Ray stores a numpy array's bytes once, out of band (and a reader maps them), where a
+# torch tensor is pickled byte by byte: a 512 KB tensor costs a round trip about twice
+# a numpy array's (benchmarks/reports, issue 13). Requests and replies travel through
+# Ray as ``to_arrays`` makes them and are rebuilt by ``from_arrays``.
+
+
+@dataclass(frozen=True, slots=True)
+class _Array:
+    """A CPU tensor in transit: its bytes as a numpy array (bf16 as int16) and its dtype."""
+
+    array: np.ndarray
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True, slots=True)
+class _Fields:
+    """A dataclass in transit: its class and its fields, encoded."""
+
+    cls: type
+    fields: dict[str, Any]
+
+
+def to_arrays(obj: Any) -> Any:
+    """``obj`` with every CPU tensor inside (dataclasses, lists, tuples, dicts) as an array."""
+    if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+        t = obj.detach()
+        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        return _Array(raw.numpy(), t.dtype)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: to_arrays(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return _Fields(type(obj), fields)
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_arrays(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: to_arrays(v) for k, v in obj.items()}
+    return obj
+
+
+def from_arrays(obj: Any) -> Any:
+    """What ``to_arrays`` encoded, with tensors of their own memory (an array Ray maps
+    read-only is copied)."""
+    if isinstance(obj, _Array):
+        array = obj.array if obj.array.flags.writeable else obj.array.copy()
+        t = torch.from_numpy(array)
+        return t.view(torch.bfloat16) if obj.dtype == torch.bfloat16 else t
+    if isinstance(obj, _Fields):
+        return obj.cls(**{k: from_arrays(v) for k, v in obj.fields.items()})
+    if isinstance(obj, list | tuple):
+        return type(obj)(from_arrays(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: from_arrays(v) for k, v in obj.items()}
+    return obj

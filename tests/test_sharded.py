@@ -13,6 +13,7 @@ import pytest
 import ray
 import torch
 
+from memdist import wire
 from memdist.assembly import build_model, make_engine, resolve_runtime, unique_tables
 from memdist.cluster.actors import ShardActor, stop_shards
 from memdist.cluster.plan import make_plan
@@ -26,7 +27,7 @@ from memdist.step import train_step
 from memdist.trainer import prefetch_hint
 from memdist.transport import InProcessTransport, RayTransport
 from memdist.values import LocalTable
-from memdist.wire import Backward, Step
+from memdist.wire import Backward, PackedIndices, Step
 
 TRANSPORTS = ["inprocess", "ray", "collective"]
 
@@ -283,6 +284,33 @@ def test_bf16_payload_halves_the_bytes_and_stays_close():
         assert sent == 8 * 16 * 4 + (idx.unique().numel() * 8) + 8 * 16 * 2  # int32 map, rows, bf16
     finally:
         group.stop()
+
+
+@pytest.mark.slow
+def test_bf16_payload_over_ray_equals_in_process():
+    """Ray carries tensors as numpy arrays (bf16 as its bits): nothing changes on the way."""
+    common = ("shards.count=2", "shards.plan=row", "shards.payload=bf16")
+    in_process, values_in = run(tiny(*common, "shards.transport=inprocess"), steps=6)
+    over_ray, values_ray = run(tiny(*common, "shards.transport=ray"), steps=6)
+    assert over_ray == in_process
+    assert all(torch.equal(a, b) for a, b in zip(values_ray, values_in, strict=True))
+
+
+def test_requests_and_replies_cross_ray_as_arrays_and_come_back_equal():
+    g = torch.Generator().manual_seed(0)
+    idx = PackedIndices.pack(torch.randint(0, 50, (6, 4), generator=g))
+    dy = torch.randn(6, 8, generator=g)
+    req = wire.Backward(idx, torch.rand(6, 4, generator=g).to(torch.bfloat16), dy[:, 2:5], 3)
+    sent = wire.to_arrays(req)
+    assert not any(isinstance(v, torch.Tensor) for v in sent.fields.values())
+    back = wire.from_arrays(sent)
+    assert type(back) is wire.Backward and back.worker == 3
+    for got, want in ((back.idx.rows_U, idx.rows_U), (back.idx.inverse_NK, idx.inverse_NK),
+                      (back.scores_NK, req.scores_NK), (back.dy, req.dy)):  # fmt: skip
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    reply = wire.from_arrays(wire.to_arrays([wire.StepReply(5, 2.0), {"y": dy.half()}, 7]))
+    assert reply[0] == wire.StepReply(5, 2.0) and reply[2] == 7
+    assert torch.equal(reply[1]["y"], dy.half())
 
 
 def test_step_barrier_applies_every_workers_gradients_once_or_not_at_all():
