@@ -22,7 +22,7 @@ Parts (one JSON object: machine, versions, config, load averages, results, goals
 3. ``big`` (``--big``): the small model's step with a 16M-row table against the
    64K-row one at equal forward FLOPs (k_dim 66 and 6, SGD values: 8 GiB of values).
 
-    python benchmarks/bench_speed.py [--quick] [--big] [--out DIR --name NAME]
+    python benchmarks/bench_speed.py [--quick] [--rounds N] [--big] [--out DIR --name NAME]
 
 Other tenants load the machine in bursts that outlast a round, so every figure is
 given from the fastest run of each thing (the least disturbed; what the ratios and
@@ -291,6 +291,7 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="few rounds and steps")
+    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds (more: steadier)")
     p.add_argument("--big", action="store_true", help="also the 16M-row table (8 GiB)")
     p.add_argument("--rows", type=int, nargs="+", default=[65536, 1048576])
     p.add_argument("--label", default="after", help="a word for the plot's title")
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--name", default="speed")
     args = p.parse_args(argv)
-    rounds, steps, calls = (1, 3, 3) if args.quick else (8, 3, 5)
+    rounds, steps, calls = (1, 3, 3) if args.quick else (args.rounds, 3, 5)
     load_start = os.getloadavg()
     started = time.time()
     result: dict = {"benchmark": "speed", "label": args.label, "machine": machine(),

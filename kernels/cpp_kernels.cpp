@@ -101,6 +101,18 @@ inline uint32_t order_key(float x) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
+// order_key over n scores, without branches (so it vectorises; cloned for AVX2).
+__attribute__((target_clones("avx2", "default"))) void order_keys(const float* x, uint32_t* out,
+                                                                   int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof bits);
+    const uint32_t negative = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31);
+    const uint32_t k = bits ^ (negative | 0x80000000u);  // ~bits if negative, else sign set
+    out[i] = x[i] != x[i] ? 0u : k;                       // NaN lowest
+  }
+}
+
 inline bool ranks_before(const uint32_t* key, int64_t a, int64_t b) {
   return key[a] > key[b] || (key[a] == key[b] && a < b);
 }
@@ -190,18 +202,36 @@ void select_by_radix(const uint32_t* key, int64_t c_count, int64_t knn, int64_t*
   }
 }
 
-void select_by_insertion(const uint32_t* key, int64_t c_count, int64_t knn, int64_t* idx) {
+// Keys are checked kLanes at a time against the buffer's last key (one vectorised "any
+// greater" test); only a block with a key that would enter goes through them in order.
+__attribute__((target_clones("avx2", "default"))) void select_by_insertion(const uint32_t* key,
+                                                                            int64_t c_count,
+                                                                            int64_t knn,
+                                                                            int64_t* idx) {
   for (int64_t c = 0; c < knn; ++c) idx[c] = c;
   sort_by_rank(key, idx, knn);
-  for (int64_t c = knn; c < c_count; ++c) {
-    // c runs up, so an equal key never displaces an earlier one.
-    if (key[c] <= key[idx[knn - 1]]) continue;
-    int64_t pos = knn - 1;
-    while (pos > 0 && key[c] > key[idx[pos - 1]]) {
-      idx[pos] = idx[pos - 1];
-      --pos;
+  int64_t c = knn;
+  while (c < c_count) {
+    const uint32_t last = key[idx[knn - 1]];
+    if (c + kLanes <= c_count) {
+      uint32_t enters = 0;
+      for (int64_t j = 0; j < kLanes; ++j) enters |= key[c + j] > last ? 1u : 0u;
+      if (enters == 0) {
+        c += kLanes;
+        continue;
+      }
     }
-    idx[pos] = c;
+    const int64_t stop = std::min(c + kLanes, c_count);
+    for (; c < stop; ++c) {
+      // c runs up, so an equal key never displaces an earlier one.
+      if (key[c] <= key[idx[knn - 1]]) continue;
+      int64_t pos = knn - 1;
+      while (pos > 0 && key[c] > key[idx[pos - 1]]) {
+        idx[pos] = idx[pos - 1];
+        --pos;
+      }
+      idx[pos] = c;
+    }
   }
 }
 
@@ -387,7 +417,7 @@ std::vector<torch::Tensor> half_key_topk(torch::Tensor q_NHQ, torch::Tensor keys
       score_keys(qv, kh, qd, c_count, scores.data());
       float* bv = vals + nh * knn;
       int64_t* bi = idx + nh * knn;
-      for (int64_t c = 0; c < c_count; ++c) keys[c] = order_key(scores[c]);
+      order_keys(scores.data(), keys.data(), c_count);
       select_best(keys.data(), c_count, knn, bi, scratch.data());
       for (int64_t j = 0; j < knn; ++j) bv[j] = scores[bi[j]];
     }
