@@ -94,23 +94,19 @@ __attribute__((target_clones("avx2", "default"))) void score_keys(
 
 // Scores as unsigned keys in the same order (NaN lowest, then -inf ... +inf; -0 < +0), so
 // ranking is integer comparison: higher key first, equal keys lower index first.
+// Without branches, so a loop of them vectorises.
 inline uint32_t order_key(float x) {
-  if (std::isnan(x)) return 0u;
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  const uint32_t negative = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31);
+  const uint32_t key = bits ^ (negative | 0x80000000u);  // ~bits if negative, else sign set
+  return x != x ? 0u : key;                               // NaN lowest
 }
 
-// order_key over n scores, without branches (so it vectorises; cloned for AVX2).
+// order_key over n scores (cloned for AVX2).
 __attribute__((target_clones("avx2", "default"))) void order_keys(const float* x, uint32_t* out,
                                                                    int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, x + i, sizeof bits);
-    const uint32_t negative = static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31);
-    const uint32_t k = bits ^ (negative | 0x80000000u);  // ~bits if negative, else sign set
-    out[i] = x[i] != x[i] ? 0u : k;                       // NaN lowest
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = order_key(x[i]);
 }
 
 inline bool ranks_before(const uint32_t* key, int64_t a, int64_t b) {
@@ -425,9 +421,6 @@ std::vector<torch::Tensor> half_key_topk(torch::Tensor q_NHQ, torch::Tensor keys
   return {vals_NHK, idx_NHK};
 }
 
-// Gradients of half_key_topk's scores: dq_NHQ[n, h] = sum_k dvals[n, h, k] * keys[h, i],
-// dkeys_HCQ[h, i] += dvals[n, h, k] * q[n, h] with i = idx[n, h, k], summed per head in
-// (n, k) order by one thread, so the sums do not depend on the thread count.
 namespace {
 
 // dq rows [begin, end) of half_key_topk_backward (cloned for AVX2 like score_keys).
@@ -462,6 +455,9 @@ __attribute__((target_clones("avx2", "default"))) void topk_dkeys_head(
 
 }  // namespace
 
+// Gradients of half_key_topk's scores: dq_NHQ[n, h] = sum_k dvals[n, h, k] * keys[h, i],
+// dkeys_HCQ[h, i] += dvals[n, h, k] * q[n, h] with i = idx[n, h, k], summed per head in
+// (n, k) order by one thread, so the sums do not depend on the thread count.
 std::vector<torch::Tensor> half_key_topk_backward(torch::Tensor dvals_NHK, torch::Tensor idx_NHK,
                                                   torch::Tensor q_NHQ, torch::Tensor keys_HCQ) {
   const int64_t n = q_NHQ.size(0), h = q_NHQ.size(1), qd = q_NHQ.size(2);

@@ -13,6 +13,7 @@ guard holds the file for about a second).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +63,7 @@ def _wait_for_baton(baton: Path) -> None:
         time.sleep(0.5)
 
 
+@functools.cache
 def deepspeed_comm_op() -> None:
     """Build (once per machine) and load DeepSpeed's CPU shared-memory collective op, which
     ``deepspeed.init_distributed`` otherwise builds unguarded in every worker; DeepSpeed

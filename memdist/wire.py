@@ -32,7 +32,7 @@ class PackedIndices:
     def pack(cls, idx_NK: torch.Tensor) -> PackedIndices:
         """``torch.unique(idx_NK, sorted=True, return_inverse=True)``; by marking rows in a
         table of flags when the indices span at most a few times their count (a value
-        table's rows: 4.7 ms -> 0.3 ms for 2048 x 64 indices into 4096 rows), else by
+        table's rows: 4.7 ms -> 0.8 ms for 2048 x 64 indices into 4096 rows), else by
         its sort. Indices must be non-negative (lookups check them first)."""
         flat_M = idx_NK.reshape(-1)
         span = int(flat_M.max()) + 1 if flat_M.numel() else 0
@@ -274,11 +274,7 @@ def to_arrays(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         fields = {f.name: to_arrays(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
         return _Fields(type(obj), fields)
-    if isinstance(obj, list | tuple):
-        return type(obj)(to_arrays(v) for v in obj)
-    if isinstance(obj, dict):
-        return {k: to_arrays(v) for k, v in obj.items()}
-    return obj
+    return _each(obj, to_arrays)
 
 
 def from_arrays(obj: Any) -> Any:
@@ -290,8 +286,13 @@ def from_arrays(obj: Any) -> Any:
         return t.view(torch.bfloat16) if obj.dtype == torch.bfloat16 else t
     if isinstance(obj, _Fields):
         return obj.cls(**{k: from_arrays(v) for k, v in obj.fields.items()})
+    return _each(obj, from_arrays)
+
+
+def _each(obj: Any, fn: Any) -> Any:
+    """``fn`` over the items of a list, tuple or dict's values; anything else as it is."""
     if isinstance(obj, list | tuple):
-        return type(obj)(from_arrays(v) for v in obj)
+        return type(obj)(fn(v) for v in obj)
     if isinstance(obj, dict):
-        return {k: from_arrays(v) for k, v in obj.items()}
+        return {k: fn(v) for k, v in obj.items()}
     return obj

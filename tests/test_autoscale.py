@@ -124,19 +124,18 @@ def test_a_broken_cluster_file_is_refused_naming_the_problem(tmp_path):
     assert result.returncode == 2 and "neither a file nor a shipped config" in result.stderr
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_cluster_submit_runs_a_training_job_on_a_head_with_token_auth(tmp_path):
     """`memdist cluster submit` against `ray start --head` (token auth on): the job's logs
     stream back and its exit status is the command's; a wrong token is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        dash = sock.getsockname()[1]
-    with socket.socket() as sock:  # not the default 52365, which another head's agent may hold
-        sock.bind(("127.0.0.1", 0))
-        agent = sock.getsockname()[1]
+    port, dash = free_port(), free_port()
+    agent = free_port()  # not the default 52365, which another head's agent may hold
     env = token_env(tmp_path)
     token = tmp_path / "token"
     head = subprocess.Popen(
