@@ -43,7 +43,8 @@ LAYOUTS = {
 
 
 CACHE_COUNTERS = ("lookups", "cache_hits", "cache_misses", "prefetched", "prefetch_hits",
-                  "prefetch_skipped", "evictions", "writebacks", "prefetch_ns")  # fmt: skip
+                  "prefetch_skipped", "evictions", "writebacks", "prefetch_ns", "store_bytes",
+                  "process_disk_read_bytes")  # fmt: skip
 
 
 def measure(name: str, overrides: list[str], common: list[str], warmup_steps: int) -> dict:
@@ -62,6 +63,7 @@ def measure(name: str, overrides: list[str], common: list[str], warmup_steps: in
         "steps": final["step"],
         "wall_s": wall,
         "loss": final["loss"],
+        "flops_per_token": final.get("flops_per_token"),
     }
     if shards:
         seconds = final["tokens"] / final["tokens_per_s"]  # time spent in training steps
@@ -72,7 +74,7 @@ def measure(name: str, overrides: list[str], common: list[str], warmup_steps: in
             sum(s["bytes_in"] + s["bytes_out"] for s in shards) / (final["tokens"])
         )
         if any(s["cached"] for s in shards):  # zarr-backed shards: the row caches' counters
-            out["cache"] = {k: sum(s.get(k, 0) for s in shards) for k in CACHE_COUNTERS}
+            out["cache"] = {k: sum(s.get(k) or 0 for s in shards) for k in CACHE_COUNTERS}
     return out
 
 

@@ -73,6 +73,17 @@ from memdist.wire import (
 )  # fmt: skip
 
 
+def process_disk_read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (page faults on chunk maps
+    included, page-cache hits not); None where the OS does not say (not Linux)."""
+    try:
+        with open("/proc/self/io") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["read_bytes"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 class ShardServer:
     def __init__(
         self,
@@ -404,7 +415,11 @@ class ShardServer:
         r = self.region
         with self._cond:
             counters = dict(self.counters)
-            cache = dict(self.rows.counters) if isinstance(self.rows, CachedRows) else {}
+            cache = {}
+            if isinstance(self.rows, CachedRows):
+                cache = dict(self.rows.counters)
+                cache["store_bytes"] = self.rows.store.bytes_on_disk()
+                cache["process_disk_read_bytes"] = process_disk_read_bytes()
         return {
             "shard": r.shard,
             "region": [r.row_start, r.row_stop, r.col_start, r.col_stop],

@@ -55,6 +55,11 @@ class MemoryConfig:
     def rows(self) -> int:
         return self.n_keys**2
 
+    def state_floats_per_value(self, v_dim: int) -> float:
+        """Optimizer state per value, in floats: Adam's two moments, row-wise Adagrad's
+        one float per row (its row step count and the like are left out)."""
+        return {"sgd": 0.0, "adagrad": 1.0 / v_dim, "adam": 2.0}[self.value_optimizer]
+
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
@@ -145,6 +150,9 @@ class TrainConfig:
     # layers' queries, keys and projections) keeps the value it started with.
     freeze_backbone: bool = False
     deepspeed: str | None = None  # the user's DeepSpeed JSON; memdist fills only what it must
+    # false: the value tables are not saved into the run folder at the end (the backbone
+    # is), nor required to be kept by checkpoints: for benchmarks of very large tables.
+    save_tables: bool = True
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 

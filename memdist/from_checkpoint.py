@@ -33,13 +33,14 @@ from memdist.storage.targets import open_target
 DEFAULT_MAX_TABLE_MB = 4096.0
 
 
-def table_mb(cfg: RunConfig) -> float:
-    """Megabytes of one value table's rows (fp32), without optimizer state."""
+def table_mb(cfg: RunConfig, *, with_state: bool = False) -> float:
+    """Megabytes of one value table's rows (fp32), with or without its optimizer state."""
     mem = cfg.model.memory
     if mem is None:
         return 0.0
     v_dim = mem.v_dim if mem.v_dim is not None else cfg.model.dim
-    return mem.rows * v_dim * 4 / 2**20
+    extra = mem.state_floats_per_value(v_dim) if with_state else 0.0
+    return mem.rows * v_dim * 4 * (1 + extra) / 2**20
 
 
 def backbone_state(local: Path) -> dict[str, torch.Tensor]:

@@ -128,7 +128,7 @@ def start_remote_tables(
     n_tables = 1 if mem.shared_table else len(mem.layers)
     tokens = cfg.data.batch_size * cfg.data.seq_len
     budget = int(sh.budget_mb * 2**20) if sh.budget_mb is not None else None
-    state = {"sgd": 0.0, "adagrad": 1.0 / v_dim, "adam": 2.0}[mem.value_optimizer]
+    state = mem.state_floats_per_value(v_dim)
     optimizer = value_optimizer(mem)
     group = ShardGroup()
     tables = []

@@ -48,21 +48,27 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(s, h)
 
 
-GATHER_VALUES_MB = 4096.0  # the most table the driver gathers into the run folder
+# The most table (rows and optimizer state) the driver gathers into the run folder; the
+# driver holds about twice that while it saves (the shards' pieces and the whole).
+GATHER_VALUES_MB = 4096.0
 
 
 def gathers_values(cfg: RunConfig) -> bool:
     """Whether the run folder gets ``values.safetensors``: the driver would gather each
-    table whole, which only a small table allows. A larger one is kept by checkpoints,
-    where each shard writes its own region, so they must be on."""
+    table whole with its optimizer state, which only a small table allows. A larger one
+    is kept by checkpoints, where each shard writes its own region, so they must be on."""
     from memdist.from_checkpoint import table_mb
 
-    if table_mb(cfg) <= GATHER_VALUES_MB:
+    gathered = table_mb(cfg, with_state=True)
+    if not cfg.train.save_tables:
+        return False
+    if gathered <= GATHER_VALUES_MB:
         return True
     if cfg.train.checkpoint.dir is None:
         raise ConfigError(
-            f"a value table of {table_mb(cfg):.0f} MB is more than the driver gathers into the "
-            f"run folder ({GATHER_VALUES_MB:g} MB): set train.checkpoint.dir (--checkpoint-dir), "
+            f"a value table of {gathered:.0f} MB with its optimizer state is more than the "
+            f"driver gathers into the run folder ({GATHER_VALUES_MB:g} MB): set "
+            "train.checkpoint.dir (--checkpoint-dir), "
             "where each shard saves its own region"
         )
     return False
@@ -116,7 +122,9 @@ def train(
                 assert out is not None  # the only worker leads
                 final, state, tables = out.final, out.state, out.tables
         checkpoint.save_weights(run_dir, state, tables if gathers else [])
-        if not gathers:
+        if not cfg.train.save_tables:
+            report.message("the value tables were not saved (train.save_tables=false)")
+        elif not gathers:
             report.message(
                 f"the value tables stay in the checkpoints under {cfg.train.checkpoint.dir} "
                 f"(over {GATHER_VALUES_MB:g} MB, the run folder keeps the backbone only)"

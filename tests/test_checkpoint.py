@@ -469,3 +469,7 @@ def test_a_table_too_large_to_gather_stays_in_the_checkpoints(tmp_path, monkeypa
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert not (tmp_path / "run" / "values.safetensors").exists()
     assert [p.name for p in ck.iterdir()] == ["step-000004"]
+    # A benchmark may let the tables go, explicitly: no checkpoints, no values file.
+    train(cfg_of("train.save_tables=false", "train.steps=2"), tmp_path / "let-go", progress=False)
+    assert (tmp_path / "let-go" / "model.safetensors").is_file()
+    assert not (tmp_path / "let-go" / "values.safetensors").exists()

@@ -52,6 +52,12 @@ def test_quarter_budget_cache_matches_resident_shard(tmp_path, kind, optimizer):
     assert stats["cached"] and stats["cache_misses"] > 0 and stats["evictions"] > 0
     assert stats["writebacks"] > 0 and stats["cache_hits"] > 0
     assert stats["prefetched"] > 0 and stats["prefetch_hits"] > 0
+    # What the region takes on disk: every chunk of every array, stored raw and whole.
+    chunks = -(-region.rows // cached.rows.store.chunk_rows) * cached.rows.store.chunk_rows
+    # Adagrad is row-wise (one float per row); Adam has two moments and a row step count.
+    state = {"sgd": 0, "adagrad": 4, "adam": 2 * region.cols * 4 + 8}[optimizer]
+    assert stats["store_bytes"] == chunks * (region.cols * 4 + state)
+    assert stats["process_disk_read_bytes"] >= 0  # Linux says; page-cache hits are not reads
 
 
 def _cache(tmp_path, rows=64, capacity=8):
@@ -116,6 +122,7 @@ def test_rows_written_are_what_zarr_itself_reads(tmp_path, layout, monkeypatch):
     """Rows go through memory maps of the raw chunk files; zarr reading the same arrays
     must see them, and arrays laid out otherwise (compressed) go through zarr."""
     monkeypatch.setattr(zarr_region, "MAX_MAPS", 3)  # 20 chunk maps: closed and reopened
+    monkeypatch.setattr(zarr_region, "IO_ROWS_PER_THREAD", 4)  # rows in parts on IO threads
     spec = state_spec("adam", 6)
     path = tmp_path / "r"
     if layout == "compressed":  # e.g. written by another tool: zstd chunks
