@@ -104,6 +104,7 @@ class _Window:
     loss: float = 0.0
     seconds: float = 0.0
     steps: int = 0
+    waited: float = 0.0  # of those seconds, spent waiting on shards
 
 
 class Trainer:
@@ -220,7 +221,6 @@ class Trainer:
         cfg = self.cfg
         deadline = self.t_start + 60 * cfg.train.max_minutes if cfg.train.max_minutes else None
         self.window = _Window()
-        self.wait0 = self._waited()
         upcoming = self._take()  # read one step ahead, so the next step's rows can be hinted
         if self.hint is not None:
             self.hint(upcoming[0][0].to(self.rt.device))
@@ -235,12 +235,13 @@ class Trainer:
 
     def _train_step(self, step: int, micro, next_inputs, deadline: float | None) -> str | None:
         """One optimizer step; returns why the workers agreed to stop after it, or None."""
-        t0 = time.perf_counter()
+        t0, waited0 = time.perf_counter(), self._waited()
         loss = train_step(
             self.engine, self.tables, micro, self.rt.device, hint=self.hint,
             next_inputs=next_inputs,
         )  # fmt: skip
         dt = time.perf_counter() - t0
+        self.window.waited += self._waited() - waited0  # not evaluation's or a save's waits
         out_of_time = deadline is not None and time.perf_counter() > deadline
         # Workers agree on the mean loss and on stopping (the lead's clock decides).
         lead = self.ctx.lead
@@ -281,7 +282,6 @@ class Trainer:
 
     def _train_record(self, step: int) -> dict[str, Any]:
         w = self.window
-        waited = self._waited()
         rec = {
             "kind": "train",
             "step": step,
@@ -294,13 +294,13 @@ class Trainer:
             "value_grad_norm": math.sqrt(sum(t.last_step.grad_norm**2 for t in self.tables)),
         }
         if self.remote is not None:  # the share of step time workers waited on shards
-            total = all_sum(
-                torch.tensor([waited - self.wait0], dtype=torch.float64), self.ctx.world
-            )
-            rec["memory_wait_share"] = float(total) / self.ctx.world / w.seconds
+            # Each worker's share of its own step time, averaged: a worker's steps may be
+            # shorter than another's waits (the lead writes records between its steps).
+            shares = all_sum(torch.tensor([w.waited / w.seconds], dtype=torch.float64),
+                             self.ctx.world)  # fmt: skip
+            rec["memory_wait_share"] = float(shares) / self.ctx.world
         if self.hint is not None:  # rows this worker's hints had the shards read so far
             rec["rows_prefetched"] = sum(t.rows_prefetched for t in self.tables)
-        self.wait0 = waited
         self.window = _Window()
         return rec
 
