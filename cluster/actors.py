@@ -16,6 +16,7 @@ turn (a hint must be served before the lookup it prepares).
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,8 @@ class _ShardActor(ShardServer):
             # Ray restarted this shard after it died: the run goes back to a checkpoint,
             # which replaces every row, so what the dead shard left on disk is discarded.
             shutil.rmtree(store, ignore_errors=True)
+        # A restarted shard's region is written here: the run's recovery loads into it.
+        kwargs["fill_later"] = kwargs.get("fill_later", False) and not restarted
         super().__init__(*args, restarted=restarted, **kwargs)
         self._turns = threading.Condition()
         self._next: dict[int, int] = {}  # worker -> sequence number of its next request
@@ -169,6 +172,7 @@ def start_shards(
             device=device,
             threads=threads,
             workers=workers,
+            fill_later=True,  # fill_stores writes new zarr regions, with progress
             **server_kwargs,
             **extra[region.shard],
         )  # fmt: skip
@@ -184,7 +188,47 @@ def start_shards(
             f"(shards.start_timeout_s): the cluster found no {where} for them "
             f"({opts['num_cpus']:g} CPUs, {opts['num_gpus']:g} GPUs each)"
         ) from None
+    try:
+        fill_stores(actors, start_timeout_s)
+    except BaseException:
+        stop_shards(actors)
+        raise
     return actors
+
+
+def fill_stores(actors: list[Any], stall_timeout_s: float, poll_s: float = 2.0) -> None:
+    """Have zarr-backed shards write their new regions' chunks (a region of hundreds of
+    GB takes many minutes), showing rows written as a progress bar on a terminal; a
+    fill that writes no row for ``stall_timeout_s`` fails the start, naming it."""
+    progress = ray.get([a.fill_progress.remote() for a in actors])
+    todo = [(s, a) for s, (a, (done, rows)) in enumerate(zip(actors, progress, strict=True))
+            if done < rows]  # fmt: skip
+    if not todo:
+        return
+    from tqdm import tqdm
+
+    fills = [a.fill_store.remote() for _, a in todo]
+    total = sum(progress[s][1] for s, _ in todo)
+    last = [progress[s][0] for s, _ in todo]
+    moved = [time.monotonic()] * len(todo)
+    with tqdm(total=total, unit="rows", desc="writing zarr regions", disable=None) as bar:
+        while True:
+            ready, pending = ray.wait(fills, num_returns=len(fills), timeout=poll_s)
+            ray.get(ready)  # a fill that failed raises its error here
+            done = [d for d, _ in ray.get([a.fill_progress.remote() for _, a in todo])]
+            bar.update(sum(done) - bar.n)
+            if not pending:
+                return
+            now = time.monotonic()
+            for i, (s, _) in enumerate(todo):
+                if done[i] > last[i]:
+                    last[i], moved[i] = done[i], now
+                elif done[i] < progress[s][1] and now - moved[i] > stall_timeout_s:
+                    raise ShardError(
+                        f"memory shard {s} wrote no row of its zarr region for "
+                        f"{stall_timeout_s:g} s (shards.start_timeout_s; {done[i]} of "
+                        f"{progress[s][1]} rows written): is its disk full or stalled?"
+                    )
 
 
 def stop_shards(actors: list[Any]) -> None:

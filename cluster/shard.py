@@ -100,12 +100,15 @@ class ShardServer:
         workers: int = 1,
         barrier_timeout_s: float = 60.0,
         restarted: bool = False,
+        fill_later: bool = False,
     ) -> None:
         """With ``cache_rows`` smaller than the region, rows live in a zarr group at
         ``store_path`` and only ``cache_rows`` of them are held in memory. ``workers``
         is how many data-parallel workers send gradients and steps. A ``restarted``
         shard (Ray brought it back after it died) holds initial rows, not the run's: it
-        refuses lookups and steps until a checkpoint is loaded into it."""
+        refuses lookups and steps until a checkpoint is loaded into it. With
+        ``fill_later`` a new zarr region's chunks are written by ``fill_store``, which
+        ``fill_progress`` follows, not here."""
         self.restarted = restarted
         if workers < 1:
             raise ConfigError(f"shard {region.shard}: workers={workers} must be >= 1")
@@ -133,6 +136,7 @@ class ShardServer:
                     region.row_start + r0, region.row_start + r1, dim, seed,
                     col_start=region.col_start, col_stop=region.col_stop,
                 ).numpy(),
+                fill=not fill_later,
             )  # fmt: skip
             self.rows = CachedRows(store, cache_rows, spec, backend=backend, device=self.device)
         else:
@@ -430,6 +434,17 @@ class ShardServer:
             **counters,
             **cache,
         }
+
+    def fill_store(self) -> None:
+        """Write a new zarr region's initial chunks (a shard made with ``fill_later``)."""
+        if isinstance(self.rows, CachedRows):
+            self.rows.store.fill()
+
+    def fill_progress(self) -> tuple[int, int]:
+        """(rows written, rows) of the zarr region; (0, 0) for a shard held in memory."""
+        if isinstance(self.rows, CachedRows):
+            return self.rows.store.rows_filled, self.rows.store.rows
+        return 0, 0
 
     def where(self) -> dict[str, Any]:
         """Where this shard runs: host, process and device (for the placement table)."""

@@ -182,7 +182,9 @@ class ShardsConfig:
     # such nodes when there are none): null when the cluster has them or its launcher
     # config offers them, true always, false never.
     memory_nodes: bool | None = None
-    start_timeout_s: float = 900.0  # shards not running by then fail the run (no node for them)
+    # Shards not running by then fail the run (no node for them), as does a shard that
+    # writes no row of its new zarr region for this long (it shows progress meanwhile).
+    start_timeout_s: float = 900.0
     cpus_per_shard: float = 0.0  # Ray resources each shard actor reserves
     gpus_per_shard: float = 0.0
     threads_per_shard: int = 1

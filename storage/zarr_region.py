@@ -32,7 +32,7 @@ from zarr.codecs import BytesCodec
 from zarr.core.array_spec import ArrayConfigParams
 from zarr.storage import LocalStore
 
-from memdist.errors import CheckpointError, ConfigError
+from memdist.errors import CheckpointError, ConfigError, ShardError
 
 # Values and optimizer state are dense floats that do not compress, so chunks are raw.
 CHUNK_BYTES = 4 * 2**20
@@ -59,10 +59,13 @@ class ZarrRegion:
         *,
         chunk_rows: int | None = None,
         init_rows: Any = None,
+        fill: bool = True,
     ) -> None:
         """``state_spec`` maps a state name to (trailing shape, dtype). With ``init_rows(r0,
         r1)`` (the initial values of local rows ``[r0, r1)``) a new region is created and
-        ``path`` must not hold one yet; without it an existing region is opened."""
+        ``path`` must not hold one yet; without it an existing region is opened. Arrays
+        created here are written chunk by chunk at once, or with ``fill=False`` by a later
+        ``fill()`` (a large region takes minutes), before which rows cannot be read."""
         self.path = Path(path)
         self.rows, self.cols = rows, cols
         if chunk_rows is None:  # about CHUNK_BYTES of values per chunk
@@ -77,6 +80,7 @@ class ZarrRegion:
             )
         self.group = zarr.open_group(str(self.path), mode="a")
         self.arrays: dict[str, Any] = {}
+        self._unfilled: list[str] = []  # arrays created here whose chunks are not written yet
         for name, (trailing, dtype) in specs.items():
             shape = (rows, *trailing)
             if exists and name in self.group:
@@ -90,17 +94,38 @@ class ZarrRegion:
                     name, shape=shape, chunks=(self.chunk_rows, *trailing), dtype=dtype,
                     fill_value=0, compressors=None, config=WRITE_EVERY_CHUNK,
                 )  # fmt: skip
-                for r0 in range(0, rows, self.chunk_rows):
-                    r1 = min(rows, r0 + self.chunk_rows)
-                    if name == "values" and init_rows is not None:
-                        arr[r0:r1] = np.asarray(init_rows(r0, r1), dtype=np.float32)
-                    else:
-                        arr[r0:r1] = 0
+                self._unfilled.append(name)
             self.arrays[name] = arr
+        self._init_rows = init_rows
+        self.rows_filled = 0 if self._unfilled else rows  # progress of ``fill``
         self._maps: dict[tuple[str, int], np.memmap] = {}
         self._maps_lock = threading.RLock()  # IO threads open maps concurrently
         self._pool: ThreadPoolExecutor | None = None
+        self.mapped = False
+        if fill:
+            self.fill()
+
+    def fill(self) -> None:
+        """Write every chunk of the arrays created by this region (initial values, zeros
+        for optimizer state), a block of ``chunk_rows`` rows at a time; ``rows_filled``
+        says how far it got. Nothing to do for a region that is filled."""
+        for r0 in range(self.rows_filled, self.rows, self.chunk_rows):
+            r1 = min(self.rows, r0 + self.chunk_rows)
+            for name in self._unfilled:
+                if name == "values" and self._init_rows is not None:
+                    self.arrays[name][r0:r1] = np.asarray(self._init_rows(r0, r1), np.float32)
+                else:
+                    self.arrays[name][r0:r1] = 0
+            self.rows_filled = r1
+        self._unfilled = []
         self.mapped = all(self._mappable(a) for a in self.arrays.values())
+
+    def _check_filled(self) -> None:
+        if self._unfilled:
+            raise ShardError(
+                f"zarr region {self.path} is being created ({self.rows_filled} of {self.rows} "
+                "rows written): its rows cannot be read or written yet"
+            )
 
     # -- chunk files as memory maps ---------------------------------------------------
     def _mappable(self, arr: Any) -> bool:
@@ -167,6 +192,7 @@ class ZarrRegion:
     # -- rows -----------------------------------------------------------------------
     def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Every array's entries for the given local rows (sorted, unique)."""
+        self._check_filled()
         if not self.mapped:
             return {name: arr.oindex[rows] for name, arr in self.arrays.items()}
         out = {
@@ -182,6 +208,7 @@ class ZarrRegion:
         return out
 
     def write(self, rows: np.ndarray, data: dict[str, np.ndarray]) -> None:
+        self._check_filled()
         if not self.mapped:
             for name, arr in self.arrays.items():
                 arr.oindex[rows] = data[name]

@@ -161,3 +161,25 @@ def test_cache_too_small_for_one_request_is_a_clear_error(tmp_path):
     )
     with pytest.raises(ShardError, match="row cache of 5 rows cannot hold the 8 rows"):
         shard.lookup(torch.arange(8).view(2, 4), torch.rand(2, 4))
+
+
+def test_a_region_written_later_refuses_rows_until_then_and_reports_progress(tmp_path):
+    """Shards started by Ray write a new region after they answer (start_shards shows
+    the progress): until then no row may be read or written; then the rows are the
+    table's initial values and the optimizer state zeros, as when written at once."""
+    rows, dim = 50, 4
+    region = make_plan("row", rows, dim, 1).regions[0]
+    spec = OptimizerSpec("adam", lr=0.05)
+    later = ShardServer(region, "row", dim, spec, seed=2, store_path=str(tmp_path / "later"),
+                        cache_rows=16, fill_later=True)  # fmt: skip
+    at_once = ShardServer(region, "row", dim, spec, seed=2, store_path=str(tmp_path / "now"),
+                          cache_rows=16)  # fmt: skip
+    assert later.fill_progress() == (0, rows) and at_once.fill_progress() == (rows, rows)
+    with pytest.raises(ShardError, match=r"being created \(0 of 50 rows written\)"):
+        later.read_rows(0, rows)
+    later.fill_store()
+    assert later.fill_progress() == (rows, rows)
+    for key, want in at_once.read_rows(0, rows).items():
+        torch.testing.assert_close(later.read_rows(0, rows)[key], want, rtol=0, atol=0, msg=key)
+    resident = ShardServer(region, "row", dim, spec, seed=2)
+    assert resident.fill_progress() == (0, 0)
