@@ -122,7 +122,6 @@ def test_rows_written_are_what_zarr_itself_reads(tmp_path, layout, monkeypatch):
     """Rows go through memory maps of the raw chunk files; zarr reading the same arrays
     must see them, and arrays laid out otherwise (compressed) go through zarr."""
     monkeypatch.setattr(zarr_region, "MAX_MAPS", 3)  # 20 chunk maps: closed and reopened
-    monkeypatch.setattr(zarr_region, "IO_ROWS_PER_THREAD", 4)  # rows in parts on IO threads
     spec = state_spec("adam", 6)
     path = tmp_path / "r"
     if layout == "compressed":  # e.g. written by another tool: zstd chunks
