@@ -1,9 +1,10 @@
 """The vectorised torch path: the CPU fallback where the C++ kernels cannot be built, and
 the kernels' second oracle (beside ``reference``).
 
-Deterministic on CPU: the value gradient sums each row's contributions with
+Deterministic: on CPU the value gradient sums each row's contributions with
 ``index_add_``, which runs serially on the CPU in position order, whatever the
-sparsity pattern. Shard/local parity depends on this: a CSR sparse-matrix product
+sparsity pattern; on CUDA, where ``index_add_`` adds with atomics in no fixed order,
+a segmented sum over the reverse index adds them in position order too. Shard/local parity depends on this: a CSR sparse-matrix product
 and a chunked gather-and-sum for the scores were faster in isolation but rounded
 differently for the compacted pattern a row-wise shard sees, so they are not used.
 """
@@ -51,8 +52,11 @@ def bag_backward_values(
     idx_NK: torch.Tensor, scores_NK: torch.Tensor, dy_ND: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = idx_NK.shape
-    rows_U, inverse_M = torch.unique(idx_NK.reshape(-1), sorted=True, return_inverse=True)
     contrib_MD = (scores_NK.float().unsqueeze(-1) * dy_ND.float().unsqueeze(1)).reshape(n * k, -1)
+    if dy_ND.device.type != "cpu":
+        rows_U, offsets_U1, order_M = reverse_index(idx_NK)
+        return rows_U, torch.segment_reduce(contrib_MD[order_M], "sum", offsets=offsets_U1)
+    rows_U, inverse_M = torch.unique(idx_NK.reshape(-1), sorted=True, return_inverse=True)
     grad_UD = torch.zeros(rows_U.numel(), dy_ND.shape[1], dtype=torch.float32, device=dy_ND.device)
     grad_UD.index_add_(0, inverse_M, contrib_MD)
     return rows_U, grad_UD

@@ -31,7 +31,14 @@ CASES = [
     (4, 64, 5000, 128, "random"),
     (2, 512, 1000, 128, "random"),
     (3, 512, 1000, 33, "repeated"),
+    # Wider than one column block (256): the second grid axis, an odd width, the paper's
+    # width, and one past a power of two.
+    (3, 5, 40, 520, "random"),
+    (2, 3, 30, 1024, "repeated"),
+    (2, 4, 20, 4097, "random"),
 ]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
 
 
 def make_inputs(n, k, v, d, pattern, dtype, seed=0):
@@ -70,7 +77,7 @@ def tolerance(terms):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", CASES, ids=[f"N{c[0]}K{c[1]}D{c[3]}-{c[4]}" for c in CASES])
 def test_bag_matches_embedding_bag(backend, dtype, case):
     n, k, v, d, pattern = case
@@ -136,6 +143,31 @@ def test_value_gradient_is_deterministic(backend):
     rows1, grad1 = kernels.bag_backward_values(idx, scores, dy, backend=backend)
     rows2, grad2 = kernels.bag_backward_values(idx, scores, dy, backend=backend)
     assert torch.equal(rows1, rows2) and torch.equal(grad1, grad2)
+
+
+def test_segments_split_hot_rows_and_keep_their_order():
+    from memdist.kernels.triton_bag import segments
+
+    # Rows of 1, 5 and 2 positions in runs of at most 2: row 1 gets three segments.
+    seg = segments(torch.tensor([0, 1, 6, 8], device=DEVICE), 2)
+    assert seg["start"].tolist() == [0, 1, 3, 5, 6]
+    assert seg["end"].tolist() == [1, 3, 5, 6, 8]
+    assert seg["split"].tolist() == [0, 1, 1, 1, 0]
+    assert seg["dest"].tolist() == [0, 0, 1, 2, 2]  # gradient row, partials 0..2, row
+    assert (seg["rows"].tolist(), seg["first"].tolist(), seg["count"].tolist()) == ([1], [0], [3])
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("segment", [1, 3, 128])
+def test_triton_value_gradient_with_hot_rows_split(segment):
+    from memdist.kernels import triton_bag
+
+    values, idx, scores, dy = make_inputs(6, 40, 30, 20, "repeated", torch.float32)
+    idx[:, :3] = torch.arange(3, device=DEVICE) + 10  # and rows read once per bag
+    _, dvalues_ref, _ = embedding_bag_reference(values, idx, scores, dy)
+    rows, grad = triton_bag.bag_backward_values(idx, scores, dy, segment=segment)
+    assert torch.equal(rows, torch.unique(idx))
+    torch.testing.assert_close(densify(rows, grad, 30), dvalues_ref, **tolerance(6 * 40))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -319,7 +351,7 @@ COMPILE_CHECK = """
 
     for arch in (80, 90):
         for vt in ("fp32", "bf16"):
-            for k, d in ((1, 1), (7, 33), (64, 128), (512, 100), (32, 256)):
+            for k, d in ((1, 1), (7, 33), (64, 128), (512, 100), (32, 256), (128, 1024)):
                 build(tb._bag_forward_kernel, dict(values_ptr="*" + vt, idx_ptr="*i64",
                       scores_ptr="*" + vt, y_ptr="*fp32", K="i32", D="i32", stride_v="i64"),
                       tb.forward_blocks(k, d), arch)
@@ -327,8 +359,12 @@ COMPILE_CHECK = """
                       dy_ptr="*" + vt, dscores_ptr="*fp32", K="i32", D="i32", stride_v="i32",
                       stride_dy="i32"), tb.scores_blocks(k, d), arch)
                 build(tb._bag_backward_values_kernel, dict(bag_ptr="*i64", weight_ptr="*fp32",
-                      offsets_ptr="*i64", dy_ptr="*" + vt, grad_ptr="*fp32", D="i32",
+                      start_ptr="*i64", end_ptr="*i64", dest_ptr="*i64", split_ptr="*i8",
+                      dy_ptr="*" + vt, grad_ptr="*fp32", partial_ptr="*fp32", D="i32",
                       stride_dy="i32"), tb.values_blocks(d), arch)
+            build(tb._sum_partials_kernel, dict(partial_ptr="*fp32", first_ptr="*i64",
+                  count_ptr="*i64", rows_ptr="*i64", grad_ptr="*fp32", D="i32"),
+                  dict(BLOCK_D=tb.MAX_BLOCK_D), arch)
             for opt in to.OPTIMIZER_CODES.values():
                 for d in (1, 100, 5000):
                     launch = to.update_launch(d)
@@ -359,4 +395,5 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         "_bag_backward_values_kernel",
         "_bag_forward_kernel",
         "_sparse_update_kernel",
+        "_sum_partials_kernel",
     ]

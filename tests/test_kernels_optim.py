@@ -28,9 +28,10 @@ def update(optimizer, values, state, rows_U, grad_UD, *, backend="auto", **spec)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_sparse_update_matches_reference(backend, optimizer, dtype):
+@pytest.mark.parametrize("d", [37, 1500])  # 1500: a row tile of 2048, wider than 1024
+def test_sparse_update_matches_reference(backend, optimizer, dtype, d):
     g = torch.Generator().manual_seed(1)
-    v, d = 30, 37
+    v = 30
     values = torch.randn(v, d, generator=g).to(dtype).to(DEVICE)
     before = values.clone()
     expect = values.clone()
