@@ -342,37 +342,48 @@ COMPILE_CHECK = """
     assert not tb.INTERPRETED
     built = []
 
+    # What a launch on a GPU adds when a pointer, a width or a stride is a multiple of 16
+    # (16-byte vector loads): built for the widths where that holds, D = 1024 here.
+    ALIGNED = {"D", "stride_v", "stride_dy", "stride_g"}
+
     def build(fn, sig, const, arch, num_warps=4):
+        aligned = sig.pop("aligned", False)
+        hint = [["tt.divisibility", 16]]
+        attrs = {(fn.arg_names.index(name),): hint for name, ty in sig.items()
+                 if aligned and (ty.startswith("*") or name in ALIGNED)}
         sig = {**sig, **{name: "constexpr" for name in const}}
-        src = ASTSource(fn=fn, signature=sig, constexprs=const)
+        src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
         assert len(k.asm["cubin"]) > 0
+        # The hints must reach the code: rows read as 16-byte vectors.
+        assert not aligned or "ld.global.v4" in k.asm["ptx"], (fn.__name__, arch, sig)
         built.append(fn.__name__)
 
     for arch in (80, 90):
         for vt in ("fp32", "bf16"):
             for k, d in ((1, 1), (7, 33), (64, 128), (512, 100), (32, 256), (128, 1024)):
+                a = d == 1024
                 build(tb._bag_forward_kernel, dict(values_ptr="*" + vt, idx_ptr="*i64",
-                      scores_ptr="*" + vt, y_ptr="*fp32", K="i32", D="i32", stride_v="i64"),
-                      tb.forward_blocks(k, d), arch)
+                      scores_ptr="*" + vt, y_ptr="*fp32", K="i32", D="i32", stride_v="i64",
+                      aligned=a), tb.forward_blocks(k, d), arch)
                 build(tb._bag_backward_scores_kernel, dict(values_ptr="*" + vt, idx_ptr="*i64",
                       dy_ptr="*" + vt, dscores_ptr="*fp32", K="i32", D="i32", stride_v="i32",
-                      stride_dy="i32"), tb.scores_blocks(k, d), arch)
+                      stride_dy="i32", aligned=a), tb.scores_blocks(k, d), arch)
                 build(tb._bag_backward_values_kernel, dict(bag_ptr="*i64", weight_ptr="*fp32",
                       start_ptr="*i64", end_ptr="*i64", dest_ptr="*i64", split_ptr="*i8",
                       dy_ptr="*" + vt, grad_ptr="*fp32", partial_ptr="*fp32", D="i32",
-                      stride_dy="i32"), tb.values_blocks(d), arch)
+                      stride_dy="i32", aligned=a), tb.values_blocks(d), arch)
             build(tb._sum_partials_kernel, dict(partial_ptr="*fp32", first_ptr="*i64",
                   count_ptr="*i64", rows_ptr="*i64", grad_ptr="*fp32", D="i32"),
                   dict(BLOCK_D=tb.MAX_BLOCK_D), arch)
             for opt in to.OPTIMIZER_CODES.values():
-                for d in (1, 100, 5000):
+                for d in (1, 100, 1024, 5000):
                     launch = to.update_launch(d)
                     build(to._sparse_update_kernel, dict(values_ptr="*" + vt, rows_ptr="*i64",
                           grad_ptr="*fp32", sum_sq_ptr="*fp32", exp_avg_ptr="*fp32",
                           exp_avg_sq_ptr="*fp32", bc1_ptr="*fp32", bc2_ptr="*fp32", D="i32",
                           stride_v="i32", stride_g="i32", lr="fp32", eps="fp32", beta1="fp32",
-                          beta2="fp32", decay="fp32"),
+                          beta2="fp32", decay="fp32", aligned=d == 1024),
                           dict(OPTIMIZER=opt, BLOCK_D=launch["BLOCK_D"],
                                BF16_BY_HAND=vt == "bf16" and d == 100), arch,
                           launch["num_warps"])
