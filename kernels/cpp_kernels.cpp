@@ -243,6 +243,20 @@ void select_best(const uint32_t* key, int64_t c_count, int64_t knn, int64_t* idx
 
 }  // namespace
 
+// Bags [begin, end) of bag_backward_scores. Cloned for AVX2: dot's 16 lanes are explicit
+// and nothing is contracted, so both clones compute the same bits.
+__attribute__((target_clones("avx2", "default"))) void scores_bags(
+    int64_t begin, int64_t end, int64_t k, int64_t d, const float* values, const float* dy,
+    const int64_t* idx, float* out) {
+  for (int64_t i = begin; i < end; ++i) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t ahead = i * k + j + kAhead;
+      if (ahead < end * k) prefetch_row(values + idx[ahead] * d, d);
+      out[i * k + j] = dot(dy + i * d, values + idx[i * k + j] * d, d);
+    }
+  }
+}
+
 // dscores_NK[n, k] = <dy_ND[n], values_VD[idx_NK[n, k]]>
 torch::Tensor bag_backward_scores(torch::Tensor values_VD, torch::Tensor idx_NK,
                                   torch::Tensor dy_ND) {
@@ -253,13 +267,7 @@ torch::Tensor bag_backward_scores(torch::Tensor values_VD, torch::Tensor idx_NK,
   const int64_t* idx = idx_NK.data_ptr<int64_t>();
   float* out = out_NK.data_ptr<float>();
   at::parallel_for(0, n, grain(k * d), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t ahead = i * k + j + kAhead;
-        if (ahead < end * k) prefetch_row(values + idx[ahead] * d, d);
-        out[i * k + j] = dot(dy + i * d, values + idx[i * k + j] * d, d);
-      }
-    }
+    scores_bags(begin, end, k, d, values, dy, idx, out);
   });
   return out_NK;
 }
@@ -295,6 +303,23 @@ std::vector<torch::Tensor> reverse_index(torch::Tensor idx_M, int64_t num_rows) 
   return {rows_U, offsets_U1, order_M};
 }
 
+// Rows [begin, end) of bag_backward_values (cloned for AVX2: the columns are independent
+// and nothing is contracted, so both clones compute the same bits).
+__attribute__((target_clones("avx2", "default"))) void values_rows(
+    int64_t begin, int64_t end, int64_t d, int64_t k, const int64_t* order,
+    const int64_t* offsets, const float* scores, const float* dy, float* grad) {
+  for (int64_t u = begin; u < end; ++u) {
+    float* g = grad + u * d;
+    for (int64_t c = 0; c < d; ++c) g[c] = 0.f;
+    for (int64_t p = offsets[u]; p < offsets[u + 1]; ++p) {
+      const int64_t m = order[p];
+      const float s = scores[m];
+      const float* row = dy + (m / k) * d;
+      for (int64_t c = 0; c < d; ++c) g[c] += s * row[c];
+    }
+  }
+}
+
 // grad_UD[u] = sum over m in order_M[offsets_U1[u] : offsets_U1[u + 1]] of
 // scores_M[m] * dy_ND[m / K], added in that (flat position) order starting from zero:
 // the sums index_add_ makes with the products s * dy, without materialising them.
@@ -311,18 +336,69 @@ torch::Tensor bag_backward_values(torch::Tensor order_M, torch::Tensor offsets_U
   float* grad = grad_UD.data_ptr<float>();
   const int64_t per_row = std::max<int64_t>(1, m_count / std::max<int64_t>(1, u_count));
   at::parallel_for(0, u_count, grain(per_row * d), [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      float* g = grad + u * d;
-      for (int64_t c = 0; c < d; ++c) g[c] = 0.f;
-      for (int64_t p = offsets[u]; p < offsets[u + 1]; ++p) {
-        const int64_t m = order[p];
-        const float s = scores[m];
-        const float* row = dy + (m / k) * d;
-        for (int64_t c = 0; c < d; ++c) g[c] += s * row[c];
-      }
-    }
+    values_rows(begin, end, d, k, order, offsets, scores, dy, grad);
   });
   return grad_UD;
+}
+
+// What sparse_update's rows need: pointers (nullptr for state the optimizer lacks) and
+// the fp32 constants.
+struct Update {
+  float* values;
+  const int64_t* rows;
+  const float* grad;
+  float* sum_sq;
+  float* exp_avg;
+  float* exp_avg_sq;
+  int64_t* step;
+  const float* bc1;
+  const float* bc2;
+  int64_t code, d;
+  bool decays;
+  float lr, eps, decay, b1, b2, one_b1, one_b2;
+};
+
+// Rows [begin, end) of sparse_update. Cloned for AVX2: the columns are independent, and
+// division and square root are correctly rounded in both, so both compute the same bits.
+__attribute__((target_clones("avx2", "default"))) void update_rows(const Update& a,
+                                                                    int64_t begin, int64_t end) {
+  const int64_t d = a.d;
+  for (int64_t u = begin; u < end; ++u) {
+    if (u + kAhead < end) {
+      const int64_t ahead = a.rows[u + kAhead] * d;
+      prefetch_row(a.values + ahead, d);
+      if (a.code == 2) {
+        prefetch_row(a.exp_avg + ahead, d);
+        prefetch_row(a.exp_avg_sq + ahead, d);
+      }
+    }
+    const int64_t r = a.rows[u];
+    float* w = a.values + r * d;
+    const float* g = a.grad + u * d;
+    if (a.decays) {
+      for (int64_t c = 0; c < d; ++c) w[c] *= a.decay;
+    }
+    if (a.code == 0) {
+      for (int64_t c = 0; c < d; ++c) w[c] -= a.lr * g[c];
+    } else if (a.code == 1) {
+      const float acc = a.sum_sq[r] + dot(g, g, d) / static_cast<float>(d);
+      a.sum_sq[r] = acc;
+      const float denom = std::sqrt(acc) + a.eps;
+      for (int64_t c = 0; c < d; ++c) w[c] -= a.lr * g[c] / denom;
+    } else {
+      a.step[r] += 1;
+      const float bc1 = a.bc1[u], bc2 = a.bc2[u];
+      float* m = a.exp_avg + r * d;
+      float* v = a.exp_avg_sq + r * d;
+      for (int64_t c = 0; c < d; ++c) {
+        const float mc = a.b1 * m[c] + a.one_b1 * g[c];
+        const float vc = a.b2 * v[c] + a.one_b2 * g[c] * g[c];
+        m[c] = mc;
+        v[c] = vc;
+        w[c] -= a.lr * (mc / bc1) / (std::sqrt(vc / bc2) + a.eps);
+      }
+    }
+  }
 }
 
 // One pass over each touched row: weight decay, then SGD (code 0), row-wise Adagrad (1)
@@ -335,57 +411,29 @@ void sparse_update(torch::Tensor values_VD, torch::Tensor rows_U, torch::Tensor 
                    torch::Tensor step_V, torch::Tensor bc1_U, torch::Tensor bc2_U, int64_t code,
                    double lr, double eps, double beta1, double beta2, double weight_decay) {
   const int64_t u_count = rows_U.size(0), d = values_VD.size(1);
-  float* values = values_VD.data_ptr<float>();
-  const int64_t* rows = rows_U.data_ptr<int64_t>();
-  const float* grad = grad_UD.data_ptr<float>();
-  float* sum_sq = code == 1 ? sum_sq_V.data_ptr<float>() : nullptr;
-  float* exp_avg = code == 2 ? exp_avg_VD.data_ptr<float>() : nullptr;
-  float* exp_avg_sq = code == 2 ? exp_avg_sq_VD.data_ptr<float>() : nullptr;
-  int64_t* step = code == 2 ? step_V.data_ptr<int64_t>() : nullptr;
-  const float* bc1_all = code == 2 ? bc1_U.data_ptr<float>() : nullptr;
-  const float* bc2_all = code == 2 ? bc2_U.data_ptr<float>() : nullptr;
-  const float lr_f = static_cast<float>(lr), eps_f = static_cast<float>(eps);
-  const float decay = static_cast<float>(1.0 - lr * weight_decay);
-  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2);
-  const float one_b1 = static_cast<float>(1.0 - beta1), one_b2 = static_cast<float>(1.0 - beta2);
-  at::parallel_for(0, u_count, grain(4 * d), [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      if (u + kAhead < end) {
-        const int64_t ahead = rows[u + kAhead] * d;
-        prefetch_row(values + ahead, d);
-        if (code == 2) {
-          prefetch_row(exp_avg + ahead, d);
-          prefetch_row(exp_avg_sq + ahead, d);
-        }
-      }
-      const int64_t r = rows[u];
-      float* w = values + r * d;
-      const float* g = grad + u * d;
-      if (weight_decay != 0.0) {
-        for (int64_t c = 0; c < d; ++c) w[c] *= decay;
-      }
-      if (code == 0) {
-        for (int64_t c = 0; c < d; ++c) w[c] -= lr_f * g[c];
-      } else if (code == 1) {
-        const float acc = sum_sq[r] + dot(g, g, d) / static_cast<float>(d);
-        sum_sq[r] = acc;
-        const float denom = std::sqrt(acc) + eps_f;
-        for (int64_t c = 0; c < d; ++c) w[c] -= lr_f * g[c] / denom;
-      } else {
-        step[r] += 1;
-        const float bc1 = bc1_all[u], bc2 = bc2_all[u];
-        float* m = exp_avg + r * d;
-        float* v = exp_avg_sq + r * d;
-        for (int64_t c = 0; c < d; ++c) {
-          const float mc = b1 * m[c] + one_b1 * g[c];
-          const float vc = b2 * v[c] + one_b2 * g[c] * g[c];
-          m[c] = mc;
-          v[c] = vc;
-          w[c] -= lr_f * (mc / bc1) / (std::sqrt(vc / bc2) + eps_f);
-        }
-      }
-    }
-  });
+  const Update a{
+      values_VD.data_ptr<float>(),
+      rows_U.data_ptr<int64_t>(),
+      grad_UD.data_ptr<float>(),
+      code == 1 ? sum_sq_V.data_ptr<float>() : nullptr,
+      code == 2 ? exp_avg_VD.data_ptr<float>() : nullptr,
+      code == 2 ? exp_avg_sq_VD.data_ptr<float>() : nullptr,
+      code == 2 ? step_V.data_ptr<int64_t>() : nullptr,
+      code == 2 ? bc1_U.data_ptr<float>() : nullptr,
+      code == 2 ? bc2_U.data_ptr<float>() : nullptr,
+      code,
+      d,
+      weight_decay != 0.0,
+      static_cast<float>(lr),
+      static_cast<float>(eps),
+      static_cast<float>(1.0 - lr * weight_decay),
+      static_cast<float>(beta1),
+      static_cast<float>(beta2),
+      static_cast<float>(1.0 - beta1),
+      static_cast<float>(1.0 - beta2),
+  };
+  at::parallel_for(0, u_count, grain(4 * d),
+                   [&](int64_t begin, int64_t end) { update_rows(a, begin, end); });
 }
 
 // Product-key half scores and their top-k without the (N, H, C) score matrix: for each
