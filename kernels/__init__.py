@@ -53,6 +53,7 @@ __all__ = [
     "half_key_topk",
     "init_optimizer_state",
     "sparse_update_",
+    "sum_squares",
     "weighted_embedding_bag",
 ]
 
@@ -377,6 +378,17 @@ def sparse_update_(
     if rows_U.numel() == 0:
         return
     ops.sparse_update_(spec, values_VD, state, rows_U.long(), grad_UD)
+
+
+def sum_squares(grad_UD: torch.Tensor, *, backend: str = "auto") -> float:
+    """Squared norm of a (U, D) row gradient, summed in float64 (a gradient-clipping
+    norm: shards' parts add up to one table's total to double precision). The same
+    value for any thread count; ``cpp`` makes no float64 copy of the gradient."""
+    if grad_UD.ndim != 2:
+        raise ShapeError(f"gradient must be 2-D (rows, dim), got shape {_shape(grad_UD)}")
+    _check_float("gradient", grad_UD)
+    name = _resolve("torch" if backend == "triton" else backend, grad_UD.device)
+    return _CPU_OPS["torch" if name == "triton" else name].sum_squares(grad_UD)
 
 
 # --- autograd --------------------------------------------------------------------

@@ -174,3 +174,9 @@ def half_key_topk(
 
 def best_pairs(top1_NHK: torch.Tensor, top2_NHK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return extension().best_pairs(top1_NHK.float().contiguous(), top2_NHK.float().contiguous())
+
+
+def sum_squares(grad_UD: torch.Tensor) -> float:
+    if grad_UD.dtype != torch.float32 or not grad_UD.is_contiguous() or grad_UD.ndim != 2:
+        return torch_ops.sum_squares(grad_UD)
+    return float(extension().sum_squares(grad_UD))

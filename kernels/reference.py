@@ -79,3 +79,7 @@ def sparse_update_(
         else:
             raise AssertionError(f"unreachable: optimizer {spec.name!r} was checked by the caller")
         values_VD[row] = w_D.to(values_VD.dtype)
+
+
+def sum_squares(grad_UD: torch.Tensor) -> float:
+    return float(grad_UD.double().pow(2).sum())

@@ -116,3 +116,8 @@ def best_pairs(top1_NHK: torch.Tensor, top2_NHK: torch.Tensor) -> tuple[torch.Te
     r1_P, r2_P = i[keep].to(top1_NHK.device), j[keep].to(top1_NHK.device)
     pick_NHK = (top1_NHK[..., r1_P] + top2_NHK[..., r2_P]).topk(knn, dim=-1).indices
     return r1_P[pick_NHK], r2_P[pick_NHK]
+
+
+def sum_squares(grad_UD: torch.Tensor) -> float:
+    # One float64 copy, squared in place (fewer fresh pages than (g.double()).pow(2)).
+    return float(grad_UD.double().pow_(2).sum())

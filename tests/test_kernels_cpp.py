@@ -190,3 +190,24 @@ def test_large_tables_ask_for_huge_pages_and_stay_plain_tensors():
     assert t.is_contiguous() and float(t[::4096].sum()) == 2.0 * t[::4096].numel()
     small = cpp_ops.empty_table((3, 4), torch.float32, "cpu")
     assert small.shape == (3, 4)
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (1, 3), (300, 37), (4096, 128)])
+def test_sum_squares_matches_float64_and_not_the_thread_count(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+    expect = float(g.double().pow(2).sum())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.sum_squares(g, backend="cpp")
+        torch.set_num_threads(max(2, threads))
+        two = kernels.sum_squares(g, backend="cpp")
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two
+    assert one == pytest.approx(expect, rel=1e-12, abs=0.0)
+    assert kernels.sum_squares(g, backend="torch") == pytest.approx(expect, rel=1e-12, abs=0.0)
+    # A strided or bf16 gradient takes the torch path and gives the same value.
+    assert kernels.sum_squares(g.t().contiguous().t(), backend="cpp") == pytest.approx(one)
+    with pytest.raises(ShapeError, match=r"gradient must be 2-D"):
+        kernels.sum_squares(g.reshape(-1), backend="cpp")
