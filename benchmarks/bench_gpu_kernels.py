@@ -369,11 +369,13 @@ def plot(result: dict, path: Path) -> None:
 
 
 def sanitize_case() -> None:
-    """A small case for compute-sanitizer: D = 4097 (an odd width, 17 column blocks), K = 20."""
+    """A small case for compute-sanitizer: D = 4097 (an odd width, 5 column blocks), K = 20,
+    and row 0 read 192 times, so its positions are split and the partial-sum kernel runs."""
     g = torch.Generator(device=DEV).manual_seed(5)
     v, d, n, k = 300, 4097, 24, 20
     values = torch.randn(v, d, generator=g, device=DEV, dtype=torch.bfloat16)
     idx = torch.randint(0, v, (n, k), generator=g, device=DEV)
+    idx[:, :8] = 0  # 24 x 8 = 192 positions: more than one segment (triton_bag.SEGMENT)
     scores = torch.rand(n, k, generator=g, device=DEV)
     dy = torch.randn(n, d, generator=g, device=DEV)
     kernels.bag_forward(values, idx, scores, backend="triton")
