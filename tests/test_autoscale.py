@@ -13,7 +13,7 @@ import yaml
 
 from memdist.cluster.fake import FakeCluster, kill_node
 from memdist.cluster.launcher import CONFIG_DIR, ray_cli
-from tests.test_cli import clean_env, last_json, memdist, token_env
+from tests.test_cli import NO_DRAIN, clean_env, last_json, memdist, token_env
 from tests.test_recovery import RUN, done_after, losses_by_step, records, start, wait_for
 
 
@@ -142,7 +142,8 @@ def test_cluster_submit_runs_a_training_job_on_a_head_with_token_auth(tmp_path):
         [ray_cli(), "start", "--head", f"--port={port}", "--num-cpus=2", "--block",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
          f"--dashboard-agent-listen-port={agent}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**env, **NO_DRAIN}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )  # fmt: skip
     api = f"http://127.0.0.1:{dash}"
     try:

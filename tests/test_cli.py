@@ -53,6 +53,11 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, "DS_ACCELERATOR": "cpu", **extra}
 
 
+# A test head stops at once on SIGTERM: by default it drains first, for up to 30 s, and
+# after a training run it waited out all 30 (test_train_joins_a_running_ray_cluster).
+NO_DRAIN = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+
+
 def token_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """A fresh process's environment for a Ray cluster with token authentication on, and
     a token of this test's own (made here, in tmp_path)."""
@@ -200,7 +205,7 @@ def test_train_joins_a_running_ray_cluster(tmp_path):
     head = subprocess.Popen(
         [ray_cli, "start", "--head", f"--port={port}", "--num-cpus=4", "--block",
          "--include-dashboard=false", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**env, **NO_DRAIN}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
