@@ -277,7 +277,17 @@ class Checkpointer:
                 f"{self.cfg.train.grad_accum}: keep workers x batch_size and grad_accum, so the "
                 "batches after the resume are the ones the run would have read"
             )
-        return saved != self.world and self.cfg.train.zero_stage > 0
+        stage, ours = (
+            int(train.get("zero_stage", self.cfg.train.zero_stage)),
+            self.cfg.train.zero_stage,
+        )
+        if stage == 3 and ours != 3:
+            raise CheckpointError(
+                f"the checkpoint of step {manifest.step} was saved under ZeRO-3, which keeps "
+                f"the backbone's parameters partitioned; this run has train.zero_stage={ours}: "
+                "resume it with train.zero_stage=3 (DeepSpeed loads it into no other stage)"
+            )
+        return saved != self.world and ours > 0
 
     def restore(self, where: str, engine, tables: list[ValueTable]) -> dict[str, Any]:
         """Load the checkpoint ``where`` into ``engine`` and ``tables`` (every worker calls

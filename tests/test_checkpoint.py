@@ -94,35 +94,60 @@ def s3_endpoint(request):
     [
         ("folder", ["shards.count=0"]),
         ("s3", ["shards.count=2", "shards.plan=row", "shards.transport=ray"]),
-        (
-            "folder",
-            [
-                "cluster.workers=2",
-                "cluster.cpus_per_worker=0.5",
-                "shards.count=2",
-                "shards.plan=row",
-                "data.batch_size=2",
-                "train.zero_stage=3",
-            ],
-        ),
     ],  # fmt: skip
-    ids=["local-table-folder", "ray-shards-s3", "2workers-2shards-zero3-folder"],
+    ids=["local-table-folder", "ray-shards-s3"],
 )
 def test_resume_continues_exactly(ray_local, tmp_path, s3_endpoint, target, layout):
     ck, reach = where(target, tmp_path, s3_endpoint, "ck")
     train(cfg_of(*layout, *reach, f"train.checkpoint.dir={ck}", "train.checkpoint.every=6"),
           tmp_path / "whole", progress=False)  # fmt: skip
-    again = cfg_of(*layout, *reach, f"train.checkpoint.dir={ck}-2",
+    resumes_exactly(tmp_path / "whole", ck, [*layout, *reach], tmp_path / "resumed")
+
+
+def resumes_exactly(whole, ck, overrides, resumed):
+    """A run resumed from ``ck``'s step 6 with the same layout ends as ``whole`` did."""
+    again = cfg_of(*overrides, f"train.checkpoint.dir={ck}-2",
                    f"train.checkpoint.resume={ck}/step-000006")  # fmt: skip
-    final = train(again, tmp_path / "resumed", progress=False)
-    whole = losses(tmp_path / "whole")
-    assert len(whole) == STEPS and final["step"] == STEPS
-    assert losses(tmp_path / "resumed") == whole[6:]  # fp32, same layout: equal, not close
-    a = load_file(tmp_path / "whole" / "values.safetensors")
-    b = load_file(tmp_path / "resumed" / "values.safetensors")
+    final = train(again, resumed, progress=False)
+    assert len(losses(whole)) == STEPS and final["step"] == STEPS
+    assert losses(resumed) == losses(whole)[6:]  # fp32, same layout: equal, not close
+    a = load_file(whole / "values.safetensors")
+    b = load_file(resumed / "values.safetensors")
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert final["tokens"] == json.loads((tmp_path / "whole" / "final.json").read_text())["tokens"]
+    assert final["tokens"] == json.loads((whole / "final.json").read_text())["tokens"]
+
+
+TWO_WORKERS = ["cluster.workers=2", "cluster.cpus_per_worker=0.5", "shards.count=2",
+               "shards.plan=row", "data.batch_size=2", "train.zero_stage=3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_workers_run(ray_local, tmp_path_factory):
+    """2 workers x 2 row shards under ZeRO-3 (partitioned parameters and optimizer
+    state), a checkpoint every 6 steps; returns the run folder and the checkpoints'."""
+    root = tmp_path_factory.mktemp("two-workers")
+    train(cfg_of(*TWO_WORKERS, f"train.checkpoint.dir={root / 'ck'}", "train.checkpoint.every=6"),
+          root / "whole", progress=False)  # fmt: skip
+    return root / "whole", root / "ck"
+
+
+@pytest.mark.slow
+def test_two_workers_resume_exactly(two_workers_run, tmp_path):
+    whole, ck = two_workers_run
+    resumes_exactly(whole, ck, TWO_WORKERS, tmp_path / "resumed")
+
+
+@pytest.mark.slow
+def test_a_zero3_checkpoint_is_refused_under_another_stage(two_workers_run, tmp_path):
+    """DeepSpeed cannot load a ZeRO-3 checkpoint into a ZeRO-2 engine (it fails deep in a
+    worker, on files it does not find): the run is refused before anything starts."""
+    _, ck = two_workers_run
+    one = ["shards.count=2", "shards.plan=row", "data.batch_size=4", "train.zero_stage=2",
+           f"train.checkpoint.resume={ck}/step-000006"]  # fmt: skip
+    with pytest.raises(CheckpointError, match="saved under ZeRO-3.*train.zero_stage=2"):
+        train(cfg_of(*one), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
@@ -441,18 +466,18 @@ def test_a_checkpoint_resumes_on_another_worker_count_and_shard_layout(ray_local
     """2 workers x 2 row shards under ZeRO-2 -> 1 worker x 3 column shards: DeepSpeed's
     universal checkpoint moves the partitioned optimizer state, the same global batches
     follow, and the losses are those of the run that went on (summation order differs)."""
-    ck = tmp_path / "ck"
+    whole, ck = tmp_path / "whole", tmp_path / "ck"
     two = ["cluster.workers=2", "cluster.cpus_per_worker=0.5", "shards.count=2",
            "shards.plan=row", "data.batch_size=2", "train.zero_stage=2"]  # fmt: skip
-    train(cfg_of(*two, f"train.checkpoint.dir={ck}", "train.checkpoint.every=6"),
-          tmp_path / "whole", progress=False)  # fmt: skip
+    train(cfg_of(*two, f"train.checkpoint.dir={ck}", "train.checkpoint.every=6"), whole,
+          progress=False)  # fmt: skip
     one = ["shards.count=3", "shards.plan=column", "train.zero_stage=2"]
     with pytest.raises(CheckpointError, match="global batches of 4 rows"):
         train(cfg_of(*one, "data.batch_size=2", f"train.checkpoint.resume={ck}/step-000006"),
               tmp_path / "wrong-batch", progress=False)  # fmt: skip
     train(cfg_of(*one, "data.batch_size=4", f"train.checkpoint.resume={ck}/step-000006"),
           tmp_path / "resumed", progress=False)  # fmt: skip
-    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "whole")[6:], rel=1e-5)
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(whole)[6:], rel=1e-5)
 
 
 def test_a_table_too_large_to_gather_stays_in_the_checkpoints(tmp_path, monkeypatch):
