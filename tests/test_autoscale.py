@@ -14,7 +14,7 @@ import yaml
 from memdist.cluster.fake import FakeCluster, kill_node
 from memdist.cluster.launcher import CONFIG_DIR, ray_cli
 from tests.test_cli import NO_DRAIN, clean_env, last_json, memdist, token_env
-from tests.test_recovery import RUN, done_after, losses_by_step, records, start, wait_for
+from tests.test_recovery import RUN, done_after, records, start, wait_for
 
 
 @pytest.fixture
@@ -66,24 +66,14 @@ def test_shards_get_memory_nodes_that_survive_a_lost_node_and_go_when_idle(fake_
         f"memory nodes up and first step: {scaled_s:.1f} s; from the lost node to training "
         f"again: {time.monotonic() - t_kill:.1f} s (recovery record: {recovery})"
     )
-    # The final losses are those of a run resumed from the same checkpoint.
-    ref = tmp_path / "ref"
-    memdist(
-        "train",
-        *args,
-        "--set",
-        "shards.memory_nodes=false",
-        "--resume",
-        recovery["uri"],
-        "--checkpoint-dir",
-        str(tmp_path / "ck-ref"),
-        "--run-dir",
-        str(ref),
-        cwd=tmp_path,
-    )  # on a local instance, without memory nodes; fmt: skip
-    want, got = losses_by_step(records(ref)), losses_by_step(recs)
-    assert sorted(want) == list(range(recovery["from_step"] + 1, 41))
-    assert {s: got[s] for s in want} == want
+    # Training went on from the checkpoint as the first attempt had from there: every step
+    # trained again has the loss it had (a whole resumed run is compared in test_recovery).
+    losses = [{r["step"]: r["loss"] for r in recs if r["kind"] == "train" and
+               r.get("attempt", 0) == attempt} for attempt in (0, 1)]  # fmt: skip
+    assert sorted(losses[1]) == list(range(recovery["from_step"] + 1, 41))
+    redone = sorted(set(losses[0]) & set(losses[1]))
+    assert redone == list(range(recovery["from_step"] + 1, recovery["failed_after_step"] + 1))
+    assert {s: losses[1][s] for s in redone} == {s: losses[0][s] for s in redone}
     # Idle memory nodes go away after the idle timeout.
     deadline = time.monotonic() + 90
     while cluster.nodes("memory_node"):
