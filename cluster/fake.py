@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,11 @@ class FakeCluster:
                 proc.kill()
         if self.head is not None:
             self.head.wait(timeout=60)
+        # `ray start` recorded the head as this machine's current cluster: it is gone now
+        # (a plain `ray.init()` would look for it there).
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{PORT}"):
+            current.unlink()
 
     def nodes(self, node_type: str, timeout_s: float = 60.0) -> int:
         """Active nodes of ``node_type``, as ``ray status`` reports them."""
