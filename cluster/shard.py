@@ -252,13 +252,15 @@ class ShardServer:
             )
         else:
             dscores_NK = dscores_NK * mask_NK
-            # Only the entries this shard owns become row gradients, in flat position
-            # order (the same order as a local table's reverse index), as bags of one.
-            n_M, k_M = mask_NK.nonzero(as_tuple=True)
+            # Only the entries this shard owns become row gradients, each row's summed in
+            # flat position order (a local table's order): the others point one past the
+            # slots, where their gradient is left out (the last row of the reverse index).
+            outside = w.shape[0]
             rows_U, grad_UD = kernels.bag_backward_values(
-                local_NK[n_M, k_M].view(-1, 1), scores_NK[n_M, k_M].view(-1, 1), dy[n_M],
-                backend=self.backend,
-            )  # fmt: skip
+                torch.where(mask_NK, local_NK, outside), scores_NK, dy, backend=self.backend
+            )
+            if rows_U.numel() and int(rows_U[-1]) == outside:
+                rows_U, grad_UD = rows_U[:-1], grad_UD[:-1]
         self.rows.accumulate(rows_U, grad_UD, worker)
         self.counters["backwards"] += 1
         self.counters["kernel_ns"] += int((time.perf_counter() - t0) * 1e9)
