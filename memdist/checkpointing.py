@@ -82,9 +82,7 @@ class Checkpointer:
         self.cfg = cfg
         self.rank, self.world = rank, world
         ck = cfg.train.checkpoint
-        self.root: CheckpointTarget | None = (
-            open_target(ck.dir, endpoint_url=ck.endpoint_url) if ck.dir else None
-        )
+        self.root: CheckpointTarget | None = self._open(ck.dir) if ck.dir else None
         self.records: list[dict[str, Any]] = []  # what finished saves report (``drain``)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -248,14 +246,17 @@ class Checkpointer:
     # -- resuming ------------------------------------------------------------------------
     def resolve(self, where: str) -> CheckpointTarget:
         """The checkpoint ``where`` names: a URI, or ``latest`` (newest complete in dir)."""
-        ck = self.cfg.train.checkpoint
         if where == "latest":
             assert self.root is not None  # validated with the config
             found = mf.latest_complete(self.root)
             if found is None:
                 raise CheckpointError(f"no complete checkpoint under {self.root.uri!r}")
             return self.root.child(found.key)
-        return open_target(where, endpoint_url=ck.endpoint_url)
+        return self._open(where)
+
+    def _open(self, uri: str) -> CheckpointTarget:
+        ck = self.cfg.train.checkpoint
+        return open_target(uri, endpoint_url=ck.endpoint_url, max_attempts=ck.s3_max_attempts)
 
     def check_resume(self, where: str) -> bool:
         """Check that this run can resume from ``where`` (the same model and global
@@ -333,7 +334,8 @@ class Checkpointer:
         return state
 
     def _folder_of(self, ck: CheckpointTarget) -> CheckpointTarget:
-        return mf.folder_of(ck, endpoint_url=self.cfg.train.checkpoint.endpoint_url)
+        c = self.cfg.train.checkpoint
+        return mf.folder_of(ck, endpoint_url=c.endpoint_url, max_attempts=c.s3_max_attempts)
 
     def _check_model(self, manifest: mf.Manifest) -> None:
         saved, ours = manifest.config.get("model"), to_dict(self.cfg.model)

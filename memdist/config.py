@@ -126,6 +126,9 @@ class CheckpointConfig:
     full_every: int = 0  # steps between full saves; the saves between write changed rows only
     background: bool = True  # tables are written while the next steps run
     endpoint_url: str | None = None  # an S3-compatible store's endpoint (s3:// only)
+    # Each S3 request is tried this many times in all (backing off exponentially) before
+    # the save fails; training goes on and the next save tries again.
+    s3_max_attempts: int = 5
     resume: str | None = None  # a checkpoint's URI, or "latest" (the newest in dir)
 
 
@@ -538,6 +541,10 @@ def validate(cfg: RunConfig) -> None:
     ck = t.checkpoint
     _check(ck.every >= 0, f"train.checkpoint.every={ck.every} must be >= 0 (0: at the end only)")
     _check(ck.keep >= 1, f"train.checkpoint.keep={ck.keep} must be >= 1")
+    _check(
+        ck.s3_max_attempts >= 1,
+        f"train.checkpoint.s3_max_attempts={ck.s3_max_attempts} must be >= 1",
+    )
     _check(
         ck.full_every >= 0,
         f"train.checkpoint.full_every={ck.full_every} must be >= 0 (0: every save is full)",

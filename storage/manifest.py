@@ -257,12 +257,14 @@ def latest_complete(root: CheckpointTarget) -> CheckpointInfo | None:
     return complete[-1] if complete else None
 
 
-def folder_of(target: CheckpointTarget, *, endpoint_url: str | None = None) -> CheckpointTarget:
+def folder_of(
+    target: CheckpointTarget, *, endpoint_url: str | None = None, max_attempts: int | None = None
+) -> CheckpointTarget:
     """The checkpoint folder holding the checkpoint ``target`` (its parent prefix)."""
     from memdist.storage.targets import open_target
 
     parent = target.uri.rstrip("/").rpartition("/")[0]
-    return open_target(parent, endpoint_url=endpoint_url)
+    return open_target(parent, endpoint_url=endpoint_url, max_attempts=max_attempts)
 
 
 def chain(target: CheckpointTarget, manifest: Manifest | None = None, *,

@@ -635,8 +635,11 @@ class S3Target(CheckpointTarget):
         self.delete(_PROBE_KEY)
 
 
-def open_target(uri: str, *, endpoint_url: str | None = None) -> CheckpointTarget:
-    """The target for ``s3://bucket[/prefix]`` or a local path (``file://`` is accepted)."""
+def open_target(
+    uri: str, *, endpoint_url: str | None = None, max_attempts: int | None = None
+) -> CheckpointTarget:
+    """The target for ``s3://bucket[/prefix]`` or a local path (``file://`` is accepted).
+    ``max_attempts`` (S3 only; None: ``S3Target``'s default) bounds each request's tries."""
     if not isinstance(uri, str) or not uri.strip():
         raise ConfigError(f"checkpoint URI {uri!r} must be a non-empty str")
     uri = uri.strip()
@@ -664,6 +667,8 @@ def open_target(uri: str, *, endpoint_url: str | None = None) -> CheckpointTarge
     except CheckpointError as exc:
         raise ConfigError(f"checkpoint URI {uri!r} has a bad prefix: {exc}") from None
     try:
-        return S3Target(bucket, prefix, endpoint_url=endpoint_url)
+        if max_attempts is None:
+            return S3Target(bucket, prefix, endpoint_url=endpoint_url)
+        return S3Target(bucket, prefix, endpoint_url=endpoint_url, max_attempts=max_attempts)
     except ConfigError as exc:
         raise ConfigError(f"checkpoint URI {uri!r}: {exc}") from None

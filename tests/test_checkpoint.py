@@ -437,7 +437,8 @@ def test_an_s3_outage_fails_saves_not_the_run_and_leaves_only_whole_checkpoints(
     watcher = threading.Thread(target=outage, daemon=True)
     watcher.start()
     ck = "s3://outage/ck"
-    reach = [f"train.checkpoint.endpoint_url={endpoint}", "train.checkpoint.keep=100"]
+    reach = [f"train.checkpoint.endpoint_url={endpoint}", "train.checkpoint.keep=100",
+             "train.checkpoint.s3_max_attempts=2"]  # fmt: skip
     try:
         final = train(cfg_of(f"train.checkpoint.dir={ck}", "train.checkpoint.every=4",
                              "train.steps=100000", "train.max_minutes=5", *reach),
@@ -445,6 +446,7 @@ def test_an_s3_outage_fails_saves_not_the_run_and_leaves_only_whole_checkpoints(
         watcher.join(timeout=60)
         assert seen == ["stopped", "restarted", "saved again"]
         failed = [r["step"] for r in logged("checkpoint_failed")]
+        assert all("after 2 attempts" in r["error"] for r in logged("checkpoint_failed"))
         done = [r["step"] for r in logged("checkpoint_done")]
         assert failed and done[0] == 4 and done[-1] == final["step"] > failed[-1]
         assert not set(failed) & set(done)

@@ -403,6 +403,8 @@ def test_open_target(tmp_path):
         "s3://my-bucket/runs/a",
     )
     assert open_target("s3://my-bucket").uri == "s3://my-bucket"
+    assert open_target("s3://my-bucket").max_attempts == S3Target("my-bucket").max_attempts
+    assert open_target("s3://my-bucket/a", max_attempts=2).max_attempts == 2
     local = open_target(str(tmp_path / "ckpt"))
     assert isinstance(local, FolderTarget) and local.root == tmp_path / "ckpt"
     assert open_target(f"file://{tmp_path}") == FolderTarget(tmp_path)
