@@ -69,10 +69,8 @@ class RemoteLookup(PendingLookup):
         self.scores_NK = scores_NK
         self.packed = PackedIndices.pack(idx_NK.detach().cpu())
         payload = scores_NK.detach().cpu().to(table.payload)
-        self.handles = [
-            table.transport.submit(s, wire.Lookup(self.packed, payload))
-            for s in range(table.plan.shards)
-        ]
+        req = wire.Lookup(self.packed, payload)
+        self.handles = table.transport.submit_all([req] * table.plan.shards)
 
     def wait(self) -> torch.Tensor:
         device, dtype = self.scores_NK.device, self.scores_NK.dtype
@@ -121,8 +119,7 @@ class RemoteTable(ValueTable):
 
     def _call_all(self, reqs: Sequence[wire.Request], what: str) -> list[Any]:
         self._settle()
-        handles = [self.transport.submit(s, req) for s, req in enumerate(reqs)]
-        return self._wait(handles, what)
+        return self._wait(self.transport.submit_all(reqs), what)
 
     def _each(self, req: wire.Request, what: str) -> list[Any]:
         return self._call_all([req] * self.plan.shards, what)
@@ -203,7 +200,7 @@ class RemoteTable(ValueTable):
             grad_sq = math.fsum(parts)
             clip = clip_coef(grad_sq, self.spec.grad_clip)
         req = wire.Step(grad_scale, self.worker, clip)
-        handles = [self.transport.submit(s, req) for s in range(self.plan.shards)]
+        handles = self.transport.submit_all([req] * self.plan.shards)
         if self.staleness:
             self._step_in_flight = handles
         else:
