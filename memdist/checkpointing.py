@@ -282,11 +282,12 @@ class Checkpointer:
             int(train.get("zero_stage", self.cfg.train.zero_stage)),
             self.cfg.train.zero_stage,
         )
-        if stage == 3 and ours != 3:
+        if (stage == 3) != (ours == 3):
             raise CheckpointError(
-                f"the checkpoint of step {manifest.step} was saved under ZeRO-3, which keeps "
-                f"the backbone's parameters partitioned; this run has train.zero_stage={ours}: "
-                "resume it with train.zero_stage=3 (DeepSpeed loads it into no other stage)"
+                f"the checkpoint of step {manifest.step} was saved under ZeRO stage {stage}; "
+                f"this run has train.zero_stage={ours}: ZeRO-3 keeps the backbone's "
+                "parameters partitioned, and DeepSpeed loads its checkpoints only under "
+                f"ZeRO-3 and ZeRO-3 only from those: resume with train.zero_stage={stage}"
             )
         return saved != self.world and ours > 0
 

@@ -145,7 +145,7 @@ def test_a_zero3_checkpoint_is_refused_under_another_stage(two_workers_run, tmp_
     _, ck = two_workers_run
     one = ["shards.count=2", "shards.plan=row", "data.batch_size=4", "train.zero_stage=2",
            f"train.checkpoint.resume={ck}/step-000006"]  # fmt: skip
-    with pytest.raises(CheckpointError, match="saved under ZeRO-3.*train.zero_stage=2"):
+    with pytest.raises(CheckpointError, match="saved under ZeRO stage 3.*train.zero_stage=2"):
         train(cfg_of(*one), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
@@ -474,6 +474,9 @@ def test_a_checkpoint_resumes_on_another_worker_count_and_shard_layout(ray_local
     train(cfg_of(*two, f"train.checkpoint.dir={ck}", "train.checkpoint.every=6"), whole,
           progress=False)  # fmt: skip
     one = ["shards.count=3", "shards.plan=column", "train.zero_stage=2"]
+    with pytest.raises(CheckpointError, match="saved under ZeRO stage 2.*train.zero_stage=3"):
+        train(cfg_of(*two[:-1], "train.zero_stage=3", f"train.checkpoint.resume={ck}/step-000006"),
+              tmp_path / "to-zero3", progress=False)  # fmt: skip
     with pytest.raises(CheckpointError, match="global batches of 4 rows"):
         train(cfg_of(*one, "data.batch_size=2", f"train.checkpoint.resume={ck}/step-000006"),
               tmp_path / "wrong-batch", progress=False)  # fmt: skip
