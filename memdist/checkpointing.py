@@ -278,10 +278,8 @@ class Checkpointer:
                 f"{self.cfg.train.grad_accum}: keep workers x batch_size and grad_accum, so the "
                 "batches after the resume are the ones the run would have read"
             )
-        stage, ours = (
-            int(train.get("zero_stage", self.cfg.train.zero_stage)),
-            self.cfg.train.zero_stage,
-        )
+        ours = self.cfg.train.zero_stage
+        stage = int(train.get("zero_stage", ours))
         if (stage == 3) != (ours == 3):
             raise CheckpointError(
                 f"the checkpoint of step {manifest.step} was saved under ZeRO stage {stage}; "
