@@ -177,8 +177,9 @@ def bench_kernels(rows: int, n: int, k: int, d: int, rounds: int, calls: int) ->
 
     def backward_update(backend):
         def fn():
-            kernels.bag_backward_scores(values[backend], idx_NK, dy_ND, backend=backend)
-            rows_U, grad_UD = kernels.bag_backward_values(idx_NK, scores_NK, dy_ND, backend=backend)
+            _, rows_U, grad_UD = kernels.bag_backward(
+                values[backend], idx_NK, scores_NK, dy_ND, backend=backend
+            )
             kernels.sparse_update_(spec, values[backend], state[backend], rows_U, grad_UD,
                                    backend=backend)  # fmt: skip
 

@@ -245,12 +245,12 @@ class ShardServer:
         dy = dy.to(self.device).float()
         local_NK, mask_NK = self._local(idx_NK)
         w = self.rows.weight_VD
-        dscores_NK = kernels.bag_backward_scores(w, local_NK, dy, backend=self.backend)
         if mask_NK is None:
-            rows_U, grad_UD = kernels.bag_backward_values(
-                local_NK, scores_NK, dy, backend=self.backend
+            dscores_NK, rows_U, grad_UD = kernels.bag_backward(
+                w, local_NK, scores_NK, dy, backend=self.backend
             )
         else:
+            dscores_NK = kernels.bag_backward_scores(w, local_NK, dy, backend=self.backend)
             dscores_NK = dscores_NK * mask_NK
             # Only the entries this shard owns become row gradients, each row's summed in
             # flat position order (a local table's order): the others point one past the

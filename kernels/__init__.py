@@ -45,6 +45,7 @@ __all__ = [
     "OptimizerSpec",
     "GradSink",
     "WeightedEmbeddingBag",
+    "bag_backward",
     "bag_backward_scores",
     "bag_backward_values",
     "bag_forward",
@@ -52,6 +53,8 @@ __all__ = [
     "check_indices",
     "half_key_topk",
     "init_optimizer_state",
+    "product_pairs",
+    "query_norm",
     "sparse_update_",
     "sum_squares",
     "weighted_embedding_bag",
@@ -234,6 +237,32 @@ def bag_backward_values(
     return ops.bag_backward_values(idx_NK.long(), scores_NK, dy_ND)
 
 
+def bag_backward(
+    values_VD: torch.Tensor,
+    idx_NK: torch.Tensor,
+    scores_NK: torch.Tensor,
+    dy_ND: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both backwards: ``bag_backward_scores``' dscores and ``bag_backward_values``' rows
+    and gradient, the same results. The ``cpp`` backend makes one pass over the touched
+    rows, reading each row once instead of once per position."""
+    _check_values(values_VD)
+    _check_idx(idx_NK)
+    _check_scores(idx_NK, scores_NK)
+    _check_dy(dy_ND, idx_NK.shape[0], values_VD.shape[1])
+    device = _check_devices(
+        values=values_VD, indices=idx_NK, scores=scores_NK, output_gradient=dy_ND
+    )
+    name = _resolve(backend, device)
+    check_indices(idx_NK, values_VD.shape[0])
+    if name != "cpp" or idx_NK.numel() == 0:
+        dscores_NK = bag_backward_scores(values_VD, idx_NK, dy_ND, backend=backend)
+        return dscores_NK, *bag_backward_values(idx_NK, scores_NK, dy_ND, backend=backend)
+    return cpp_ops.bag_backward(values_VD, idx_NK.long(), scores_NK, dy_ND)
+
+
 # --- product-key selection ---------------------------------------------------------
 
 
@@ -265,11 +294,27 @@ def half_key_topk(
     return _CPU_OPS["torch" if name == "triton" else name].half_key_topk(q_NHQ, keys_HCQ, knn)
 
 
-def best_pairs(
-    top1_NHK: torch.Tensor, top2_NHK: torch.Tensor, *, backend: str = "auto"
+def query_norm(
+    q_NH2Q: torch.Tensor, gain_H2Q: torch.Tensor, scale: float, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ranks ``(r1_NHK, r2_NHK)`` into two descending top-knn lists of the knn best sums
-    ``top1[..., i] + top2[..., j]``, best first (int64, no gradient: gather the sums)."""
+    """The product-key queries' qk-norm: ``F.rms_norm(q_NH2Q) * gain_H2Q * scale`` (RMS
+    over Q, eps the dtype's machine epsilon), returned as its two halves (N, H, Q).
+    Differentiable in both tensors. The ``cpp`` backend makes each half contiguous in one
+    pass (the torch path's views, elementwise ops and their backwards took ~5 ms of a
+    ``small`` step)."""
+    if q_NH2Q.ndim != 4 or q_NH2Q.shape[2] != 2 or gain_H2Q.shape != q_NH2Q.shape[1:]:
+        raise ShapeError(
+            f"queries {_shape(q_NH2Q)} and gains {_shape(gain_H2Q)} must be (N, H, 2, Q) "
+            "and (H, 2, Q)"
+        )
+    _check_float("queries", q_NH2Q)
+    device = _check_devices(queries=q_NH2Q, gains=gain_H2Q)
+    name = _resolve("torch" if backend == "triton" else backend, device)
+    return _CPU_OPS["torch" if name == "triton" else name].query_norm(q_NH2Q, gain_H2Q, scale)
+
+
+def _pairs_backend(top1_NHK: torch.Tensor, top2_NHK: torch.Tensor, backend: str) -> str:
+    """The checks of two top-knn lists; the CPU backend that ranks their pairs."""
     if top1_NHK.ndim != 3 or top1_NHK.shape != top2_NHK.shape:
         raise ShapeError(
             f"top-k lists {_shape(top1_NHK)} and {_shape(top2_NHK)} must both be (N, H, knn)"
@@ -277,7 +322,41 @@ def best_pairs(
     _check_float("top-k scores", top1_NHK)
     device = _check_devices(top1=top1_NHK, top2=top2_NHK)
     name = _resolve("torch" if backend == "triton" else backend, device)
-    return _CPU_OPS["torch" if name == "triton" else name].best_pairs(top1_NHK, top2_NHK)
+    return "torch" if name == "triton" else name
+
+
+def best_pairs(
+    top1_NHK: torch.Tensor, top2_NHK: torch.Tensor, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks ``(r1_NHK, r2_NHK)`` into two descending top-knn lists of the knn best sums
+    ``top1[..., i] + top2[..., j]``, best first (int64, no gradient: gather the sums)."""
+    return _CPU_OPS[_pairs_backend(top1_NHK, top2_NHK, backend)].best_pairs(top1_NHK, top2_NHK)
+
+
+def product_pairs(
+    top1_NHK: torch.Tensor,
+    i1_NHK: torch.Tensor,
+    top2_NHK: torch.Tensor,
+    i2_NHK: torch.Tensor,
+    n_keys: int,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The product keys' knn best: of the pairs of two halves' top-knn lists (scores
+    ``top*_NHK`` sorted descending, key indices ``i*_NHK``), the ``best_pairs``' sums
+    ``(N, H, knn)``, differentiable in both lists, and their rows ``i1 * n_keys + i2``
+    (int64). The ``cpp`` backend does it in one pass, without the gathers."""
+    if i1_NHK.shape != top1_NHK.shape or i2_NHK.shape != top2_NHK.shape:
+        raise ShapeError(
+            f"key indices {_shape(i1_NHK)} and {_shape(i2_NHK)} must have the shapes of "
+            f"their top-k lists {_shape(top1_NHK)} and {_shape(top2_NHK)}"
+        )
+    name = _pairs_backend(top1_NHK, top2_NHK, backend)
+    if name == "cpp" and top1_NHK.dtype == top2_NHK.dtype == torch.float32:
+        return cpp_ops.product_pairs(top1_NHK, i1_NHK.long(), top2_NHK, i2_NHK.long(), n_keys)
+    r1_NHK, r2_NHK = _CPU_OPS[name].best_pairs(top1_NHK.detach(), top2_NHK.detach())
+    best_NHK = top1_NHK.gather(-1, r1_NHK) + top2_NHK.gather(-1, r2_NHK)
+    return best_NHK, i1_NHK.gather(-1, r1_NHK) * n_keys + i2_NHK.gather(-1, r2_NHK)
 
 
 # --- sparse optimizers -----------------------------------------------------------
@@ -414,6 +493,12 @@ class WeightedEmbeddingBag(torch.autograd.Function):
     def backward(ctx, dy_ND):
         values_VD, idx_NK, scores_NK = ctx.saved_tensors
         dscores_NK = None
+        if ctx.needs_input_grad[2] and ctx.grad_sink is not None:
+            dscores_NK, rows_U, grad_UD = bag_backward(
+                values_VD, idx_NK, scores_NK, dy_ND, backend=ctx.backend
+            )
+            ctx.grad_sink(rows_U, grad_UD)
+            return None, None, dscores_NK.to(scores_NK.dtype), None, None
         if ctx.needs_input_grad[2]:
             dscores_NK = bag_backward_scores(values_VD, idx_NK, dy_ND, backend=ctx.backend)
             dscores_NK = dscores_NK.to(scores_NK.dtype)

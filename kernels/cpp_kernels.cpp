@@ -341,6 +341,51 @@ torch::Tensor bag_backward_values(torch::Tensor order_M, torch::Tensor offsets_U
   return grad_UD;
 }
 
+// Rows [begin, end) of bag_backward (cloned for AVX2 like values_rows and scores_bags).
+__attribute__((target_clones("avx2", "default"))) void bag_rows(
+    int64_t begin, int64_t end, int64_t d, int64_t k, const int64_t* rows, const int64_t* order,
+    const int64_t* offsets, const float* values, const float* scores, const float* dy,
+    float* grad, float* dscores) {
+  for (int64_t u = begin; u < end; ++u) {
+    const float* v = values + rows[u] * d;
+    float* g = grad + u * d;
+    for (int64_t c = 0; c < d; ++c) g[c] = 0.f;
+    for (int64_t p = offsets[u]; p < offsets[u + 1]; ++p) {
+      const int64_t m = order[p];
+      const float* row = dy + (m / k) * d;
+      dscores[m] = dot(row, v, d);
+      const float s = scores[m];
+      for (int64_t c = 0; c < d; ++c) g[c] += s * row[c];
+    }
+  }
+}
+
+// Both backwards of the bag in one pass over each touched row (read once, not once per
+// position): dscores_NK as bag_backward_scores and grad_UD as bag_backward_values, the
+// same bits, through the reverse index (rows_U, offsets_U1, order_M) of idx_NK.
+std::vector<torch::Tensor> bag_backward(torch::Tensor values_VD, torch::Tensor rows_U,
+                                        torch::Tensor offsets_U1, torch::Tensor order_M,
+                                        torch::Tensor scores_M, torch::Tensor dy_ND, int64_t k) {
+  const int64_t u_count = rows_U.size(0), d = dy_ND.size(1), n = dy_ND.size(0);
+  const int64_t m_count = order_M.size(0);
+  auto grad_UD = torch::empty({u_count, d}, dy_ND.options());
+  advise_range(grad_UD.data_ptr(), grad_UD.nbytes());
+  auto dscores_NK = torch::empty({n, k}, dy_ND.options());
+  const int64_t* rows = rows_U.data_ptr<int64_t>();
+  const int64_t* order = order_M.data_ptr<int64_t>();
+  const int64_t* offsets = offsets_U1.data_ptr<int64_t>();
+  const float* values = values_VD.data_ptr<float>();
+  const float* scores = scores_M.data_ptr<float>();
+  const float* dy = dy_ND.data_ptr<float>();
+  float* grad = grad_UD.data_ptr<float>();
+  float* dscores = dscores_NK.data_ptr<float>();
+  const int64_t per_row = std::max<int64_t>(1, m_count / std::max<int64_t>(1, u_count));
+  at::parallel_for(0, u_count, grain(2 * per_row * d), [&](int64_t begin, int64_t end) {
+    bag_rows(begin, end, d, k, rows, order, offsets, values, scores, dy, grad, dscores);
+  });
+  return {dscores_NK, grad_UD};
+}
+
 // Rows [begin, end) of sum_squares: each row's squares in double, in 8 lanes folded in a
 // fixed tree (so they vectorise without reassociating), into row_sums.
 __attribute__((target_clones("avx2", "default"))) void row_squares(const float* g, int64_t d,
@@ -571,18 +616,133 @@ std::vector<torch::Tensor> half_key_topk_backward(torch::Tensor dvals_NHK, torch
   return {dq_NHQ, dkeys_HCQ};
 }
 
+namespace {
+
+// Rows [begin, end) of query_norm, row r = (n * H + head) * 2 + half (cloned for AVX2:
+// dot's lanes are explicit and nothing is contracted, so both clones give the same bits).
+__attribute__((target_clones("avx2", "default"))) void query_norm_rows(
+    int64_t begin, int64_t end, int64_t h, int64_t qd, const float* q, const float* gain,
+    float scale, float eps, float* out0, float* out1, float* rstd) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* x = q + r * qd;
+    const float inv = 1.f / std::sqrt(dot(x, x, qd) / static_cast<float>(qd) + eps);
+    rstd[r] = inv;
+    const int64_t nh = r / 2, half = r % 2;
+    const float* g = gain + ((nh % h) * 2 + half) * qd;
+    float* o = (half == 0 ? out0 : out1) + nh * qd;
+    for (int64_t c = 0; c < qd; ++c) o[c] = x[c] * inv * g[c] * scale;
+  }
+}
+
+// dq rows [begin, end) of query_norm_backward: with y = x * inv and dy = dout * g * scale,
+// dx = inv * (dy - y * mean(dy * y)), the mean summed in dot's lanes and tree.
+__attribute__((target_clones("avx2", "default"))) void query_norm_dq_rows(
+    int64_t begin, int64_t end, int64_t h, int64_t qd, const float* d0, const float* d1,
+    const float* q, const float* gain, const float* rstd, float scale, float* dq) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* x = q + r * qd;
+    const float inv = rstd[r];
+    const int64_t nh = r / 2, half = r % 2;
+    const float* g = gain + ((nh % h) * 2 + half) * qd;
+    const float* dout = (half == 0 ? d0 : d1) + nh * qd;
+    float acc[kLanes] = {0.f};
+    const int64_t body = qd - qd % kLanes;
+    for (int64_t i = 0; i < body; i += kLanes) {
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const int64_t c = i + j;
+        acc[j] += dout[c] * g[c] * scale * (x[c] * inv);
+      }
+    }
+    for (int64_t w = kLanes / 2; w > 0; w /= 2) {
+      for (int64_t j = 0; j < w; ++j) acc[j] += acc[j + w];
+    }
+    float sum = acc[0];
+    for (int64_t c = body; c < qd; ++c) sum += dout[c] * g[c] * scale * (x[c] * inv);
+    const float mean = sum / static_cast<float>(qd);
+    float* out = dq + r * qd;
+    for (int64_t c = 0; c < qd; ++c) out[c] = inv * (dout[c] * g[c] * scale - x[c] * inv * mean);
+  }
+}
+
+// dgain of one (head, half): sum over tokens in order of dout * scale * y.
+__attribute__((target_clones("avx2", "default"))) void query_norm_dgain(
+    int64_t pair, int64_t n, int64_t h, int64_t qd, const float* d0, const float* d1,
+    const float* q, const float* rstd, float scale, float* dgain) {
+  const int64_t head = pair / 2, half = pair % 2;
+  const float* d = half == 0 ? d0 : d1;
+  float* dg = dgain + pair * qd;
+  for (int64_t c = 0; c < qd; ++c) dg[c] = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t nh = i * h + head, r = nh * 2 + half;
+    const float* x = q + r * qd;
+    const float* dout = d + nh * qd;
+    const float inv = rstd[r];
+    for (int64_t c = 0; c < qd; ++c) dg[c] += dout[c] * scale * (x[c] * inv);
+  }
+}
+
+}  // namespace
+
+// The product-key queries' RMS norm with a gain per (head, half) and a scale, split into
+// the halves the two key sets score: out_half[n, h] = x * inv * gain[h, half] * scale with
+// x = q_NH2Q[n, h, half] and inv = 1 / sqrt(mean(x^2) + eps) (F.rms_norm's formula), each
+// half contiguous (N, H, Q); inv_NH2 is kept for the backward.
+std::vector<torch::Tensor> query_norm(torch::Tensor q_NH2Q, torch::Tensor gain_H2Q,
+                                      double scale, double eps) {
+  const int64_t n = q_NH2Q.size(0), h = q_NH2Q.size(1), qd = q_NH2Q.size(3);
+  auto out0 = torch::empty({n, h, qd}, q_NH2Q.options());
+  auto out1 = torch::empty({n, h, qd}, q_NH2Q.options());
+  auto rstd = torch::empty({n, h, 2}, q_NH2Q.options());
+  const float* q = q_NH2Q.data_ptr<float>();
+  const float* gain = gain_H2Q.data_ptr<float>();
+  float* o0 = out0.data_ptr<float>();
+  float* o1 = out1.data_ptr<float>();
+  float* inv = rstd.data_ptr<float>();
+  at::parallel_for(0, n * h * 2, grain(2 * qd), [&](int64_t begin, int64_t end) {
+    query_norm_rows(begin, end, h, qd, q, gain, static_cast<float>(scale),
+                    static_cast<float>(eps), o0, o1, inv);
+  });
+  return {out0, out1, rstd};
+}
+
+// Gradients of query_norm: dq_NH2Q from each half's output gradient, and dgain_H2Q summed
+// over tokens in order by one thread per (head, half): the same for any thread count.
+std::vector<torch::Tensor> query_norm_backward(torch::Tensor d0_NHQ, torch::Tensor d1_NHQ,
+                                               torch::Tensor q_NH2Q, torch::Tensor gain_H2Q,
+                                               torch::Tensor rstd_NH2, double scale) {
+  const int64_t n = q_NH2Q.size(0), h = q_NH2Q.size(1), qd = q_NH2Q.size(3);
+  auto dq_NH2Q = torch::empty_like(q_NH2Q);
+  auto dgain_H2Q = torch::empty_like(gain_H2Q);
+  const float* d0 = d0_NHQ.data_ptr<float>();
+  const float* d1 = d1_NHQ.data_ptr<float>();
+  const float* q = q_NH2Q.data_ptr<float>();
+  const float* gain = gain_H2Q.data_ptr<float>();
+  const float* inv = rstd_NH2.data_ptr<float>();
+  float* dq = dq_NH2Q.data_ptr<float>();
+  float* dg = dgain_H2Q.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  at::parallel_for(0, n * h * 2, grain(3 * qd), [&](int64_t begin, int64_t end) {
+    query_norm_dq_rows(begin, end, h, qd, d0, d1, q, gain, inv, s, dq);
+  });
+  at::parallel_for(0, h * 2, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      query_norm_dgain(pair, n, h, qd, d0, d1, q, inv, s, dg);
+    }
+  });
+  return {dq_NH2Q, dgain_H2Q};
+}
+
 // The knn best pairs (i, j) of two sorted top-knn lists a, b by a[i] + b[j]: ranks
 // r1_NHK, r2_NHK, best first, equal sums in flat order i * knn + j. Only pairs with
 // (i + 1) * (j + 1) <= knn can be among them (each such pair is beaten or tied by the
-// (i + 1) * (j + 1) - 1 pairs above and left of it).
-std::vector<torch::Tensor> best_pairs(torch::Tensor top1_NHK, torch::Tensor top2_NHK) {
+// (i + 1) * (j + 1) - 1 pairs above and left of it). With the lists' key indices i1, i2
+// (not null) also the pairs' sums best = a[r1] + b[r2] and rows i1[r1] * n_keys + i2[r2].
+void rank_pairs(const torch::Tensor& top1_NHK, const torch::Tensor& top2_NHK, int64_t* r1,
+                int64_t* r2, const int64_t* i1, const int64_t* i2, int64_t n_keys, float* best,
+                int64_t* rows_out) {
   const int64_t rows = top1_NHK.size(0) * top1_NHK.size(1), knn = top1_NHK.size(2);
-  auto r1_NHK = torch::empty(top1_NHK.sizes(), top1_NHK.options().dtype(torch::kInt64));
-  auto r2_NHK = torch::empty_like(r1_NHK);
   const float* a = top1_NHK.data_ptr<float>();
   const float* b = top2_NHK.data_ptr<float>();
-  int64_t* r1 = r1_NHK.data_ptr<int64_t>();
-  int64_t* r2 = r2_NHK.data_ptr<int64_t>();
   std::vector<int64_t> cand_i, cand_j;
   for (int64_t i = 0; i < knn; ++i) {
     for (int64_t j = 0; (i + 1) * (j + 1) <= knn; ++j) {
@@ -600,12 +760,63 @@ std::vector<torch::Tensor> best_pairs(torch::Tensor top1_NHK, torch::Tensor top2
       for (int64_t p = 0; p < p_count; ++p) key[p] = order_key(ar[cand_i[p]] + br[cand_j[p]]);
       select_best(key.data(), p_count, knn, pick.data(), scratch.data());
       for (int64_t j = 0; j < knn; ++j) {
-        r1[row * knn + j] = cand_i[pick[j]];
-        r2[row * knn + j] = cand_j[pick[j]];
+        const int64_t x = row * knn + j, ri = cand_i[pick[j]], rj = cand_j[pick[j]];
+        r1[x] = ri;
+        r2[x] = rj;
+        if (i1 != nullptr) {
+          best[x] = ar[ri] + br[rj];
+          rows_out[x] = i1[row * knn + ri] * n_keys + i2[row * knn + rj];
+        }
       }
     }
   });
+}
+
+std::vector<torch::Tensor> best_pairs(torch::Tensor top1_NHK, torch::Tensor top2_NHK) {
+  auto r1_NHK = torch::empty(top1_NHK.sizes(), top1_NHK.options().dtype(torch::kInt64));
+  auto r2_NHK = torch::empty_like(r1_NHK);
+  rank_pairs(top1_NHK, top2_NHK, r1_NHK.data_ptr<int64_t>(), r2_NHK.data_ptr<int64_t>(),
+             nullptr, nullptr, 0, nullptr, nullptr);
   return {r1_NHK, r2_NHK};
+}
+
+// best_pairs and what the product keys make of them in one pass: the pairs' sums
+// best_NHK, their rows rows_NHK = i1[r1] * n_keys + i2[r2], and the ranks r1, r2.
+std::vector<torch::Tensor> product_pairs(torch::Tensor top1_NHK, torch::Tensor i1_NHK,
+                                         torch::Tensor top2_NHK, torch::Tensor i2_NHK,
+                                         int64_t n_keys) {
+  auto r1_NHK = torch::empty(top1_NHK.sizes(), i1_NHK.options());
+  auto r2_NHK = torch::empty_like(r1_NHK);
+  auto best_NHK = torch::empty_like(top1_NHK);
+  auto rows_NHK = torch::empty_like(r1_NHK);
+  rank_pairs(top1_NHK, top2_NHK, r1_NHK.data_ptr<int64_t>(), r2_NHK.data_ptr<int64_t>(),
+             i1_NHK.data_ptr<int64_t>(), i2_NHK.data_ptr<int64_t>(), n_keys,
+             best_NHK.data_ptr<float>(), rows_NHK.data_ptr<int64_t>());
+  return {best_NHK, rows_NHK, r1_NHK, r2_NHK};
+}
+
+// The lists' gradients from the pairs': dtop1[r1[j]] += dbest[j] (and dtop2 by r2), each
+// row's in order j = 0 .. knn - 1 by one thread.
+std::vector<torch::Tensor> product_pairs_backward(torch::Tensor dbest_NHK, torch::Tensor r1_NHK,
+                                                  torch::Tensor r2_NHK) {
+  const int64_t rows = dbest_NHK.size(0) * dbest_NHK.size(1), knn = dbest_NHK.size(2);
+  auto d1_NHK = torch::zeros_like(dbest_NHK);
+  auto d2_NHK = torch::zeros_like(dbest_NHK);
+  const float* dbest = dbest_NHK.data_ptr<float>();
+  const int64_t* r1 = r1_NHK.data_ptr<int64_t>();
+  const int64_t* r2 = r2_NHK.data_ptr<int64_t>();
+  float* d1 = d1_NHK.data_ptr<float>();
+  float* d2 = d2_NHK.data_ptr<float>();
+  at::parallel_for(0, rows, grain(2 * knn), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t j = 0; j < knn; ++j) {
+        const int64_t x = row * knn + j;
+        d1[row * knn + r1[x]] += dbest[x];
+        d2[row * knn + r2[x]] += dbest[x];
+      }
+    }
+  });
+  return {d1_NHK, d2_NHK};
 }
 
 // advise_range over a tensor's storage, before its pages are first written.
@@ -614,11 +825,16 @@ void advise_huge_pages(torch::Tensor t) { advise_range(t.data_ptr(), t.nbytes())
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advise_huge_pages", &advise_huge_pages);
   m.def("best_pairs", &best_pairs);
+  m.def("product_pairs", &product_pairs);
+  m.def("product_pairs_backward", &product_pairs_backward);
   m.def("reverse_index", &reverse_index);
   m.def("half_key_topk", &half_key_topk);
   m.def("half_key_topk_backward", &half_key_topk_backward);
+  m.def("query_norm", &query_norm);
+  m.def("query_norm_backward", &query_norm_backward);
   m.def("bag_backward_scores", &bag_backward_scores);
   m.def("bag_backward_values", &bag_backward_values);
+  m.def("bag_backward", &bag_backward);
   m.def("sparse_update", &sparse_update);
   m.def("sum_squares", &sum_squares);
 }

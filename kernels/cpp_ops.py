@@ -115,6 +115,21 @@ def bag_backward_values(
     return rows_U, grad_UD
 
 
+def bag_backward(
+    values_VD: torch.Tensor, idx_NK: torch.Tensor, scores_NK: torch.Tensor, dy_ND: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both backwards in one pass over the touched rows (each read once)."""
+    if values_VD.dtype != torch.float32 or not values_VD.is_contiguous():
+        rows_U, grad_UD = bag_backward_values(idx_NK, scores_NK, dy_ND)
+        return torch_ops.bag_backward_scores(values_VD, idx_NK, dy_ND), rows_U, grad_UD
+    rows_U, offsets_U1, order_M = reverse_index(idx_NK)
+    dscores_NK, grad_UD = extension().bag_backward(
+        values_VD, rows_U, offsets_U1, order_M, scores_NK.float().reshape(-1).contiguous(),
+        dy_ND.float().contiguous(), idx_NK.shape[1],
+    )  # fmt: skip
+    return dscores_NK, rows_U, grad_UD
+
+
 def sparse_update_(
     spec: OptimizerSpec,
     values_VD: torch.Tensor,
@@ -172,8 +187,74 @@ def half_key_topk(
     return HalfKeyTopK.apply(q_NHQ, keys_HCQ, knn)
 
 
+class QueryNorm(torch.autograd.Function):
+    """``torch_ops.query_norm`` in one pass each way: no (N, H, 2, Q) temporaries, and
+    each half comes out contiguous for ``half_key_topk``."""
+
+    @staticmethod
+    def forward(ctx, q_NH2Q, gain_H2Q, scale):
+        q_NH2Q, gain_H2Q = q_NH2Q.float().contiguous(), gain_H2Q.float().contiguous()
+        eps = torch.finfo(torch.float32).eps
+        q1_NHQ, q2_NHQ, rstd_NH2 = extension().query_norm(q_NH2Q, gain_H2Q, scale, eps)
+        ctx.save_for_backward(q_NH2Q, gain_H2Q, rstd_NH2)
+        ctx.scale = scale
+        return q1_NHQ, q2_NHQ
+
+    @staticmethod
+    def backward(ctx, d1_NHQ, d2_NHQ):
+        q_NH2Q, gain_H2Q, rstd_NH2 = ctx.saved_tensors
+        d1_NHQ, d2_NHQ = (torch.zeros_like(q_NH2Q[:, :, 0]) if d is None else d.float().contiguous()
+                          for d in (d1_NHQ, d2_NHQ))  # fmt: skip
+        dq_NH2Q, dgain_H2Q = extension().query_norm_backward(
+            d1_NHQ, d2_NHQ, q_NH2Q, gain_H2Q, rstd_NH2, ctx.scale
+        )
+        return dq_NH2Q, dgain_H2Q, None
+
+
+def query_norm(
+    q_NH2Q: torch.Tensor, gain_H2Q: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if q_NH2Q.dtype != torch.float32 or gain_H2Q.dtype != torch.float32:
+        return torch_ops.query_norm(q_NH2Q, gain_H2Q, scale)
+    return QueryNorm.apply(q_NH2Q, gain_H2Q, scale)
+
+
 def best_pairs(top1_NHK: torch.Tensor, top2_NHK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return extension().best_pairs(top1_NHK.float().contiguous(), top2_NHK.float().contiguous())
+
+
+class ProductPairs(torch.autograd.Function):
+    """``memdist.kernels.product_pairs`` in one pass: ranks, sums and rows together, and the
+    sums' backward without the gathers' scatters."""
+
+    @staticmethod
+    def forward(ctx, top1_NHK, i1_NHK, top2_NHK, i2_NHK, n_keys):
+        best_NHK, rows_NHK, r1_NHK, r2_NHK = extension().product_pairs(
+            top1_NHK.float().contiguous(), i1_NHK.contiguous(), top2_NHK.float().contiguous(),
+            i2_NHK.contiguous(), n_keys,
+        )  # fmt: skip
+        ctx.save_for_backward(r1_NHK, r2_NHK)
+        ctx.mark_non_differentiable(rows_NHK)
+        return best_NHK, rows_NHK
+
+    @staticmethod
+    def backward(ctx, dbest_NHK, _drows):
+        r1_NHK, r2_NHK = ctx.saved_tensors
+        d1_NHK, d2_NHK = extension().product_pairs_backward(
+            dbest_NHK.float().contiguous(), r1_NHK, r2_NHK
+        )
+        return d1_NHK, None, d2_NHK, None, None
+
+
+def product_pairs(
+    top1_NHK: torch.Tensor,
+    i1_NHK: torch.Tensor,
+    top2_NHK: torch.Tensor,
+    i2_NHK: torch.Tensor,
+    n_keys: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``memdist.kernels.product_pairs`` for fp32 lists."""
+    return ProductPairs.apply(top1_NHK, i1_NHK, top2_NHK, i2_NHK, n_keys)
 
 
 def sum_squares(grad_UD: torch.Tensor) -> float:

@@ -41,6 +41,14 @@ def half_key_topk(
     return (q_NHQ.unsqueeze(2) * keys_HCQ.unsqueeze(0)).sum(-1).topk(knn, dim=-1)
 
 
+def query_norm(
+    q_NH2Q: torch.Tensor, gain_H2Q: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    eps = torch.finfo(q_NH2Q.dtype).eps
+    q_NH2Q = q_NH2Q * torch.rsqrt(q_NH2Q.pow(2).mean(-1, keepdim=True) + eps) * gain_H2Q * scale
+    return q_NH2Q[:, :, 0], q_NH2Q[:, :, 1]
+
+
 def best_pairs(top1_NHK: torch.Tensor, top2_NHK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     knn = top1_NHK.shape[-1]
     flat_NHK = (top1_NHK.unsqueeze(-1) + top2_NHK.unsqueeze(-2)).flatten(-2).topk(knn).indices

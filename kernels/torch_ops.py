@@ -103,6 +103,14 @@ def half_key_topk(
     return torch.einsum("nhq,hcq->nhc", q_NHQ, keys_HCQ).topk(knn, dim=-1)
 
 
+def query_norm(
+    q_NH2Q: torch.Tensor, gain_H2Q: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.rms_norm`` over Q, times the gains and ``scale``; the two halves (views)."""
+    q_NH2Q = F.rms_norm(q_NH2Q, (q_NH2Q.shape[-1],)) * gain_H2Q * scale
+    return q_NH2Q[:, :, 0], q_NH2Q[:, :, 1]
+
+
 def best_pairs(top1_NHK: torch.Tensor, top2_NHK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ranks (i, j) of the knn best sums top1[i] + top2[j] of two sorted lists, best first.
 

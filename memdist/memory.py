@@ -41,20 +41,24 @@ from memdist.table import ValueTable
 
 
 def product_key_topk(
-    q_NH2Q: torch.Tensor, keys_H2CQ: torch.Tensor, knn: int, *, backend: str = "torch"
+    q1_NHQ: torch.Tensor,
+    q2_NHQ: torch.Tensor,
+    keys_H2CQ: torch.Tensor,
+    knn: int,
+    *,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``knn`` rows of the ``C*C`` product keys for each token and head.
+    """Top-``knn`` rows of the ``C*C`` product keys for each token and head, from the
+    queries' two halves.
 
     Returns raw scores ``(N, H, K)`` and row indices ``(N, H, K)`` (int64, ``i1*C + i2``).
-    ``backend`` picks the kernels (``memdist.kernels.half_key_topk`` and ``best_pairs``).
+    ``backend`` picks the kernels (``memdist.kernels.half_key_topk``, ``product_pairs``).
     """
+    top1_NHK, i1_NHK = kernels.half_key_topk(q1_NHQ, keys_H2CQ[:, 0], knn, backend=backend)
+    top2_NHK, i2_NHK = kernels.half_key_topk(q2_NHQ, keys_H2CQ[:, 1], knn, backend=backend)
+    # The best knn of the knn x knn candidate pairs.
     n_keys = keys_H2CQ.shape[2]
-    top1_NHK, i1_NHK = kernels.half_key_topk(q_NH2Q[:, :, 0], keys_H2CQ[:, 0], knn, backend=backend)
-    top2_NHK, i2_NHK = kernels.half_key_topk(q_NH2Q[:, :, 1], keys_H2CQ[:, 1], knn, backend=backend)
-    # The best knn of the knn x knn candidate pairs, as ranks into the two lists.
-    r1_NHK, r2_NHK = kernels.best_pairs(top1_NHK.detach(), top2_NHK.detach(), backend=backend)
-    best_NHK = top1_NHK.gather(-1, r1_NHK) + top2_NHK.gather(-1, r2_NHK)
-    return best_NHK, i1_NHK.gather(-1, r1_NHK) * n_keys + i2_NHK.gather(-1, r2_NHK)
+    return kernels.product_pairs(top1_NHK, i1_NHK, top2_NHK, i2_NHK, n_keys, backend=backend)
 
 
 class GainRMSNorm(nn.Module):
@@ -78,6 +82,21 @@ class GainRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # eps None: the dtype's machine epsilon, as nn.RMSNorm.
         return F.rms_norm(x, (self.shape[-1],)) * self.weight.view(self.shape)
+
+
+class QueryNorm(GainRMSNorm):
+    """The queries' qk-norm times ``scale``, split into the halves the two key sets score
+    (``memdist.kernels.query_norm``); one gain vector per (head, half)."""
+
+    def __init__(self, shape: tuple[int, int, int], scale: float, backend: str) -> None:
+        super().__init__(shape)
+        self.scale = scale
+        self.backend = backend
+
+    def forward(self, q_NH2Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return kernels.query_norm(
+            q_NH2Q, self.weight.view(self.shape), self.scale, backend=self.backend
+        )
 
 
 class MemoryLayer(nn.Module):
@@ -104,7 +123,11 @@ class MemoryLayer(nn.Module):
         half = cfg.k_dim // 2
         self.query_proj = nn.Linear(dim, cfg.heads * cfg.k_dim, bias=False)
         self.keys = nn.Parameter(torch.empty(cfg.heads, 2, cfg.n_keys, half))
-        self.query_norm = GainRMSNorm((cfg.heads, 2, half)) if cfg.qk_norm else None
+        # The scores' 1/sqrt(Q), folded into the queries: a positive factor on every
+        # score, so it commutes with the dot products and the top-k.
+        self.query_norm = (
+            QueryNorm((cfg.heads, 2, half), half**-0.5, cfg.backend) if cfg.qk_norm else None
+        )
         self.key_norm = GainRMSNorm((cfg.heads, 2, 1, half)) if cfg.qk_norm else None
         if cfg.swilu:
             self.w1 = nn.Linear(dim, v_dim, bias=False)
@@ -142,11 +165,11 @@ class MemoryLayer(nn.Module):
         q_NH2Q = self.query_proj(x_ND).view(n, cfg.heads, 2, cfg.k_dim // 2)
         keys_H2CQ: torch.Tensor = self.keys
         if self.query_norm is not None and self.key_norm is not None:
-            # The scores' 1/sqrt(Q), folded into the queries: a positive factor on every
-            # score, so it commutes with the dot products and the top-k.
-            q_NH2Q = self.query_norm(q_NH2Q) * (cfg.k_dim // 2) ** -0.5
+            q1_NHQ, q2_NHQ = self.query_norm(q_NH2Q)
             keys_H2CQ = self.key_norm(keys_H2CQ)
-        raw_NHK, idx_NHK = product_key_topk(q_NH2Q, keys_H2CQ, cfg.knn, backend=cfg.backend)
+        else:
+            q1_NHQ, q2_NHQ = q_NH2Q[:, :, 0], q_NH2Q[:, :, 1]
+        raw_NHK, idx_NHK = product_key_topk(q1_NHQ, q2_NHQ, keys_H2CQ, cfg.knn, backend=cfg.backend)
         scores_NHK = torch.softmax(raw_NHK.float(), dim=-1).to(x_ND.dtype)
         return idx_NHK.reshape(n, -1), scores_NHK.reshape(n, -1)
 

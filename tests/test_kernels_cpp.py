@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memdist import kernels
-from memdist.errors import ConfigError, ShapeError
+from memdist.errors import ConfigError, IndexOutOfRangeError, ShapeError
 from memdist.kernels import OptimizerSpec, cpp_ops, torch_ops
 
 pytestmark = pytest.mark.skipif(not cpp_ops.available(), reason="no C++ compiler here")
@@ -34,6 +34,7 @@ def run_all(values, idx, scores, dy):
     out = [kernels.bag_backward_scores(values, idx, dy, backend="cpp")]
     rows, grad = kernels.bag_backward_values(idx, scores, dy, backend="cpp")
     out.append(grad)
+    out += kernels.bag_backward(values, idx, scores, dy, backend="cpp")
     for name in ("sgd", "adagrad", "adam"):
         table = values.clone()
         state = kernels.init_optimizer_state(name, *values.shape)
@@ -42,6 +43,19 @@ def run_all(values, idx, scores, dy):
                                    state, rows, grad, backend="cpp")  # fmt: skip
         out += [table, *state.values()]
     return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_backwards_in_one_pass_give_each_ones_bits(dtype):
+    values, idx, scores, dy = inputs(n=512, k=64, v=2000, d=128)
+    values = values.to(dtype)
+    dscores, rows, grad = kernels.bag_backward(values, idx, scores, dy, backend="cpp")
+    assert torch.equal(dscores, kernels.bag_backward_scores(values, idx, dy, backend="cpp"))
+    rows_t, grad_t = kernels.bag_backward_values(idx, scores, dy, backend="torch")
+    assert torch.equal(rows, rows_t) and torch.equal(grad, grad_t)
+    idx[3, 5] = 2000
+    with pytest.raises(IndexOutOfRangeError, match=r"index 2000 at position \(3, 5\)"):
+        kernels.bag_backward(values, idx, scores, dy, backend="cpp")
 
 
 def test_results_do_not_depend_on_thread_count():
@@ -174,6 +188,41 @@ def test_best_pairs_match_all_pairs_on_every_backend(knn):
         kernels.best_pairs(top1, top2[:, :2], backend="cpp")
 
 
+@pytest.mark.parametrize("knn, levels", [(16, 0), (4, 0), (16, 2)])  # levels: tied sums
+def test_product_pairs_match_the_reference_with_gradients_on_any_thread_count(knn, levels):
+    g = torch.Generator().manual_seed(knn + levels)
+    top1, top2 = (torch.randn(3000, 2, knn, generator=g).sort(-1, descending=True).values
+                  for _ in range(2))  # fmt: skip
+    if levels:
+        top1, top2 = (t.mul(levels).round().div(levels) for t in (top1, top2))
+    i1, i2 = (torch.randint(0, 50, (3000, 2, knn), generator=g) for _ in range(2))
+    dbest = torch.randn(3000, 2, knn, generator=g)
+    out = {}
+    threads = torch.get_num_threads()
+    try:
+        for backend, t in (("reference", threads), ("cpp", 1), ("cpp", 2)):
+            torch.set_num_threads(t)
+            a, b = top1.clone().requires_grad_(), top2.clone().requires_grad_()
+            best, rows = kernels.product_pairs(a, i1, b, i2, 50, backend=backend)
+            best.backward(dbest)
+            out[backend, t] = best.detach(), rows, a.grad, b.grad
+    finally:
+        torch.set_num_threads(threads)
+    assert all(map(torch.equal, out["cpp", 1], out["cpp", 2]))
+    # What the ranks make through gathers (tied sums ranked as best_pairs promises).
+    r1, r2 = kernels.best_pairs(top1, top2, backend="cpp")
+    a, b = top1.clone().requires_grad_(), top2.clone().requires_grad_()
+    best = a.gather(-1, r1) + b.gather(-1, r2)
+    best.backward(dbest)
+    expect = best.detach(), i1.gather(-1, r1) * 50 + i2.gather(-1, r2), a.grad, b.grad
+    assert all(map(torch.equal, out["cpp", 1], expect))
+    if not levels:  # the reference's top-k leaves the order of ties open
+        assert all(map(torch.equal, out["cpp", 1], out["reference", threads]))
+    assert out["cpp", 1][1].dtype == torch.int64
+    with pytest.raises(ShapeError, match="must have the shapes of their top-k lists"):
+        kernels.product_pairs(top1, i1[:, :1], top2, i2, 50, backend="cpp")
+
+
 @pytest.mark.parametrize("v", [5, 300, 10**7])  # 10**7 rows: past the counting sort's range
 def test_reverse_index_equals_the_stable_sort(v):
     g = torch.Generator().manual_seed(v)
@@ -211,3 +260,29 @@ def test_sum_squares_matches_float64_and_not_the_thread_count(shape):
     assert kernels.sum_squares(g.t().contiguous().t(), backend="cpp") == pytest.approx(one)
     with pytest.raises(ShapeError, match=r"gradient must be 2-D"):
         kernels.sum_squares(g.reshape(-1), backend="cpp")
+
+
+@pytest.mark.parametrize("q", [32, 6, 20])  # whole lanes, a tail only, lanes and a tail
+def test_query_norm_matches_the_reference_with_gradients_on_any_thread_count(q):
+    g = torch.Generator().manual_seed(q)
+    q_NH2Q = torch.randn(2000, 3, 2, q, generator=g) * 3  # rows split between threads
+    gain_H2Q = torch.empty(3, 2, q).uniform_(0.2, 3.0, generator=g)
+    d1, d2 = torch.randn(2000, 3, q, generator=g), torch.randn(2000, 3, q, generator=g)
+    out = {}
+    threads = torch.get_num_threads()
+    try:
+        for backend, t in (("reference", threads), ("cpp", 1), ("cpp", 2)):
+            torch.set_num_threads(t)
+            qq, gg = q_NH2Q.clone().requires_grad_(), gain_H2Q.clone().requires_grad_()
+            h1, h2 = kernels.query_norm(qq, gg, q**-0.5, backend=backend)
+            assert h1.shape == h2.shape == (2000, 3, q)
+            ((h1 * d1).sum() + (h2 * d2).sum()).backward()
+            out[backend, t] = h1.detach(), h2.detach(), qq.grad, gg.grad
+    finally:
+        torch.set_num_threads(threads)
+    assert all(h.is_contiguous() for h in out["cpp", 1][:2])
+    assert all(map(torch.equal, out["cpp", 1], out["cpp", 2]))
+    for got, want in zip(out["cpp", 1], out["reference", threads], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ShapeError, match=r"must be \(N, H, 2, Q\) and \(H, 2, Q\)"):
+        kernels.query_norm(q_NH2Q, gain_H2Q[:2], 1.0, backend="cpp")

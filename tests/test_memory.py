@@ -36,7 +36,7 @@ def test_product_key_topk_matches_brute_force():
     torch.manual_seed(0)
     n, h, c, q, k = 50, 3, 10, 6, 5
     q_NH2Q, keys = torch.randn(n, h, 2, q), torch.randn(h, 2, c, q)
-    scores, idx = product_key_topk(q_NH2Q, keys, k)
+    scores, idx = product_key_topk(q_NH2Q[:, :, 0], q_NH2Q[:, :, 1], keys, k)
     s1 = torch.einsum("nhq,hcq->nhc", q_NH2Q[:, :, 0], keys[:, 0])
     s2 = torch.einsum("nhq,hcq->nhc", q_NH2Q[:, :, 1], keys[:, 1])
     full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (n, h, c*c), row = i1*c + i2
