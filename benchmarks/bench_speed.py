@@ -95,8 +95,8 @@ class Runner:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad()
-        for table in self.tables:
-            table.step()
+        for table in self.tables:  # as memdist.step.train_step
+            table.step_async()
         return time.perf_counter() - t0
 
     def run(self, steps: int) -> None:

@@ -9,8 +9,9 @@ starts for the shards); otherwise it packs onto whatever node has room. ``stop_s
 Actors are threaded (``max_concurrency``): while some workers wait at a shard's
 step barrier, the others' lookups and backwards are served. Ray does not promise a
 threaded actor runs one caller's tasks in the order they were sent, so each
-worker's lookups, backwards and hints carry a sequence number and wait for their
-turn (a hint must be served before the lookup it prepares).
+worker's lookups, backwards, hints and steps sent ahead carry a sequence number and
+wait for their turn (a hint must be served before the lookup it prepares, a step
+before the lookups that must see it).
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ SHARD_RESOURCE = "memdist_shard"
 class _ShardActor(ShardServer):
     """A ShardServer in its own process; torch uses ``threads`` intra-op threads there.
 
-    Lookups, backwards and prefetch hints come through ``handle_ordered`` (the ``rows``
-    group, a few threads) and each worker's run in the order it sent them; steps, which
-    may wait at the barrier, and control requests come through ``handle`` and run
-    beside them.
+    Lookups, backwards, prefetch hints and steps sent ahead come through
+    ``handle_ordered`` (the ``rows`` group, a few threads per worker) and each worker's
+    run in the order it sent them; other steps, which may wait at the barrier, and
+    control requests come through ``handle`` and run beside them.
     """
 
     def __init__(self, *args: Any, threads: int = 1, **kwargs: Any) -> None:
@@ -61,8 +62,8 @@ class _ShardActor(ShardServer):
 
     @ray.method(concurrency_group="rows")
     def handle_ordered(self, req: Any, worker: int, seq: int) -> Any:
-        """A worker's ``seq``-th lookup, backward or hint (``memdist.wire.ORDERED``), run
-        after its predecessors. A sender that starts again (a new table view) starts at
+        """A worker's ``seq``-th lookup, backward, hint or step sent ahead
+        (``memdist.wire.in_order``), run after its predecessors. A sender that starts again (a new table view) starts at
         0; a predecessor lost on the way holds the rest up for the barrier timeout at most."""
         with self._turns:
             if seq == 0:
@@ -95,9 +96,10 @@ class _ShardActor(ShardServer):
 
 @functools.cache
 def actor_class(workers: int) -> Any:
-    """The actor class for shards serving ``workers`` workers: the ``rows`` group has a
-    thread per worker (each may wait for its turn) and one more."""
-    return ray.remote(concurrency_groups={"rows": workers + 1})(_ShardActor)  # type: ignore[call-overload]
+    """The actor class for shards serving ``workers`` workers: the ``rows`` group has
+    three threads per worker (its step waiting at the barrier, and its next hint and
+    lookup waiting for their turn) and one more."""
+    return ray.remote(concurrency_groups={"rows": 3 * workers + 1})(_ShardActor)  # type: ignore[call-overload]
 
 
 ShardActor = actor_class(1)

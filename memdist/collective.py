@@ -170,10 +170,11 @@ class CollectiveTransport(Transport):
 def serve(server: Any, rendezvous: Rendezvous, rank: int) -> None:
     """Answer requests from the workers until the group breaks (a worker went away).
 
-    Lookups, backwards and hints run one at a time in arrival order (a worker's hint is
-    served before the lookup it prepares); steps run in a pool, so a step waiting at the
-    barrier does not hold up the other workers' requests (the server's own lock keeps
-    its state consistent).
+    Each worker's lookups, backwards, hints and steps sent ahead (``wire.in_order``) run
+    one at a time in its arrival order (a hint before the lookup it prepares, a step
+    before the lookups that must see it), on a thread of the worker's own, so a step
+    waiting at the barrier holds up only its worker's later requests; other steps run
+    in a pool (the server's own lock keeps its state consistent).
     A gloo receive that times out is abandoned for good, so the wait for the next
     request has no practical limit: an idle shard keeps serving.
     """
@@ -181,7 +182,8 @@ def serve(server: Any, rendezvous: Rendezvous, rank: int) -> None:
     timeout = datetime.timedelta(seconds=server.barrier_timeout_s + 30)
     send_locks = {w: threading.Lock() for w in range(rendezvous.workers)}
     pool = ThreadPoolExecutor(max_workers=4 * rendezvous.workers + 2)
-    in_order = ThreadPoolExecutor(max_workers=1)  # lookups, backwards, hints: arrival order
+    # Per worker, its ordered requests in arrival order.
+    in_order = [ThreadPoolExecutor(max_workers=1) for _ in range(rendezvous.workers)]
 
     def delivered(works: list[Any]) -> None:
         try:
@@ -190,9 +192,10 @@ def serve(server: Any, rendezvous: Rendezvous, rank: int) -> None:
         except RuntimeError:
             pass  # the worker went away; the receive loop sees the group break
 
-    def answer(kind: type, worker: int, tag: int, tensors: list[torch.Tensor]) -> None:
+    def answer(req: wire.Request | Exception, worker: int, tag: int) -> None:
         try:
-            req = wire.from_tensors(kind, tensors, worker)
+            if isinstance(req, Exception):
+                raise req
             reply = [wire.reply_to_tensor(req, server.handle(req))]
             status = 0
         except Exception as exc:  # goes back to the worker, which raises ShardError
@@ -214,9 +217,13 @@ def serve(server: Any, rendezvous: Rendezvous, rank: int) -> None:
             tensors = [_recv(pg, rendezvous.shards + worker, tag, timeout) for _ in range(n)]
         except RuntimeError:
             break  # the group broke: a worker died or the run ended
-        kind = wire.HOT[code]
-        (in_order if issubclass(kind, wire.ORDERED) else pool).submit(
-            answer, kind, worker, tag, tensors
-        )
+        req: wire.Request | Exception
+        try:
+            req = wire.from_tensors(wire.HOT[code], tensors, worker)
+        except Exception as exc:  # answered as an error, like a failed request
+            req = exc
+        ordered = not isinstance(req, Exception) and wire.in_order(req)
+        (in_order[worker] if ordered else pool).submit(answer, req, worker, tag)
     pool.shutdown(wait=False)
-    in_order.shutdown(wait=False)
+    for executor in in_order:
+        executor.shutdown(wait=False)

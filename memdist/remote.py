@@ -13,9 +13,14 @@ two rounds: the shards' squared gradient norms are summed (every worker sums the
 same parts in the same order, so all agree on the factor), then the step is sent
 with the clipping factor: exact over shards and workers.
 
+``step_async()`` (how the training loop steps) sends the step without waiting: the
+shards serve this worker's later lookups, backwards and hints after it, so the
+update overlaps the dense optimizer's step and the next forward and training stays
+exact; the reply is collected by the next call that needs it.
+
 Bounded staleness (``staleness=1``, off by default): ``step()`` sends the step and
-returns without waiting, so the next step's lookups overlap the update; the reply
-is awaited before the next backward. A lookup may then read rows from before the
+returns without waiting, and lookups may overtake it, so the next step's lookups
+overlap the update; the reply is awaited before the next backward. A lookup may then read rows from before the
 previous update (on some shards and not others), and its backward uses the
 updated rows: training is no longer identical to a local table, and not
 deterministic. The lag never exceeds one step.
@@ -106,7 +111,7 @@ class RemoteTable(ValueTable):
         self.dim = plan.dim
         self._last = StepResult()
         self._waited = 0.0  # time spent waiting on the shards (for step-time shares)
-        self._step_in_flight: list[Any] | None = None
+        self._step_in_flight: tuple[list[Any], float | None] | None = None
         self._prefetches: list[Any] = []  # hints sent, replies not yet collected
         self._prefetched = 0  # rows the shards read from zarr on this worker's hints
 
@@ -125,10 +130,10 @@ class RemoteTable(ValueTable):
         return self._call_all([req] * self.plan.shards, what)
 
     def _settle(self) -> None:
-        """Wait for a step sent without waiting (bounded staleness)."""
+        """Wait for a step sent without waiting (``step_async``, bounded staleness)."""
         if self._step_in_flight is not None:
-            handles, self._step_in_flight = self._step_in_flight, None
-            self._record(self._wait(handles, "step"), None)
+            (handles, grad_sq), self._step_in_flight = self._step_in_flight, None
+            self._record(self._wait(handles, "step"), grad_sq)
 
     def _record(self, replies: list[wire.StepReply], grad_sq: float | None) -> None:
         # Column shards each touch every row read; row shards touch disjoint rows.
@@ -190,6 +195,19 @@ class RemoteTable(ValueTable):
         """This worker's step. ``grad_scale`` must be the same on every worker (1/workers
         for an average, as DeepSpeed averages dense gradients). Returns what the step did
         (with staleness on: the previous step, whose reply was awaited here)."""
+        self._send_step(grad_scale)
+        if not self.staleness:
+            self._settle()
+        return self._last
+
+    def step_async(self, grad_scale: float = 1.0) -> None:
+        """The step, sent without waiting: each shard serves this worker's next lookups,
+        backwards and hints after it (they wait their turn there), so training stays
+        exactly that of ``step``; the reply is collected by the next call that needs it
+        (a backward, ``last_step``, a flush). With staleness on, as ``step``."""
+        self._send_step(grad_scale)
+
+    def _send_step(self, grad_scale: float) -> None:
         self._settle()
         self._collect_prefetches()
         clip, grad_sq = 1.0, None
@@ -199,13 +217,9 @@ class RemoteTable(ValueTable):
             # either way the table's squared norm is the sum of the parts.
             grad_sq = math.fsum(parts)
             clip = clip_coef(grad_sq, self.spec.grad_clip)
-        req = wire.Step(grad_scale, self.worker, clip)
-        handles = self.transport.submit_all([req] * self.plan.shards)
-        if self.staleness:
-            self._step_in_flight = handles
-        else:
-            self._record(self._wait(handles, "step"), grad_sq)
-        return self._last
+        # In this worker's order on the shards unless lookups may overtake it (staleness).
+        req = wire.Step(grad_scale, self.worker, clip, ordered=not self.staleness)
+        self._step_in_flight = (self.transport.submit_all([req] * self.plan.shards), grad_sq)
 
     def flush(self) -> None:
         """Wait for anything still in flight (a step sent under bounded staleness, hints)
@@ -219,6 +233,8 @@ class RemoteTable(ValueTable):
 
     @property
     def last_step(self) -> StepResult:
+        if not self.staleness:
+            self._settle()
         return self._last
 
     @property

@@ -35,8 +35,8 @@ def train_step(engine, tables, micro_batches, device: torch.device, *, hint=None
         loss = loss_fn(engine(inputs_BT.to(device)), targets_BT.to(device))
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
-            for table in tables:
-                table.step(grad_scale)
+            for table in tables:  # remote tables' steps overlap the dense one's
+                table.step_async(grad_scale)
         engine.step()
         loss_sum += float(loss.detach())
         following = micro_batches[i + 1][0] if i + 1 < len(micro_batches) else next_inputs

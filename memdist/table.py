@@ -100,6 +100,13 @@ class ValueTable(ABC):
         """Apply the sparse optimizer to the rows whose gradients arrived since the last
         step, scaled by ``grad_scale`` (and clipped if the optimizer spec says so)."""
 
+    def step_async(self, grad_scale: float = 1.0) -> None:
+        """``step`` without waiting for it where the rows are elsewhere: every later call
+        (a lookup included) sees the update, and ``last_step`` gives its result. The
+        training loop steps this way, so the update overlaps the dense optimizer's step
+        and the next forward. A table in this process steps at once."""
+        self.step(grad_scale)
+
     @abstractmethod
     def zero_grad(self) -> None:
         """Drop the gradients collected since the last step."""

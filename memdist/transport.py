@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from memdist.errors import ShardError, ShardTimeoutError
-from memdist.wire import ORDERED, Backward, Lookup, Request, from_arrays, to_arrays
+from memdist.wire import Backward, Lookup, Request, from_arrays, in_order, to_arrays
 
 BULKY = (Lookup, Backward)  # requests of the size of a step's indices and scores
 
@@ -75,8 +75,9 @@ class InProcessTransport(Transport):
 
 class RayTransport(Transport):
     """Shard servers in Ray actors; each wait is bounded by ``timeout_s``. ``worker``'s
-    lookups, backwards and hints are numbered per shard, so the actor serves them in
-    the order they were sent (Ray does not promise that for a threaded actor)."""
+    lookups, backwards, hints and steps sent ahead (``wire.in_order``) are numbered per
+    shard, so the actor serves them in the order they were sent (Ray does not promise
+    that for a threaded actor)."""
 
     def __init__(self, actors: Sequence[Any], timeout_s: float = 60.0, worker: int = 0) -> None:
         self.actors = list(actors)
@@ -108,7 +109,7 @@ class RayTransport(Transport):
     def _send(self, shard: int, req: Request, sent: Any) -> Any:
         """``sent``: ``req`` as ``to_arrays`` makes it, or a reference to that in the store."""
         actor = self.actors[shard]
-        if not isinstance(req, ORDERED):
+        if not in_order(req):
             return (shard, actor.handle_arrays.remote(sent))
         seq, self._seq[shard] = self._seq[shard], self._seq[shard] + 1
         return (shard, actor.handle_ordered.remote(sent, self.worker, seq))

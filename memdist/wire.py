@@ -101,6 +101,7 @@ class Step:
     grad_scale: float
     worker: int = 0
     clip: float = 1.0
+    ordered: bool = False  # served in the worker's order, before its later ORDERED requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +190,12 @@ ORDERED = (Lookup, Backward, Prefetch)
 HOT = (Lookup, Backward, GradNorm, Step, Prefetch)
 
 
+def in_order(req: Request) -> bool:
+    """Whether the shard serves ``req`` in its worker's order: ``ORDERED`` requests, and a
+    step sent ahead of the lookups that must see it (``Step.ordered``)."""
+    return isinstance(req, ORDERED) or (isinstance(req, Step) and req.ordered)
+
+
 def to_tensors(req: Request) -> list[torch.Tensor]:
     """A hot request's tensors for the collective transport (the worker travels apart)."""
     match req:
@@ -199,8 +206,8 @@ def to_tensors(req: Request) -> list[torch.Tensor]:
             return [packed, *parts, scores, *extra]
         case GradNorm(scale):
             return [torch.tensor([scale], dtype=torch.float64)]
-        case Step(scale, _, clip):
-            return [torch.tensor([scale, clip], dtype=torch.float64)]
+        case Step(scale, _, clip, ordered):
+            return [torch.tensor([scale, clip, float(ordered)], dtype=torch.float64)]
         case Prefetch(rows):
             return [rows]
     raise TypeError(f"{type(req).__name__} does not travel as tensors")
@@ -218,7 +225,8 @@ def from_tensors(kind: type, tensors: list[torch.Tensor], worker: int) -> Reques
     if kind is GradNorm:
         return GradNorm(float(tensors[0][0]), worker)
     if kind is Step:
-        return Step(float(tensors[0][0]), worker, float(tensors[0][1]))
+        scale, clip, ordered = tensors[0].tolist()
+        return Step(scale, worker, clip, bool(ordered))
     if kind is Prefetch:
         return Prefetch(tensors[0])
     raise TypeError(f"{kind.__name__} does not travel as tensors")
