@@ -93,10 +93,10 @@ class Runner:
         t0 = time.perf_counter()
         loss = loss_fn(self.model(self.x[:, :-1]), self.x[:, 1:])
         loss.backward()
+        for table in self.tables:  # as memdist.step.train_step: before the dense step
+            table.step_async()
         self.opt.step()
         self.opt.zero_grad()
-        for table in self.tables:  # as memdist.step.train_step
-            table.step_async()
         return time.perf_counter() - t0
 
     def run(self, steps: int) -> None:
