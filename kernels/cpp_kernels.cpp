@@ -347,6 +347,7 @@ __attribute__((target_clones("avx2", "default"))) void bag_rows(
     const int64_t* offsets, const float* values, const float* scores, const float* dy,
     float* grad, float* dscores) {
   for (int64_t u = begin; u < end; ++u) {
+    if (u + kAhead < end) prefetch_row(values + rows[u + kAhead] * d, d);
     const float* v = values + rows[u] * d;
     float* g = grad + u * d;
     for (int64_t c = 0; c < d; ++c) g[c] = 0.f;
