@@ -1,9 +1,10 @@
 """A shard server: one region of a value table, its optimizer state, and the lookups on it.
 
 Plain Python over torch, so it runs in-process (tests, one machine) or inside a Ray
-actor (``memdist.cluster.actors``). Requests carry global int64 indices; the shard
-keeps nothing between a lookup and its backward (the client sends the indices and
-scores again), so a lost reply never leaves half a step behind.
+actor (``memdist.cluster.actors``). Requests carry global int64 indices. A lookup
+made for training is kept (its indices and scores, at most ``KEPT_PER_WORKER`` per
+worker) until its ``KeptBackward``, so only the output gradient travels back; row
+gradients wait for the step, so a lost reply never leaves half a step behind.
 
 Requests are the typed messages of ``memdist.wire``, answered by ``handle``:
 
@@ -11,7 +12,8 @@ Requests are the typed messages of ``memdist.wire``, answered by ``handle``:
   sum of its own rows (other rows weigh zero), shape (N, D); for a column-wise
   region its slice of every row, shape (N, cols).
 - ``Backward -> dscores_NK`` partial (summed over shards by the client); the
-  region's row gradients are accumulated for the step.
+  region's row gradients are accumulated for the step. ``KeptBackward`` is the same
+  for a kept lookup, named by its number.
 - ``GradNorm`` and ``Step``: the squared norm of the region's gradient (for clipping
   over the whole table), and the sparse optimizer on the touched rows.
 - ``Prefetch`` warms a zarr-backed shard's row cache with rows a coming lookup will
@@ -36,7 +38,7 @@ import os
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +57,7 @@ from memdist.wire import (
     Backward,
     Flush,
     GradNorm,
+    KeptBackward,
     LoadRegion,
     Lookup,
     PackedIndices,
@@ -82,6 +85,9 @@ def process_disk_read_bytes() -> int | None:
         return int(fields["read_bytes"])
     except (OSError, KeyError, ValueError):
         return None
+
+
+KEPT_PER_WORKER = 16  # kept lookups per worker; older ones are dropped (a backward never came)
 
 
 class ShardServer:
@@ -148,6 +154,8 @@ class ShardServer:
         self.backend = backend
         self.counters: Counter[str] = Counter()
         self._save: RegionSave | None = None  # the last save begun (written in a thread)
+        # worker -> lookup number -> its global indices and fp32 scores, oldest first
+        self._kept: dict[int, OrderedDict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def handle(self, req: Request) -> Any:
         """Answer one request (the only entry point transports use)."""
@@ -157,10 +165,12 @@ class ShardServer:
                 f"the run's rows until a checkpoint is loaded (refused {type(req).__name__})"
             )
         match req:
-            case Lookup(idx, scores):
-                return self.lookup(idx, scores)
+            case Lookup(idx, scores, keep, worker):
+                return self.lookup(idx, scores, keep=keep, worker=worker)
             case Backward(idx, scores, dy, worker):
                 return self.backward(idx, scores, dy, worker)
+            case KeptBackward(lookup, dy, worker):
+                return self.kept_backward(lookup, dy, worker)
             case GradNorm(scale, worker):
                 return self._barrier(worker, ("grad_norm", scale), lambda: self.rows.grad_sq(scale))
             case Step(scale, worker, clip):
@@ -208,17 +218,35 @@ class ShardServer:
         )
         self.counters["bytes_out"] += output.numel() * output.element_size()
 
-    def lookup(self, idx: torch.Tensor | PackedIndices, scores_NK: torch.Tensor) -> torch.Tensor:
+    def lookup(
+        self,
+        idx: torch.Tensor | PackedIndices,
+        scores_NK: torch.Tensor,
+        *,
+        keep: int = -1,
+        worker: int = 0,
+    ) -> torch.Tensor:
+        """``keep`` >= 0: keep the indices and scores for ``worker``'s ``KeptBackward``."""
+        if keep >= 0:
+            self._check_worker(worker)
         with self._cond:
-            return self._lookup(idx, scores_NK)
+            return self._lookup(idx, scores_NK, keep, worker)
 
-    def _lookup(self, idx: torch.Tensor | PackedIndices, scores_NK: torch.Tensor) -> torch.Tensor:
+    def _lookup(
+        self, idx: torch.Tensor | PackedIndices, scores_NK: torch.Tensor, keep: int, worker: int
+    ) -> torch.Tensor:
         t0 = time.perf_counter()
         wire_in = (idx, scores_NK)
         idx_NK, scores_NK = unpack(idx).to(self.device), scores_NK.to(self.device)
         local_NK, mask_NK = self._local(idx_NK)
         weights_NK = scores_NK.float() if mask_NK is None else scores_NK.float() * mask_NK
         y = kernels.bag_forward(self.rows.weight_VD, local_NK, weights_NK, backend=self.backend)
+        if keep >= 0:
+            kept = self._kept.setdefault(worker, OrderedDict())
+            kept.pop(keep, None)  # a number used again (a new table view) goes last
+            kept[keep] = (idx_NK, scores_NK.float())
+            while len(kept) > KEPT_PER_WORKER:
+                kept.popitem(last=False)
         self.counters["lookups"] += 1
         self.counters["kernel_ns"] += int((time.perf_counter() - t0) * 1e9)
         self._count_io(wire_in, y)
@@ -235,6 +263,21 @@ class ShardServer:
         with self._cond:
             return self._backward(idx, scores_NK, dy, worker)
 
+    def kept_backward(self, lookup: int, dy: torch.Tensor, worker: int = 0) -> torch.Tensor:
+        """``backward`` of the lookup ``worker`` sent with ``keep=lookup``."""
+        self._check_worker(worker)
+        with self._cond:
+            kept = self._kept.get(worker, OrderedDict())
+            if lookup not in kept:
+                raise ShardError(
+                    f"shard {self.region.shard}: lookup {lookup} of worker {worker} is not kept "
+                    f"here (kept: {list(kept)}; a shard keeps the last {KEPT_PER_WORKER} lookups "
+                    "of each worker until their backward, and none after a restart)"
+                )
+            idx_NK, scores_NK = kept.pop(lookup)
+            return self._backward_rows(idx_NK, scores_NK, dy, worker, t0=time.perf_counter(),
+                                       wire_in=(dy,))  # fmt: skip
+
     def _backward(
         self, idx: torch.Tensor | PackedIndices, scores_NK: torch.Tensor, dy: torch.Tensor,
         worker: int,
@@ -242,6 +285,14 @@ class ShardServer:
         t0 = time.perf_counter()
         wire_in = (idx, scores_NK, dy)
         idx_NK, scores_NK = unpack(idx).to(self.device), scores_NK.to(self.device).float()
+        return self._backward_rows(idx_NK, scores_NK, dy, worker, t0=t0, wire_in=wire_in)
+
+    def _backward_rows(
+        self, idx_NK: torch.Tensor, scores_NK: torch.Tensor, dy: torch.Tensor, worker: int, *,
+        t0: float, wire_in: tuple[Any, ...],
+    ) -> torch.Tensor:  # fmt: skip
+        """The backward of global indices and fp32 scores on this device."""
+        dy_in = dy
         dy = dy.to(self.device).float()
         local_NK, mask_NK = self._local(idx_NK)
         w = self.rows.weight_VD
@@ -265,7 +316,7 @@ class ShardServer:
         self.counters["backwards"] += 1
         self.counters["kernel_ns"] += int((time.perf_counter() - t0) * 1e9)
         self._count_io(wire_in, dscores_NK)
-        return dscores_NK.to(wire_in[2].dtype).cpu()
+        return dscores_NK.to(dy_in.dtype).cpu()
 
     def prefetch(self, rows: torch.Tensor) -> int:
         """Load the given global rows (1-D, unique) of this region into the row cache ahead
@@ -421,6 +472,7 @@ class ShardServer:
         r = self.region
         with self._cond:
             counters = dict(self.counters)
+            kept = sum(len(k) for k in self._kept.values())  # lookups awaiting a backward
             cache = {}
             if isinstance(self.rows, CachedRows):
                 cache = dict(self.rows.counters)
@@ -433,6 +485,7 @@ class ShardServer:
             "cached": isinstance(self.rows, CachedRows),
             "optimizer_steps": self.rows.steps,
             "workers": self.workers,
+            "kept_lookups": kept,
             **counters,
             **cache,
         }

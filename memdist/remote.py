@@ -2,7 +2,8 @@
 
 ``RemoteTable.lookup`` sends the indices and scores to every shard at once and
 combines the replies: row-wise shards return partial sums (added up here),
-column-wise shards return column slices (concatenated). Backward sends the output
+column-wise shards return column slices (concatenated). Under autograd the shards
+keep the lookup's indices and scores, and the backward sends only the output
 gradient (whole, or each shard's slice) and sums the partial score gradients; the
 row gradients stay on the shards until ``step()``. DeepSpeed never sees the values.
 
@@ -49,32 +50,32 @@ SAVE_POLL_S = 0.1  # how often a waiting save asks the shards how far they are
 
 
 class _RemoteBag(torch.autograd.Function):
-    """Forward collects replies to a lookup already sent; backward sends the gradient."""
+    """Forward collects replies to a lookup already sent; backward sends the gradient
+    (the shards kept the lookup's indices and scores)."""
 
     @staticmethod
     def forward(ctx, scores_NK, pending):
-        ctx.save_for_backward(scores_NK)
-        ctx.table = pending.table
-        ctx.packed = pending.packed  # the same de-duplicated indices travel with the backward
+        ctx.table, ctx.keep, ctx.dtype = pending.table, pending.keep, scores_NK.dtype
         return pending.table._combine(pending.handles).to(scores_NK.dtype)
 
     @staticmethod
     def backward(ctx, dy_ND):
-        (scores_NK,) = ctx.saved_tensors
-        payload = ctx.table.payload
-        dscores = ctx.table._backward(ctx.packed, scores_NK.detach().to(payload), dy_ND.to(payload))
-        return dscores.to(scores_NK.dtype), None
+        dscores = ctx.table._backward(ctx.keep, dy_ND.to(ctx.table.payload))
+        return dscores.to(ctx.dtype), None
 
 
 class RemoteLookup(PendingLookup):
-    """A lookup whose requests are on their way to the shards; ``wait()`` gives y."""
+    """A lookup whose requests are on their way to the shards; ``wait()`` gives y. Under
+    autograd the shards keep its indices and scores for the backward (``keep``)."""
 
     def __init__(self, table: RemoteTable, idx_NK: torch.Tensor, scores_NK: torch.Tensor) -> None:
         self.table = table
         self.scores_NK = scores_NK
-        self.packed = PackedIndices.pack(idx_NK.detach().cpu())
+        training = torch.is_grad_enabled() and scores_NK.requires_grad
+        self.keep = table._next_keep() if training else -1
+        packed = PackedIndices.pack(idx_NK.detach().cpu())
         payload = scores_NK.detach().cpu().to(table.payload)
-        req = wire.Lookup(self.packed, payload)
+        req = wire.Lookup(packed, payload, self.keep, table.worker)
         self.handles = table.transport.submit_all([req] * table.plan.shards)
 
     def wait(self) -> torch.Tensor:
@@ -114,6 +115,7 @@ class RemoteTable(ValueTable):
         self._step_in_flight: tuple[list[Any], float | None] | None = None
         self._prefetches: list[Any] = []  # hints sent, replies not yet collected
         self._prefetched = 0  # rows the shards read from zarr on this worker's hints
+        self._kept = 0  # the number the next lookup under autograd is kept by on the shards
 
     def _wait(self, handles: list[Any], what: str) -> list[Any]:
         t0 = time.perf_counter()
@@ -152,19 +154,22 @@ class RemoteTable(ValueTable):
             y = y + part
         return y
 
-    def _backward(
-        self, idx_NK: PackedIndices, scores_NK: torch.Tensor, dy_ND: torch.Tensor
-    ) -> torch.Tensor:
-        scores_NK, dy_ND = scores_NK.cpu(), dy_ND.cpu()
+    def _next_keep(self) -> int:
+        keep, self._kept = self._kept, self._kept + 1
+        return keep
+
+    def _backward(self, keep: int, dy_ND: torch.Tensor) -> torch.Tensor:
+        """The partial score gradients of the lookup kept as ``keep``, summed."""
+        dy_ND = dy_ND.cpu()
         if self.plan.kind == "column":
             reqs = [
-                wire.Backward(
-                    idx_NK, scores_NK, dy_ND[:, r.col_start : r.col_stop].contiguous(), self.worker
+                wire.KeptBackward(
+                    keep, dy_ND[:, r.col_start : r.col_stop].contiguous(), self.worker
                 )
                 for r in self.plan.regions
             ]
         else:
-            reqs = [wire.Backward(idx_NK, scores_NK, dy_ND, self.worker)] * self.plan.shards
+            reqs = [wire.KeptBackward(keep, dy_ND, self.worker)] * self.plan.shards
         parts = [p.float() for p in self._call_all(reqs, "backward")]
         dscores = parts[0]
         for part in parts[1:]:

@@ -22,9 +22,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from memdist.errors import ShardError, ShardTimeoutError
-from memdist.wire import Backward, Lookup, Request, from_arrays, in_order, to_arrays
+from memdist.wire import (
+    Backward,
+    KeptBackward,
+    Lookup,
+    Request,
+    from_arrays,
+    in_order,
+    to_arrays,
+)
 
-BULKY = (Lookup, Backward)  # requests of the size of a step's indices and scores
+BULKY = (Lookup, Backward, KeptBackward)  # of the size of a step's indices, scores, outputs
 
 
 class Transport(ABC):

@@ -1,8 +1,8 @@
 """What travels between workers and shards: typed requests and de-duplicated indices.
 
 Every request a worker (or the driver) sends a shard is a small dataclass below
-(``Lookup``, ``Backward``, ``GradNorm``, ``Step``, ``Prefetch`` and the state and
-control requests); every transport carries these, and ``ShardServer.handle``
+(``Lookup``, ``Backward``, ``KeptBackward``, ``GradNorm``, ``Step``, ``Prefetch`` and
+the state and control requests); every transport carries these, and ``ShardServer.handle``
 answers them, so no method names or tuples whose shape depends on the transport
 travel anywhere.
 
@@ -67,10 +67,14 @@ def unpack(idx: torch.Tensor | PackedIndices) -> torch.Tensor:
 
 @dataclass(frozen=True, slots=True)
 class Lookup:
-    """Pooled rows of the shard's part for each bag -> ``y`` (payload dtype)."""
+    """Pooled rows of the shard's part for each bag -> ``y`` (payload dtype). With ``keep``
+    >= 0 the shard keeps the indices and scores under that number for ``worker``'s
+    ``KeptBackward``, so they cross the wire once."""
 
     idx: torch.Tensor | PackedIndices
     scores_NK: torch.Tensor
+    keep: int = -1
+    worker: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,16 @@ class Backward:
 
     idx: torch.Tensor | PackedIndices
     scores_NK: torch.Tensor
+    dy: torch.Tensor
+    worker: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class KeptBackward:
+    """``Backward`` of the lookup ``worker`` sent with ``keep=lookup``: only the output
+    gradient travels -> partial ``dscores_NK``."""
+
+    lookup: int
     dy: torch.Tensor
     worker: int = 0
 
@@ -183,11 +197,11 @@ class Stats:
 
 
 Request = (
-    Lookup | Backward | GradNorm | Step | Prefetch | ZeroGrad | Flush | ReadRows | WriteRows
-    | SaveRegion | SaveStatus | LoadRegion | SetSteps | Stats
+    Lookup | Backward | KeptBackward | GradNorm | Step | Prefetch | ZeroGrad | Flush | ReadRows
+    | WriteRows | SaveRegion | SaveStatus | LoadRegion | SetSteps | Stats
 )  # fmt: skip
-ORDERED = (Lookup, Backward, Prefetch)
-HOT = (Lookup, Backward, GradNorm, Step, Prefetch)
+ORDERED = (Lookup, Backward, KeptBackward, Prefetch)
+HOT = (Lookup, Backward, GradNorm, Step, Prefetch, KeptBackward)
 
 
 def in_order(req: Request) -> bool:
@@ -202,8 +216,10 @@ def to_tensors(req: Request) -> list[torch.Tensor]:
         case Lookup(idx, scores) | Backward(idx, scores):
             parts = [idx.rows_U, idx.inverse_NK] if isinstance(idx, PackedIndices) else [idx]
             packed = torch.tensor([len(parts)])
-            extra = [req.dy] if isinstance(req, Backward) else []
+            extra = [req.dy] if isinstance(req, Backward) else [torch.tensor([req.keep])]
             return [packed, *parts, scores, *extra]
+        case KeptBackward(lookup, dy):
+            return [dy, torch.tensor([lookup])]
         case GradNorm(scale):
             return [torch.tensor([scale], dtype=torch.float64)]
         case Step(scale, _, clip, ordered):
@@ -220,8 +236,10 @@ def from_tensors(kind: type, tensors: list[torch.Tensor], worker: int) -> Reques
         idx = PackedIndices(tensors[1], tensors[2]) if n == 2 else tensors[1]
         scores = tensors[1 + n]
         if kind is Lookup:
-            return Lookup(idx, scores)
+            return Lookup(idx, scores, int(tensors[2 + n][0]), worker)
         return Backward(idx, scores, tensors[2 + n], worker)
+    if kind is KeptBackward:
+        return KeptBackward(int(tensors[1][0]), tensors[0], worker)
     if kind is GradNorm:
         return GradNorm(float(tensors[0][0]), worker)
     if kind is Step:

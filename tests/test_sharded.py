@@ -17,7 +17,7 @@ from memdist import wire
 from memdist.assembly import build_model, make_engine, resolve_runtime, unique_tables
 from memdist.cluster.actors import ShardActor, stop_shards
 from memdist.cluster.plan import make_plan
-from memdist.cluster.shard import ShardServer
+from memdist.cluster.shard import KEPT_PER_WORKER, ShardServer
 from memdist.config import load_config
 from memdist.errors import ConfigError, ShardError, ShardTimeoutError
 from memdist.kernels import OptimizerSpec
@@ -244,6 +244,35 @@ def test_indices_travel_deduplicated():
     idx = torch.full((16, 8), 3)
     table.lookup(idx, torch.rand(16, 8))
     assert server.stats()["bytes_in"] == 8 + 16 * 8 * 4 + 16 * 8 * 4
+
+
+def test_a_backward_sends_only_the_output_gradient_and_is_kept_until_then():
+    plan = make_plan("row", 64, 4, 1)
+    server = ShardServer(plan.regions[0], "row", 4, OptimizerSpec(), seed=0)
+    table = RemoteTable(plan, InProcessTransport([server]), OptimizerSpec())
+    idx, scores = torch.randint(0, 64, (16, 8)), torch.rand(16, 8, requires_grad=True)
+    y = table.lookup(idx, scores)
+    sent = server.stats()["bytes_in"]
+    dy = torch.randn(16, 4)
+    y.backward(dy)
+    assert server.stats()["bytes_in"] - sent == dy.nbytes  # no indices, no scores
+    local = LocalTable(64, 4, seed=0)
+    s2 = scores.detach().clone().requires_grad_(True)
+    local.lookup(idx, s2).backward(dy)
+    assert torch.equal(scores.grad, s2.grad)
+    with pytest.raises(ShardError, match="lookup 0 of worker 0 is not kept here"):
+        server.handle(wire.KeptBackward(0, dy))  # it was used by the backward above
+    # Lookups whose backward never comes are dropped, oldest first.
+    for keep in range(1, KEPT_PER_WORKER + 2):
+        server.handle(wire.Lookup(idx, scores.detach(), keep=keep))
+    with pytest.raises(ShardError, match="lookup 1 of worker 0 is not kept here"):
+        server.handle(wire.KeptBackward(1, dy))
+    assert server.handle(wire.KeptBackward(KEPT_PER_WORKER + 1, dy)).shape == (16, 8)
+    assert server.stats()["kept_lookups"] == KEPT_PER_WORKER - 1
+    with torch.no_grad():  # evaluation keeps nothing
+        table.lookup(idx, scores)
+    table.lookup(idx, scores.detach())  # nor does a lookup no gradient flows back to
+    assert server.stats()["kept_lookups"] == KEPT_PER_WORKER - 1
 
 
 def test_lookup_is_sent_before_it_is_awaited():
