@@ -93,10 +93,11 @@ class Runner:
         t0 = time.perf_counter()
         loss = loss_fn(self.model(self.x[:, :-1]), self.x[:, 1:])
         loss.backward()
-        for table in self.tables:  # as memdist.step.train_step: before the dense step
-            table.step_async()
+        stepping = [table.step_async() for table in self.tables]  # as memdist.step.train_step
         self.opt.step()
         self.opt.zero_grad()
+        for pending in stepping:
+            pending.wait()
         return time.perf_counter() - t0
 
     def run(self, steps: int) -> None:

@@ -15,9 +15,9 @@ same parts in the same order, so all agree on the factor), then the step is sent
 with the clipping factor: exact over shards and workers.
 
 ``step_async()`` (how the training loop steps) sends the step without waiting: the
-shards serve this worker's later lookups, backwards and hints after it, so the
-update overlaps the dense optimizer's step and the next forward and training stays
-exact; the reply is collected by the next call that needs it.
+shards serve this worker's later lookups, backwards and hints after it, so training
+stays exact, and the update overlaps the dense optimizer's step; the loop then
+collects the reply (``wait()``), so a step is done, or has failed, before the next.
 
 Bounded staleness (``staleness=1``, off by default): ``step()`` sends the step and
 returns without waiting, and lookups may overtake it, so the next step's lookups
@@ -41,7 +41,7 @@ from memdist.cluster.plan import ShardingPlan
 from memdist.errors import CheckpointError, ShardError
 from memdist.kernels import OptimizerSpec
 from memdist.storage import table_store
-from memdist.table import PendingLookup, PendingSave, StepResult, ValueTable
+from memdist.table import PendingLookup, PendingSave, PendingStep, StepResult, ValueTable
 from memdist.transport import Transport
 from memdist.values import check_rows_state, clip_coef
 from memdist.wire import PackedIndices
@@ -83,6 +83,15 @@ class RemoteLookup(PendingLookup):
         if not torch.is_grad_enabled():
             return self.table._combine(self.handles).to(device, dtype)
         return _RemoteBag.apply(self.scores_NK, self).to(device)
+
+
+class _RemoteStep(PendingStep):
+    def __init__(self, table: RemoteTable) -> None:
+        self.table = table
+
+    def wait(self) -> StepResult:
+        self.table._settle()
+        return self.table._last
 
 
 class RemoteTable(ValueTable):
@@ -205,12 +214,13 @@ class RemoteTable(ValueTable):
             self._settle()
         return self._last
 
-    def step_async(self, grad_scale: float = 1.0) -> None:
+    def step_async(self, grad_scale: float = 1.0) -> PendingStep:
         """The step, sent without waiting: each shard serves this worker's next lookups,
         backwards and hints after it (they wait their turn there), so training stays
-        exactly that of ``step``; the reply is collected by the next call that needs it
-        (a backward, ``last_step``, a flush). With staleness on, as ``step``."""
+        exactly that of ``step``; ``wait()`` (or the next call that needs the reply: a
+        backward, ``last_step``, a flush) collects the reply and raises a shard's error."""
         self._send_step(grad_scale)
+        return _RemoteStep(self)
 
     def _send_step(self, grad_scale: float) -> None:
         self._settle()

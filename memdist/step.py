@@ -34,10 +34,12 @@ def train_step(engine, tables, micro_batches, device: torch.device, *, hint=None
     for i, (inputs_BT, targets_BT) in enumerate(micro_batches):
         loss = loss_fn(engine(inputs_BT.to(device)), targets_BT.to(device))
         engine.backward(loss)
-        if engine.is_gradient_accumulation_boundary():
-            for table in tables:  # remote tables' steps overlap the dense one's
-                table.step_async(grad_scale)
+        stepping = []
+        if engine.is_gradient_accumulation_boundary():  # remote tables' steps overlap the dense one
+            stepping = [table.step_async(grad_scale) for table in tables]
         engine.step()
+        for pending in stepping:  # the step is done (or has failed) before the next
+            pending.wait()
         loss_sum += float(loss.detach())
         following = micro_batches[i + 1][0] if i + 1 < len(micro_batches) else next_inputs
         if hint is not None and following is not None:

@@ -74,6 +74,23 @@ class PendingSave:
         return self._objects
 
 
+class PendingStep(ABC):
+    """A table step that has been started; ``wait()`` gives what it did."""
+
+    @abstractmethod
+    def wait(self) -> StepResult: ...
+
+
+class ReadyStep(PendingStep):
+    """A step done when it was started (a table in this process)."""
+
+    def __init__(self, result: StepResult) -> None:
+        self._result = result
+
+    def wait(self) -> StepResult:
+        return self._result
+
+
 class ValueTable(ABC):
     """Rows a memory layer reads, trained by their own sparse optimizer."""
 
@@ -100,12 +117,12 @@ class ValueTable(ABC):
         """Apply the sparse optimizer to the rows whose gradients arrived since the last
         step, scaled by ``grad_scale`` (and clipped if the optimizer spec says so)."""
 
-    def step_async(self, grad_scale: float = 1.0) -> None:
+    def step_async(self, grad_scale: float = 1.0) -> PendingStep:
         """``step`` without waiting for it where the rows are elsewhere: every later call
-        (a lookup included) sees the update, and ``last_step`` gives its result. The
-        training loop steps this way, so the update overlaps the dense optimizer's step
-        and the next forward. A table in this process steps at once."""
-        self.step(grad_scale)
+        (a lookup included) sees the update; ``wait()`` gives its result (or raises its
+        error). The training loop steps this way, so the update overlaps the dense
+        optimizer's step. A table in this process steps at once."""
+        return ReadyStep(self.step(grad_scale))
 
     @abstractmethod
     def zero_grad(self) -> None:
