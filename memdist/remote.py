@@ -21,10 +21,10 @@ collects the reply (``wait()``), so a step is done, or has failed, before the ne
 
 Bounded staleness (``staleness=1``, off by default): ``step()`` sends the step and
 returns without waiting, and lookups may overtake it, so the next step's lookups
-overlap the update; the reply is awaited before the next backward. A lookup may then read rows from before the
-previous update (on some shards and not others), and its backward uses the
-updated rows: training is no longer identical to a local table, and not
-deterministic. The lag never exceeds one step.
+overlap the update; the reply is awaited before the next backward. A lookup may
+then read rows from before the previous update (on some shards and not others), and
+its backward uses the updated rows: training is no longer identical to a local
+table, and not deterministic. The lag never exceeds one step.
 """
 
 from __future__ import annotations
