@@ -160,6 +160,7 @@ def start_remote_tables(
                     optimizer,
                     seed=seed,
                     backend=mem.backend,
+                    device="cuda" if sh.gpus_per_shard > 0 else "cpu",  # as Ray places them
                     **per_shard[r.shard],
                 )  # fmt: skip
                 for r in plan.regions
