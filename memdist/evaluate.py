@@ -117,10 +117,13 @@ def perplexity(model: Transformer, texts: Sequence[str], batch_size: int) -> tup
     return ppl, float(torch.log(torch.tensor(ppl)))
 
 
-def qa_scores(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
+def qa_scores(
+    predictions: Sequence[str], answers: Sequence[str], device: torch.device | None = None
+) -> dict[str, float]:
     """Exact match and token F1 in [0, 1], with SQuAD's answer normalisation (over every
-    worker's answers when torch.distributed is initialised)."""
-    metric = SQuAD()
+    worker's answers when torch.distributed is initialised). The metric's sums live on
+    ``device``, the model's: an NCCL group (GPU workers) reduces no CPU tensor."""
+    metric = SQuAD().to(device or "cpu")
     preds = [{"prediction_text": p, "id": str(i)} for i, p in enumerate(predictions)]
     target: list[dict[str, Any]] = [
         {"answers": {"answer_start": [0], "text": [a]}, "id": str(i)} for i, a in enumerate(answers)
@@ -172,7 +175,8 @@ def evaluate(
         qa = all_qa[rank::world]
         preds = greedy_answers(model, [q.prompt for q in qa], max_new_tokens, batch_size)
         result: dict[str, Any] = {"eval_loss": eval_loss, "ppl": ppl}
-        result.update(qa_scores(preds, [q.answer for q in qa]))
+        device = next(model.parameters()).device
+        result.update(qa_scores(preds, [q.answer for q in qa], device))
         result["qa_n"] = len(all_qa)
         result["qa_examples"] = [
             {"prompt": q.prompt, "answer": q.answer, "prediction": p}

@@ -55,13 +55,14 @@ class _RemoteBag(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores_NK, pending):
-        ctx.table, ctx.keep, ctx.dtype = pending.table, pending.keep, scores_NK.dtype
-        return pending.table._combine(pending.handles).to(scores_NK.dtype)
+        ctx.table, ctx.keep = pending.table, pending.keep
+        ctx.device, ctx.dtype = scores_NK.device, scores_NK.dtype
+        return pending.table._combine(pending.handles).to(scores_NK.device, scores_NK.dtype)
 
     @staticmethod
     def backward(ctx, dy_ND):
         dscores = ctx.table._backward(ctx.keep, dy_ND.to(ctx.table.payload))
-        return dscores.to(ctx.dtype), None
+        return dscores.to(ctx.device, ctx.dtype), None  # the shards' device may not be ours
 
 
 class RemoteLookup(PendingLookup):
@@ -82,7 +83,7 @@ class RemoteLookup(PendingLookup):
         device, dtype = self.scores_NK.device, self.scores_NK.dtype
         if not torch.is_grad_enabled():
             return self.table._combine(self.handles).to(device, dtype)
-        return _RemoteBag.apply(self.scores_NK, self).to(device)
+        return _RemoteBag.apply(self.scores_NK, self)
 
 
 class _RemoteStep(PendingStep):
