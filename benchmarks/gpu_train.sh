@@ -5,7 +5,8 @@
 # of equal FLOPs). The machine's python3 has torch and triton but not memdist's other
 # needs: wheels in .whl (deepspeed, zarr and theirs) are installed to /tmp/site first.
 # Ray is not among them (its wheel is over the call's 64 MiB), so shards run in-process.
-# Run from the repository root; logs go to $OUT (default /tmp/gpu_train). STEPS picks steps.
+# Run from the repository root; logs and summary.json (gpu_train_summary.py: tokens/s as
+# ratios to the dense peers) go to $OUT (default /tmp/gpu_train). STEPS picks steps.
 set -u
 STEPS=${STEPS:-tests local scale inprocess dense}
 OUT=${OUT:-/tmp/gpu_train}
@@ -29,7 +30,7 @@ python3 -c "import torch, triton, deepspeed, zarr, memdist; print('torch', torch
   2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
 # CPU shard servers use the C++ kernels: build them while the GPU tests run.
 python3 -c "from memdist.kernels import cpp_ops; print('cpp kernels', cpp_ops.available())" \
-  > "$OUT/cpp_build.txt" 2>&1 &
+  > "$work/cpp_build.txt" 2>&1 &
 
 train() {  # train NAME LOG ARGS...: one run; its final metrics line is the log's last line
   local name=$1 log=$2; shift 2
@@ -45,7 +46,7 @@ if [[ $STEPS == *tests* ]]; then
   echo "tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -12
 fi
 wait
-cat "$OUT/cpp_build.txt" | tail -2
+tail -1 "$work/cpp_build.txt" | tee -a "$OUT/gpu.txt"
 [[ $STEPS == *local* ]] && train small local --shards 0
 if [[ $STEPS == *scale* ]]; then
   wide=(--set model.dim=1024 --set model.n_layers=8 --set model.n_heads=16
@@ -59,3 +60,4 @@ fi
 [[ $STEPS == *dense* ]] && train dense dense --set eval.max_qa=50
 [[ $STEPS == *inprocess* ]] && train small inprocess --shards 2 --transport inprocess \
   --set eval.max_qa=50
+python3 benchmarks/gpu_train_summary.py "$OUT" --out "$OUT/summary.json"
