@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, overrides)
             run_dir = args.run_dir or default_run_dir(cfg)
             result = train(cfg, run_dir, progress=not args.no_progress, overwrite=args.overwrite)
+            _release_process_group()
         elif args.command == "checkpoint" and args.action == "export":
             from memdist.from_checkpoint import DEFAULT_MAX_TABLE_MB, export
 
@@ -282,6 +283,15 @@ def checkpoint_command(action: str, uri: str, endpoint_url: str | None) -> int:
         print(problem)
     print(json.dumps({"uri": target.uri, "ok": not problems, "problems": len(problems)}))
     return 1 if problems else 0
+
+
+def _release_process_group() -> None:
+    """End the one-process group a run in this process set up for DeepSpeed (NCCL warns
+    at exit about one left open)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _has_cuda() -> bool:
