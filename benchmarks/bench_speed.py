@@ -126,6 +126,12 @@ def bench_steps(rounds: int, steps: int, profiled: bool = False) -> dict:
         "dense": ("dense", []),
         "small_local": ("small", ["shards.count=0"]),
         "small_2ray": ("small", ["shards.count=2", "shards.transport=ray"]),
+        # The same shards with every message through Ray's object store (as before
+        # shards.shared_memory), in the same run.
+        "small_2ray_object_store": (
+            "small",
+            ["shards.count=2", "shards.transport=ray", "shards.shared_memory=false"],
+        ),
     }
     if has_cpp():  # main's kernels as a peer, in the same run
         models["small_local_torch"] = ("small", ["shards.count=0", "model.memory.backend=torch"])

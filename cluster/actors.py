@@ -23,7 +23,7 @@ from typing import Any
 
 import ray
 
-from memdist import wire
+from memdist import shm, wire
 from memdist.cluster.plan import ShardingPlan
 from memdist.cluster.shard import ShardServer
 from memdist.errors import ShardError
@@ -59,6 +59,7 @@ class _ShardActor(ShardServer):
         super().__init__(*args, restarted=restarted, **kwargs)
         self._turns = threading.Condition()
         self._next: dict[int, int] = {}  # worker -> sequence number of its next request
+        self._mapped = shm.Mapped(ray.get_runtime_context().get_node_id())
 
     @ray.method(concurrency_group="rows")
     def handle_ordered(self, req: Any, worker: int, seq: int) -> Any:
@@ -78,8 +79,12 @@ class _ShardActor(ShardServer):
 
     def handle_arrays(self, req: Any) -> Any:
         """``handle`` for a request in ``wire.to_arrays`` form (how RayTransport sends
-        them); the reply goes back in that form too."""
-        return wire.to_arrays(self.handle(wire.from_arrays(req)))
+        them); the reply goes back in that form too. A ``ShmRequest``'s arrays are read
+        from, and its reply's written to, the worker's shared memory."""
+        if not isinstance(req, shm.ShmRequest):
+            return wire.to_arrays(self.handle(wire.from_arrays(req)))
+        reply = self.handle(wire.from_arrays(self._mapped.request(req)))
+        return self._mapped.reply(req, wire.to_arrays(reply))
 
     def where(self) -> dict[str, Any]:
         return {**super().where(), "node": ray.get_runtime_context().get_node_id()}

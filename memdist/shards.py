@@ -44,13 +44,15 @@ class TablesSpec:
     timeout_s: float
     staleness: int
     optimizer: OptimizerSpec
+    shared_memory: bool = True  # RayTransport's same-node path (memdist.shm)
     rendezvous: list[Rendezvous] | None = None  # per table, for the collective transport
 
 
 def _transport(spec: TablesSpec, table: int, worker: int) -> RayTransport | CollectiveTransport:
     actors = spec.actors[table]
     if spec.rendezvous is None:
-        return RayTransport(actors, timeout_s=spec.timeout_s, worker=worker)
+        return RayTransport(actors, timeout_s=spec.timeout_s, worker=worker,
+                            shared_memory=spec.shared_memory)  # fmt: skip
     return CollectiveTransport(actors, spec.rendezvous[table], worker, timeout_s=spec.timeout_s)
 
 
@@ -200,5 +202,6 @@ def start_remote_tables(
         plans=group.plans, actors=actors_per_table, layers=len(mem.layers),
         shared=mem.shared_table, payload=sh.payload, timeout_s=sh.timeout_s,
         staleness=sh.staleness, optimizer=optimizer, rendezvous=rendezvous,
+        shared_memory=sh.shared_memory,
     )  # fmt: skip
     return connect_tables(group.spec, 0), group

@@ -9,7 +9,8 @@ to all shards are issued before any is awaited, so shards work concurrently.
 
 - ``InProcessTransport``: shard servers in this process (one machine, tests).
 - ``RayTransport``: shard servers in Ray actors; requests and replies travel
-  through Ray's object store.
+  through Ray's object store, the bulky ones to actors on the worker's node through
+  shared memory (``memdist.shm``).
 - ``memdist.collective.CollectiveTransport``: the per-step requests over a gloo
   group of memdist's own, the rest over Ray.
 """
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from memdist.errors import ShardError, ShardTimeoutError
+from memdist.shm import Channel, Channels, open_channels
 from memdist.wire import (
     Backward,
     KeptBackward,
@@ -87,15 +89,34 @@ class RayTransport(Transport):
     shard, so the actor serves them in the order they were sent (Ray does not promise
     that for a threaded actor)."""
 
-    def __init__(self, actors: Sequence[Any], timeout_s: float = 60.0, worker: int = 0) -> None:
+    def __init__(self, actors: Sequence[Any], timeout_s: float = 60.0, worker: int = 0,
+                 shared_memory: bool = True) -> None:  # fmt: skip
         self.actors = list(actors)
         self.shards = len(self.actors)
         self.timeout_s = timeout_s
         self.worker = worker
         self._seq = [0] * self.shards
+        self._shared_memory = shared_memory  # until the channels are opened (first use)
+        self._channels: Channels | None = None
+
+    def channel(self, shard: int) -> Channel | None:
+        """The shared-memory channel to ``shard`` when it runs on this node."""
+        if self._shared_memory and self._channels is None:
+            self._shared_memory = False  # opened once, whatever the outcome
+            self._channels = open_channels(self.actors, self.timeout_s)
+        return self._channels.by_shard[shard] if self._channels is not None else None
 
     def submit(self, shard: int, req: Request) -> Any:
-        return self._send(shard, req, to_arrays(req))
+        arrays = to_arrays(req)
+        if isinstance(req, BULKY) and (ch := self.channel(shard)) is not None:
+            try:
+                sent = ch.send(arrays)
+            except OSError:  # /dev/shm full (a container's 64 MB, say): Ray's path from now on
+                self._drop_channels([(shard, None, ch)])
+                sent = None
+            if sent is not None:
+                return self._send(shard, req, sent, ch)
+        return self._send(shard, req, arrays)
 
     def submit_all(self, reqs: Sequence[Request]) -> list[Any]:
         """A lookup or backward that several shards get goes into Ray's object store once
@@ -106,7 +127,9 @@ class RayTransport(Transport):
         stored: dict[int, Any] = {}  # id of a request -> its reference in the store
         handles = []
         for shard, req in enumerate(reqs):
-            if isinstance(req, BULKY) and sends[id(req)] > 1:
+            if isinstance(req, BULKY) and self.channel(shard) is not None:
+                handles.append(self.submit(shard, req))  # through shared memory
+            elif isinstance(req, BULKY) and sends[id(req)] > 1:
                 if id(req) not in stored:
                     stored[id(req)] = ray.put(to_arrays(req))
                 handles.append(self._send(shard, req, stored[id(req)]))
@@ -114,28 +137,40 @@ class RayTransport(Transport):
                 handles.append(self.submit(shard, req))
         return handles
 
-    def _send(self, shard: int, req: Request, sent: Any) -> Any:
-        """``sent``: ``req`` as ``to_arrays`` makes it, or a reference to that in the store."""
+    def _send(self, shard: int, req: Request, sent: Any, channel: Channel | None = None) -> Any:
+        """``sent``: ``req`` as ``to_arrays`` makes it, a reference to that in the store,
+        or its ``ShmRequest`` placed in ``channel``."""
         actor = self.actors[shard]
         if not in_order(req):
-            return (shard, actor.handle_arrays.remote(sent))
+            return (shard, actor.handle_arrays.remote(sent), channel)
         seq, self._seq[shard] = self._seq[shard], self._seq[shard] + 1
-        return (shard, actor.handle_ordered.remote(sent, self.worker, seq))
+        return (shard, actor.handle_ordered.remote(sent, self.worker, seq), channel)
 
     def wait(self, handles: Sequence[Any], what: str) -> list[Any]:
         import ray
 
-        refs = [ref for _, ref in handles]
+        refs = [ref for _, ref, _ in handles]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
         ready_set = set(ready)
         out = []
-        for shard, ref in handles:
+        for i, (shard, ref, channel) in enumerate(handles):
             if ref not in ready_set:
+                self._drop_channels(handles[i:])
                 raise timed_out(shard, what, self.timeout_s)
             try:
-                out.append(from_arrays(ray.get(ref)))
+                reply = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
+                self._drop_channels(handles[i:])
                 raise ShardError(f"memory shard {shard} died during {what}: {exc}") from exc
             except ray.exceptions.RayTaskError as exc:
+                self._drop_channels(handles[i:])
                 raise ShardError(f"memory shard {shard} failed during {what}: {exc}") from exc
+            out.append(from_arrays(channel.receive(reply) if channel is not None else reply))
         return out
+
+    def _drop_channels(self, handles: Sequence[Any]) -> None:
+        """Shards whose reply did not arrive may still write into their reply buffers:
+        later requests to them go through Ray's object store."""
+        for shard, _, channel in handles:
+            if channel is not None and self._channels is not None:
+                self._channels.by_shard[shard] = None
