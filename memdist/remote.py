@@ -46,6 +46,8 @@ from memdist.transport import Transport
 from memdist.values import check_rows_state, clip_coef
 from memdist.wire import PackedIndices
 
+INT32_ROWS = 2**31 - 1  # tables up to this many rows send their lookups' indices as int32
+
 SAVE_POLL_S = 0.1  # how often a waiting save asks the shards how far they are
 
 
@@ -74,9 +76,13 @@ class RemoteLookup(PendingLookup):
         self.scores_NK = scores_NK
         training = torch.is_grad_enabled() and scores_NK.requires_grad
         self.keep = table._next_keep() if training else -1
-        packed = PackedIndices.pack(idx_NK.detach().cpu())
+        cpu = idx_NK.detach().cpu()
+        # int32 indices take no more bytes than packed ones (whose positions are int32)
+        # and cost nothing to make (packing took ~1 ms of a `small` lookup); a table past
+        # int32 rows sends each distinct row once as int64.
+        indices = cpu.to(torch.int32) if table.num_rows <= INT32_ROWS else PackedIndices.pack(cpu)
         payload = scores_NK.detach().cpu().to(table.payload)
-        req = wire.Lookup(packed, payload, self.keep, table.worker)
+        req = wire.Lookup(indices, payload, self.keep, table.worker)
         self.handles = table.transport.submit_all([req] * table.plan.shards)
 
     def wait(self) -> torch.Tensor:

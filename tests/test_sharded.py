@@ -229,7 +229,7 @@ def test_budget_too_small_for_one_step_is_refused():
         start_remote_tables(tiny("shards.count=2", "shards.budget_mb=0.001"))
 
 
-def test_indices_travel_deduplicated():
+def test_indices_travel_as_int32_or_deduplicated():
     from memdist.wire import PackedIndices
 
     idx = torch.tensor([[5, 9, 5, 5], [9, 9, 2**40, 5]])
@@ -237,13 +237,15 @@ def test_indices_travel_deduplicated():
     assert packed.rows_U.tolist() == [5, 9, 2**40] and packed.inverse_NK.dtype == torch.int32
     assert torch.equal(packed.unpack(), idx)
     assert packed.nbytes == 3 * 8 + 8 * 4 < idx.numel() * 8
-    # A shard counts what actually arrived: packed indices plus scores.
+    # A lookup of a table of fewer than 2**31 rows sends its indices as int32, no more
+    # bytes than packed ones (positions are int32 there too) and nothing to make; a shard
+    # counts what actually arrived: int32 indices plus scores.
     plan = make_plan("row", 64, 4, 1)
     server = ShardServer(plan.regions[0], "row", 4, OptimizerSpec(), seed=0)
     table = RemoteTable(plan, InProcessTransport([server]), OptimizerSpec())
     idx = torch.full((16, 8), 3)
     table.lookup(idx, torch.rand(16, 8))
-    assert server.stats()["bytes_in"] == 8 + 16 * 8 * 4 + 16 * 8 * 4
+    assert server.stats()["bytes_in"] == 16 * 8 * 4 + 16 * 8 * 4
 
 
 def test_a_backward_sends_only_the_output_gradient_and_is_kept_until_then():
@@ -310,7 +312,7 @@ def test_bf16_payload_halves_the_bytes_and_stays_close():
         y = tables[0].lookup(idx, scores)
         assert y.dtype == torch.float32
         sent = tables[0].stats()[0]["bytes_in"]
-        assert sent == 8 * 16 * 4 + (idx.unique().numel() * 8) + 8 * 16 * 2  # int32 map, rows, bf16
+        assert sent == 8 * 16 * 4 + 8 * 16 * 2  # int32 indices, bf16 scores
     finally:
         group.stop()
 
