@@ -195,7 +195,8 @@ class ShardsConfig:
     staleness: int = 0  # 1: a step's update may overlap the next step's lookups (not exact)
     prefetch: bool = False  # hint the next batch's rows to zarr-backed shards (exact)
     # Lookups, backwards and their replies to Ray shards on the worker's own node travel
-    # through /dev/shm instead of Ray's object store (same bits, less time a step).
+    # through shared memory (memdist.shm) instead of Ray's object store (same bits, less
+    # time a step).
     shared_memory: bool = True
 
 

@@ -5,25 +5,25 @@ Through Ray's object store every array over 100 KB costs about 1.5-2.5 ms a hop 
 project's 2-core machine, whatever its size (a 0.05 MB round trip to two actors took
 1.3 ms, 0.25 MB 2.9 ms, 1 MB 3.2 ms): a lookup and a backward of ``small`` spent more
 time there than in the shards' kernels. Instead the worker keeps, per shard actor on
-its node, a request and a reply buffer: files in ``/dev/shm`` it creates (space
-reserved with ``posix_fallocate``, so a full tmpfs is an error, never a SIGBUS), reuses
-and grows. A request's arrays are copied into the request buffer and only their
-places (``ShmArray``) travel through Ray, with the reply buffer's path; the actor
-copies them out, answers, and writes its reply's arrays into the reply buffer when
-they fit (else they travel through Ray, and the worker grows the buffer).
+its node, a request and a reply buffer: anonymous shared memory (``memfd_create``,
+space reserved with ``posix_fallocate``, so running out is an error, never a SIGBUS)
+that the actor opens through ``/proc/<worker pid>/fd``. No file is left anywhere: the
+memory goes when the last process holding it lets go, however it ends. A request's
+arrays are copied into the request buffer and only their places (``ShmArray``) travel
+through Ray, with the reply buffer's; the actor copies them out, answers, and writes
+its reply's arrays into the reply buffer when they fit (else they travel through Ray,
+and the worker grows the buffer).
 
 One bulky request per shard is in flight through the buffers at a time; another goes
-through Ray's object store, as does everything after a buffer could not be made (a
-full ``/dev/shm``) or a reply did not come (the actor may still write it). Buffers live
-until the transport is collected (the files are removed then, or at exit).
+through Ray's object store, as does everything after a buffer could not be made
+(memory short) or a reply did not come (the actor may still write it).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-import shutil
-import tempfile
+import threading
 import uuid
 import weakref
 from collections import OrderedDict
@@ -36,16 +36,24 @@ import torch
 from memdist.errors import ShardError
 from memdist.wire import _Array, _each, _Fields
 
-SHM_DIR = "/dev/shm"
 ALIGN = 64
 MIN_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
-class ShmArray:
-    """An array's place in a buffer: ``nbytes`` at ``offset`` of the file ``path``."""
+class Place:
+    """Where a buffer is: ``path`` opens it on this node; ``token`` names it for good
+    (a closed buffer's fd number, and so its path, can come back for another one)."""
 
     path: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class ShmArray:
+    """An array's place in a buffer: at ``offset`` of the buffer ``where``."""
+
+    where: Place
     offset: int
     shape: tuple[int, ...]
     np_dtype: str
@@ -56,27 +64,42 @@ class ShmArray:
 class ShmRequest:
     """A request whose arrays are in the sender's request buffer (``body``: the
     ``wire.to_arrays`` form with ``ShmArray`` leaves), from a process on ``node``; the
-    reply's arrays go to ``reply_path`` if they fit in its ``reply_bytes``."""
+    reply's arrays go to the buffer ``reply`` if they fit in its ``reply_bytes``."""
 
     body: Any
     node: str
-    reply_path: str
+    reply: Place
     reply_bytes: int
 
 
 class Buffer:
-    """A file of ``nbytes`` in shared memory, mapped here."""
+    """Shared memory of ``nbytes``, mapped here: ``Buffer.create`` makes one, ``Buffer.open``
+    maps one another process on this node made."""
 
-    def __init__(self, path: str, nbytes: int, *, create: bool) -> None:
-        self.path, self.nbytes = path, nbytes
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+    def __init__(self, where: Place, fd: int, nbytes: int) -> None:
+        self.where, self.nbytes = where, nbytes
+        self.map = mmap.mmap(fd, nbytes)
+        self.bytes = np.frombuffer(self.map, dtype=np.uint8)
+
+    @classmethod
+    def create(cls, nbytes: int) -> Buffer:
+        fd = os.memfd_create("memdist-shm")
         try:
-            if create:
-                os.posix_fallocate(fd, 0, nbytes)  # ENOSPC now rather than SIGBUS later
-            self.map = mmap.mmap(fd, nbytes)
+            os.posix_fallocate(fd, 0, nbytes)  # an error now rather than SIGBUS at a write
+            buf = cls(Place(f"/proc/{os.getpid()}/fd/{fd}", uuid.uuid4().hex), fd, nbytes)
+        except BaseException:
+            os.close(fd)
+            raise
+        weakref.finalize(buf, os.close, fd)  # the path stays valid while the buffer lives
+        return buf
+
+    @classmethod
+    def open(cls, where: Place) -> Buffer:
+        fd = os.open(where.path, os.O_RDWR)
+        try:
+            return cls(where, fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
-        self.bytes = np.frombuffer(self.map, dtype=np.uint8)
 
 
 def arrays_nbytes(obj: Any) -> int:
@@ -108,7 +131,7 @@ def place(obj: Any, buf: Buffer) -> Any:
         if isinstance(x, _Array):
             a = np.ascontiguousarray(x.array)
             buf.bytes[offset : offset + a.nbytes] = a.reshape(-1).view(np.uint8)
-            out = ShmArray(buf.path, offset, a.shape, a.dtype.str, x.dtype)
+            out = ShmArray(buf.where, offset, a.shape, a.dtype.str, x.dtype)
             offset += -(-a.nbytes // ALIGN) * ALIGN
             return out
         if isinstance(x, _Fields):
@@ -119,14 +142,14 @@ def place(obj: Any, buf: Buffer) -> Any:
 
 
 def take(obj: Any, buffer_at: Any) -> Any:
-    """``obj`` with each ``ShmArray`` copied out of its buffer (``buffer_at(path)``) into
+    """``obj`` with each ``ShmArray`` copied out of its buffer (``buffer_at(place)``) into
     an ``_Array`` of its own memory (the ``wire.to_arrays`` form again)."""
 
     def get(x: Any) -> Any:
         if isinstance(x, ShmArray):
             dt = np.dtype(x.np_dtype)
             n = int(np.prod(x.shape, dtype=np.int64)) * dt.itemsize
-            raw = buffer_at(x.path).bytes[x.offset : x.offset + n]
+            raw = buffer_at(x.where).bytes[x.offset : x.offset + n]
             return _Array(raw.view(dt).reshape(x.shape).copy(), x.dtype)
         if isinstance(x, _Fields):
             return _Fields(x.cls, {k: get(v) for k, v in x.fields.items()})
@@ -138,20 +161,18 @@ def take(obj: Any, buffer_at: Any) -> Any:
 class Channel:
     """A worker's request and reply buffers for one shard actor on its node."""
 
-    def __init__(self, folder: str, node: str) -> None:
-        self.folder, self.node = folder, node
+    def __init__(self, node: str) -> None:
+        self.node = node
         self.request: Buffer | None = None
         self.reply: Buffer | None = None
         self.reply_wanted = MIN_BYTES
         self.busy = False
 
-    def _fresh(self, old: Buffer | None, nbytes: int) -> Buffer:
+    @staticmethod
+    def _fresh(old: Buffer | None, nbytes: int) -> Buffer:
         if old is not None and old.nbytes >= nbytes:
             return old
-        if old is not None:
-            os.unlink(old.path)  # the actor's mapping, if any, keeps its pages until it drops it
-        size = max(MIN_BYTES, 1 << (nbytes - 1).bit_length())
-        return Buffer(os.path.join(self.folder, uuid.uuid4().hex), size, create=True)
+        return Buffer.create(max(MIN_BYTES, 1 << (nbytes - 1).bit_length()))
 
     def send(self, arrays: Any) -> ShmRequest | None:
         """``arrays`` placed in the request buffer, or None when a request is in flight."""
@@ -161,60 +182,54 @@ class Channel:
         self.reply = self._fresh(self.reply, self.reply_wanted)
         self.busy = True
         body = place(arrays, self.request)
-        return ShmRequest(body, self.node, self.reply.path, self.reply.nbytes)
+        return ShmRequest(body, self.node, self.reply.where, self.reply.nbytes)
 
     def receive(self, reply: Any) -> Any:
         """The reply in ``to_arrays`` form, from the reply buffer where it was placed."""
         assert self.reply is not None
         reply_buffer = self.reply
-        out = take(reply, lambda path: reply_buffer)
+        out = take(reply, lambda where: reply_buffer)
         self.reply_wanted = max(self.reply_wanted, arrays_nbytes(out))
         self.busy = False
         return out
 
 
-class Channels:
-    """The channels of one transport: per shard, one when the actor is on this node."""
-
-    def __init__(self, nodes: list[str | None], own_node: str) -> None:
-        self.folder = tempfile.mkdtemp(prefix="memdist-", dir=SHM_DIR)
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
-        self.by_shard = [Channel(self.folder, own_node) if n == own_node else None for n in nodes]
-
-
-def open_channels(actors: list[Any], timeout_s: float) -> Channels | None:
-    """Channels to the actors on this process's node; None where shared memory is not
-    there (no ``/dev/shm``, a Ray client, an actor that does not answer)."""
+def open_channels(actors: list[Any], timeout_s: float) -> list[Channel | None] | None:
+    """Per shard, a channel when its actor runs on this process's node; None where
+    shared memory cannot be had (no ``memfd_create``, a Ray client, an actor that does
+    not answer)."""
     import ray
 
-    if not os.path.isdir(SHM_DIR) or not os.access(SHM_DIR, os.W_OK):
+    if not hasattr(os, "memfd_create") or not os.path.isdir(f"/proc/{os.getpid()}/fd"):
         return None
     try:
         own = ray.get_runtime_context().get_node_id()
         nodes = [w.get("node") for w in ray.get([a.where.remote() for a in actors],
                                                 timeout=timeout_s)]  # fmt: skip
-        channels = Channels(nodes, own)
     except Exception:  # any failure here leaves the object store path, which reports it
         return None
-    return channels if any(c is not None for c in channels.by_shard) else None
+    channels = [Channel(own) if n == own else None for n in nodes]
+    return channels if any(c is not None for c in channels) else None
 
 
 class Mapped:
-    """A shard actor's mappings of the buffers its workers name (the few newest)."""
+    """A shard actor's mappings of the buffers its workers name (the newest ``keep``)."""
 
     def __init__(self, node: str, keep: int = 64) -> None:
         self.node, self.keep = node, keep
         self._maps: OrderedDict[str, Buffer] = OrderedDict()
+        self._lock = threading.Lock()  # the actor serves requests on several threads
 
-    def __call__(self, path: str) -> Buffer:
-        buf = self._maps.get(path)
-        if buf is None:
-            buf = Buffer(path, os.stat(path).st_size, create=False)
-            self._maps[path] = buf
-            while len(self._maps) > self.keep:
-                self._maps.popitem(last=False)
-        self._maps.move_to_end(path)
-        return buf
+    def __call__(self, where: Place) -> Buffer:
+        with self._lock:
+            buf = self._maps.get(where.token)
+            if buf is None:
+                buf = Buffer.open(where)
+                self._maps[where.token] = buf
+                while len(self._maps) > self.keep:
+                    self._maps.popitem(last=False)
+            self._maps.move_to_end(where.token)
+            return buf
 
     def request(self, req: ShmRequest) -> Any:
         """The request's ``to_arrays`` form, copied out of the sender's buffer."""
@@ -231,4 +246,4 @@ class Mapped:
         they fit, else as they are."""
         if arrays_nbytes(arrays) > req.reply_bytes:
             return arrays
-        return place(arrays, self(req.reply_path))
+        return place(arrays, self(req.reply))

@@ -22,8 +22,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from memdist.errors import ShardError, ShardTimeoutError
-from memdist.shm import Channel, Channels, open_channels
+from memdist.errors import MemdistError, ShardError, ShardTimeoutError
+from memdist.shm import Channel, open_channels
 from memdist.wire import (
     Backward,
     KeptBackward,
@@ -97,21 +97,21 @@ class RayTransport(Transport):
         self.worker = worker
         self._seq = [0] * self.shards
         self._shared_memory = shared_memory  # until the channels are opened (first use)
-        self._channels: Channels | None = None
+        self._channels: list[Channel | None] | None = None
 
     def channel(self, shard: int) -> Channel | None:
         """The shared-memory channel to ``shard`` when it runs on this node."""
         if self._shared_memory and self._channels is None:
             self._shared_memory = False  # opened once, whatever the outcome
             self._channels = open_channels(self.actors, self.timeout_s)
-        return self._channels.by_shard[shard] if self._channels is not None else None
+        return self._channels[shard] if self._channels is not None else None
 
     def submit(self, shard: int, req: Request) -> Any:
         arrays = to_arrays(req)
         if isinstance(req, BULKY) and (ch := self.channel(shard)) is not None:
             try:
                 sent = ch.send(arrays)
-            except OSError:  # /dev/shm full (a container's 64 MB, say): Ray's path from now on
+            except OSError:  # no memory for the buffer: Ray's path from now on
                 self._drop_channels([(shard, None, ch)])
                 sent = None
             if sent is not None:
@@ -164,7 +164,9 @@ class RayTransport(Transport):
                 raise ShardError(f"memory shard {shard} died during {what}: {exc}") from exc
             except ray.exceptions.RayTaskError as exc:
                 self._drop_channels(handles[i:])
-                raise ShardError(f"memory shard {shard} failed during {what}: {exc}") from exc
+                # A shard's own error says what went wrong; Ray's wrapper adds its traceback.
+                cause = exc.cause if isinstance(exc.cause, MemdistError) else exc
+                raise ShardError(f"memory shard {shard} failed during {what}: {cause}") from exc
             out.append(from_arrays(channel.receive(reply) if channel is not None else reply))
         return out
 
@@ -173,4 +175,4 @@ class RayTransport(Transport):
         later requests to them go through Ray's object store."""
         for shard, _, channel in handles:
             if channel is not None and self._channels is not None:
-                self._channels.by_shard[shard] = None
+                self._channels[shard] = None
