@@ -40,6 +40,9 @@ import statistics
 import time
 from pathlib import Path
 
+import spin  # noqa: F401  (first: OpenMP reads its spin when torch loads)
+
+# isort: split
 import torch
 from report import machine, versions, write
 
@@ -306,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", action="store_true", help="also profile 3 steps of dense and small")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--name", default="speed")
+    p.add_argument("--default-spin", action="store_true", help=spin.HELP)
     args = p.parse_args(argv)
     rounds, steps, calls = (1, 3, 3) if args.quick else (args.rounds, 3, 5)
     load_start = os.getloadavg()
