@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import spin  # noqa: F401  (first: OpenMP reads its spin when torch loads)
+import spin  # first: --spin must be in the environment before torch loads
 
 # isort: split
 import torch
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--big", action="store_true", help="also a 16M-row table (8 GB of values)")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--default-spin", action="store_true", help=spin.HELP)
+    p.add_argument("--spin", type=int, default=None, help=spin.HELP)
     parts = ("tables", "cache", "model_steps")
     p.add_argument("--only", choices=parts, action="append", help="run only these parts")
     args = p.parse_args(argv)

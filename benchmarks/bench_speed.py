@@ -40,7 +40,7 @@ import statistics
 import time
 from pathlib import Path
 
-import spin  # noqa: F401  (first: OpenMP reads its spin when torch loads)
+import spin  # first: --spin must be in the environment before torch loads
 
 # isort: split
 import torch
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", action="store_true", help="also profile 3 steps of dense and small")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--name", default="speed")
-    p.add_argument("--default-spin", action="store_true", help=spin.HELP)
+    p.add_argument("--spin", type=int, default=None, help=spin.HELP)
     args = p.parse_args(argv)
     rounds, steps, calls = (1, 3, 3) if args.quick else (args.rounds, 3, 5)
     load_start = os.getloadavg()

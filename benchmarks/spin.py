@@ -1,13 +1,15 @@
-"""Imported first by the benchmarks whose worker waits on shards: OpenMP's short spin as
-``memdist train`` has it (``memdist.openmp``), unless ``--default-spin`` is given (the
-OpenMP library's own, as before session 13), so both can be measured with one script."""
+"""Imported first by the benchmarks whose worker waits on shards: ``--spin N`` sets
+OpenMP's ``GOMP_SPINCOUNT`` (how many turns an idle thread spins before it sleeps;
+300,000 when unset) before torch loads, which is the only time libgomp reads it.
 
+A short spin keeps a worker that waits on its shards from holding a core they need
+(README, "Performance on CPU", sixth round); memdist does not set it, because it slowed
+``memdist train``'s own steps by more than it saved there."""
+
+import os
 import sys
 
-from memdist.openmp import prefer_short_spin
+HELP = "GOMP_SPINCOUNT for this run's processes (default: the environment's, else OpenMP's)"
 
-SHORT = "--default-spin" not in sys.argv
-if SHORT:
-    prefer_short_spin()
-
-HELP = "leave GOMP_SPINCOUNT to OpenMP (its own long spin), as before session 13"
+if "--spin" in sys.argv:
+    os.environ["GOMP_SPINCOUNT"] = sys.argv[sys.argv.index("--spin") + 1]

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from memdist.errors import ConfigError, MemdistError
-from memdist.openmp import prefer_short_spin
 
 
 def _json_safe(obj: Any) -> Any:
@@ -182,7 +181,6 @@ def cluster_command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    prefer_short_spin()  # before torch loads: its waits for shards leave the cores to them
     # Quiet third-party start-up chatter; our own progress goes to stderr via tqdm.
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     try:

@@ -1,17 +1,12 @@
-"""Test-wide environment: Triton's interpreter and DeepSpeed's CPU accelerator when no GPU,
-and OpenMP's short spin (``memdist.openmp``) as ``memdist train`` has it.
+"""Test-wide environment: Triton's interpreter and DeepSpeed's CPU accelerator when no GPU.
 
-Each must be set before triton, deepspeed or torch is first imported.
+Both must be set before triton or deepspeed is first imported.
 """
 
 import os
 
-from memdist.openmp import prefer_short_spin
-
-prefer_short_spin()  # inherited by the Ray instances and DeepSpeed processes tests start
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
