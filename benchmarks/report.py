@@ -25,7 +25,7 @@ def machine() -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),  # memdist.openmp
+        "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),  # OpenMP idle spin (spin.py)
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
