@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from fixed_batches import batches
 
 from memdist.assembly import build_model, make_engine, make_optimizer, resolve_runtime
 from memdist.assembly import unique_tables as unique
@@ -50,15 +51,6 @@ def cfg_for(device, *extra):
             *extra,
         ],
     )
-
-
-def batches(cfg, n, seed=1):
-    """Batches drawn from 8 fixed sequences, so 20 steps visibly lower the loss."""
-    g = torch.Generator().manual_seed(seed)
-    b, t = cfg.data.batch_size, cfg.data.seq_len
-    patterns = torch.randint(0, 256, (8, t + 1), generator=g)
-    data = patterns[torch.randint(0, 8, (n, b), generator=g)]
-    return [(d[:, :-1], d[:, 1:]) for d in data]
 
 
 def cpu_reference(data):

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from fixed_batches import batches
 
 from memdist.assembly import (
     build_model,
@@ -51,15 +52,6 @@ def tiny_cfg(*extra):
             *extra,
         ],
     )
-
-
-def batches(cfg, n, seed=1):
-    """Batches drawn from 8 fixed sequences, so a few steps visibly lower the loss."""
-    g = torch.Generator().manual_seed(seed)
-    b, t = cfg.data.batch_size, cfg.data.seq_len
-    patterns = torch.randint(0, 256, (8, t + 1), generator=g)
-    data = patterns[torch.randint(0, 8, (n, b), generator=g)]
-    return [(d[:, :-1], d[:, 1:]) for d in data]
 
 
 def reference_run(cfg, data, make_opt=make_optimizer, clip=None):

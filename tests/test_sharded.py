@@ -12,6 +12,7 @@ import time
 import pytest
 import ray
 import torch
+from fixed_batches import batches
 
 from memdist import wire
 from memdist.assembly import build_model, make_engine, resolve_runtime, unique_tables
@@ -47,13 +48,6 @@ def tiny(*extra):
         "model.memory.value_lr=0.01", "model.memory.value_eps=1e-4", "optim.eps=1e-6",
         "data.batch_size=4", "data.seq_len=16", "optim.warmup_steps=2", "train.steps=20", *extra,
     ])  # fmt: skip
-
-
-def batches(cfg, n):
-    g = torch.Generator().manual_seed(1)
-    patterns = torch.randint(0, 256, (8, cfg.data.seq_len + 1), generator=g)
-    data = patterns[torch.randint(0, 8, (n, cfg.data.batch_size), generator=g)]
-    return [(d[:, :-1], d[:, 1:]) for d in data]
 
 
 def run(cfg, steps=20, stats=None):
