@@ -182,9 +182,9 @@ class ShardServer:
             case ZeroGrad():
                 with self._cond:
                     return self.rows.zero_grad()
-            case Flush():
+            case Flush(max_rows):
                 with self._cond:
-                    return self.rows.flush()
+                    return self.rows.flush(max_rows)
             case ReadRows(start, stop):
                 return self.read_rows(start, stop)
             case WriteRows(start, state):

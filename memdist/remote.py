@@ -49,6 +49,10 @@ from memdist.wire import PackedIndices
 INT32_ROWS = 2**31 - 1  # tables up to this many rows send their lookups' indices as int32
 
 SAVE_POLL_S = 0.1  # how often a waiting save asks the shards how far they are
+# Rows a shard writes back per flush request: each request must end within
+# shards.timeout_s however large the cache (16384 rows of 128 columns under Adam are
+# ~25 MB, whose pages may all have to be read from disk first).
+FLUSH_ROWS = 16384
 
 
 class _RemoteBag(torch.autograd.Function):
@@ -245,10 +249,13 @@ class RemoteTable(ValueTable):
 
     def flush(self) -> None:
         """Wait for anything still in flight (a step sent under bounded staleness, hints)
-        and have zarr-backed shards write their cached rows back."""
+        and have zarr-backed shards write their cached rows back, ``FLUSH_ROWS`` rows a
+        request, until none is left: each request is bounded by the transport's timeout,
+        not the whole write-back, whose length grows with the cache."""
         self._settle()
         self._collect_prefetches()
-        self._each(wire.Flush(), "flush")
+        while any(self._each(wire.Flush(FLUSH_ROWS), "flush")):
+            pass
 
     def zero_grad(self) -> None:
         self._each(wire.ZeroGrad(), "zero_grad")

@@ -189,8 +189,10 @@ class SparseRows:
         self._grads = []
         self._merged = None
 
-    def flush(self) -> None:
-        """Rows held elsewhere are written back (a row cache); resident rows: nothing."""
+    def flush(self, max_rows: int | None = None) -> int:
+        """Rows held elsewhere are written back (a row cache), at most ``max_rows`` of
+        them; returns how many are still to write (resident rows: nothing, 0)."""
+        return 0
 
     def to_slots(self, local_NK: torch.Tensor, *, pin: bool = False) -> torch.Tensor:
         """Where rows sit in ``weight_VD``: the identity, every row is resident. ``pin``

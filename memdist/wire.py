@@ -138,7 +138,10 @@ class ZeroGrad:
 
 @dataclass(frozen=True, slots=True)
 class Flush:
-    """Write cached rows back to the shard's store."""
+    """Write cached rows back to the shard's store, at most ``max_rows`` of them (all
+    when None); the reply is the number still to write."""
+
+    max_rows: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

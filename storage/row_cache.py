@@ -207,18 +207,26 @@ class CachedRows(SparseRows):
         self.pinned[:] = False
 
     @_locked
-    def flush(self) -> None:
-        """Write every updated row back to zarr (the cache keeps its contents)."""
+    def flush(self, max_rows: int | None = None) -> int:
+        """Write updated rows back to zarr (the cache keeps its contents), the lowest
+        region rows first and at most ``max_rows`` of them, so that a caller bounded in
+        time can write a large cache back in pieces; the files are synced once no row is
+        left. Returns the number of updated rows still to write."""
         dirty = np.flatnonzero(self.dirty & (self.row_of >= 0))
         if dirty.size:
             dirty = dirty[np.argsort(self.row_of[dirty])]
+            left = dirty[max_rows:] if max_rows is not None else dirty[:0]
+            dirty = dirty[:max_rows] if max_rows is not None else dirty
             t = torch.from_numpy(dirty).to(self.device)
             data = {"values": self.weight_VD[t].cpu().numpy()}
             data.update({k: v[t].cpu().numpy() for k, v in self.state.items()})
             self.store.write(self.row_of[dirty], data)
             self.counters["writebacks"] += int(dirty.size)
             self.dirty[dirty] = False
+            if left.size:
+                return int(left.size)
         self.store.sync()
+        return 0
 
     def read_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Region rows ``[start, stop)`` and their state, read from zarr after a flush."""

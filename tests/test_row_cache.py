@@ -5,15 +5,18 @@ import pytest
 import torch
 import zarr
 
+from memdist import remote
 from memdist.cluster.plan import make_plan
 from memdist.cluster.shard import ShardServer
 from memdist.errors import ConfigError, ShardError
 from memdist.kernels import OptimizerSpec
+from memdist.remote import RemoteTable
 from memdist.storage import zarr_region
 from memdist.storage.row_cache import CachedRows, state_spec
 from memdist.storage.zarr_region import ZarrRegion
+from memdist.transport import InProcessTransport
 from memdist.values import init_values
-from memdist.wire import Step
+from memdist.wire import Flush, Step
 
 
 @pytest.mark.parametrize("kind", ["row", "column"])
@@ -182,3 +185,72 @@ def test_a_region_written_later_refuses_rows_until_then_and_reports_progress(tmp
         torch.testing.assert_close(later.read_rows(0, rows)[key], want, rtol=0, atol=0, msg=key)
     resident = ShardServer(region, "row", dim, spec, seed=2)
     assert resident.fill_progress() == (0, 0)
+
+
+def test_a_flush_in_pieces_writes_the_lowest_rows_first_and_counts_what_is_left(tmp_path):
+    spec = state_spec("sgd", 5)
+    store = ZarrRegion(tmp_path / "r", 50, 5, spec, chunk_rows=8,
+                       init_rows=lambda r0, r1: init_values(r0, r1, 5, seed=1).numpy())  # fmt: skip
+    cache = CachedRows(store, 10, OptimizerSpec("sgd", lr=1.0))
+    rows = np.array([40, 1, 17, 2, 33])
+    cache.accumulate(torch.from_numpy(cache.resolve(rows)), torch.ones(5, 5))
+    cache.step()
+    start = init_values(0, 50, 5, seed=1).numpy()
+    ordered = np.sort(rows)
+    for written, left in ((2, 3), (4, 1), (5, 0), (5, 0)):
+        assert cache.flush(2) == left
+        got = ZarrRegion(tmp_path / "r", 50, 5, spec, chunk_rows=8).read(ordered)["values"]
+        np.testing.assert_allclose(got[:written], start[ordered[:written]] - 1.0, rtol=1e-6)
+        np.testing.assert_array_equal(got[written:], start[ordered[written:]])
+    assert cache.counters["writebacks"] == 5
+
+
+class CountingTransport(InProcessTransport):
+    """Shard servers in this process; counts the flush requests each shard got."""
+
+    def __init__(self, servers):
+        super().__init__(servers)
+        self.flushes = [0] * len(servers)
+
+    def submit(self, shard, req):
+        self.flushes[shard] += isinstance(req, Flush)
+        return super().submit(shard, req)
+
+
+def test_a_remote_flush_writes_a_large_cache_back_in_bounded_requests(tmp_path, monkeypatch):
+    """Each flush request writes back at most FLUSH_ROWS rows (each must end within the
+    transport's timeout), and the table asks again until no shard has rows left."""
+    rows, dim = 200, 6
+    plan = make_plan("row", rows, dim, 2)
+    spec = OptimizerSpec("adam", lr=0.05)
+    cached = [ShardServer(r, "row", dim, spec, seed=3, store_path=str(tmp_path / f"s{r.shard}"),
+                          cache_rows=r.rows // 2) for r in plan.regions]  # fmt: skip
+    resident = [ShardServer(r, "row", dim, spec, seed=3) for r in plan.regions]
+    transport = CountingTransport(cached)
+    tables = [
+        RemoteTable(plan, transport, spec),
+        RemoteTable(plan, InProcessTransport(resident), spec),
+    ]
+    g = torch.Generator().manual_seed(0)
+    for _step in range(3):
+        idx = torch.randint(0, rows, (16, 4), generator=g)
+        scores = torch.rand(16, 4, generator=g, requires_grad=True)
+        dy = torch.randn(16, dim, generator=g)
+        for table in tables:
+            scores.grad = None
+            (table.lookup(idx, scores) * dy).sum().backward()
+            table.step()
+    dirty = [int(s.rows.dirty.sum()) for s in cached]
+    assert min(dirty) > 7  # enough that 7 rows a request takes several
+    monkeypatch.setattr(remote, "FLUSH_ROWS", 7)
+    tables[0].flush()
+    assert transport.flushes == [max(-(-n // 7) for n in dirty)] * 2
+    assert not any(s.rows.dirty.any() for s in cached)
+    for c, r in zip(cached, resident, strict=True):
+        region = ZarrRegion(c.rows.store.path, c.region.rows, dim, state_spec("adam", dim))
+        on_disk = region.read(np.arange(c.region.rows))
+        want = r.rows.read_rows(0, c.region.rows)  # the resident shard's rows, same steps
+        np.testing.assert_array_equal(on_disk.pop("values"), want.pop("weight").numpy())
+        assert {f"state.{k}" for k in on_disk} == want.keys()  # and the optimizer's state
+        for key, array in on_disk.items():
+            np.testing.assert_array_equal(array, want[f"state.{key}"].numpy(), err_msg=key)
