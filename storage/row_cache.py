@@ -191,15 +191,21 @@ class CachedRows(SparseRows):
     def region_index(self, slots_U: torch.Tensor) -> np.ndarray:
         return self.row_of[slots_U.cpu().numpy()]
 
+    @_locked
     def read_row_indices(self, local_U: np.ndarray) -> dict[str, torch.Tensor]:
-        """Region rows ``local_U`` and their state, read from zarr after a flush."""
-        with self.lock:
-            self.flush()
-            return self._as_state(self.store.read(local_U))
-
-    def _as_state(self, data: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Region rows ``local_U`` (sorted) and their state: resident rows from their
+        slots, the others from zarr. Nothing is written back, so a read of any size
+        costs no flush of the cache (a large one outlasts a shard's request timeout)."""
+        data = self.store.read(local_U)
         out = {"weight": torch.from_numpy(data["values"])}
         out.update({f"state.{k}": torch.from_numpy(data[k]) for k in self.state})
+        slots = self.slot_of[local_U]
+        at = np.flatnonzero(slots >= 0)
+        if at.size:  # the cache's copy is the newest
+            t = torch.from_numpy(slots[at]).to(self.device)
+            out["weight"][at] = self.weight_VD[t].cpu()
+            for k, v in self.state.items():
+                out[f"state.{k}"][at] = v[t].cpu()
         return out
 
     def zero_grad(self) -> None:
@@ -229,10 +235,8 @@ class CachedRows(SparseRows):
         return 0
 
     def read_rows(self, start: int, stop: int) -> dict[str, torch.Tensor]:
-        """Region rows ``[start, stop)`` and their state, read from zarr after a flush."""
-        with self.lock:
-            self.flush()
-            return self._as_state(self.store.read(np.arange(start, stop)))
+        """Region rows ``[start, stop)`` and their state (``read_row_indices``)."""
+        return self.read_row_indices(np.arange(start, stop))
 
     @_locked
     def write_rows(self, start: int, state: dict[str, torch.Tensor]) -> None:

@@ -205,6 +205,32 @@ def test_a_flush_in_pieces_writes_the_lowest_rows_first_and_counts_what_is_left(
     assert cache.counters["writebacks"] == 5
 
 
+def test_reading_rows_takes_resident_rows_from_the_cache_and_writes_nothing_back(tmp_path):
+    """A read (a save's, a remote ``read_rows``) costs no flush: updated rows come from
+    their slots, the others from zarr, and the files keep their old rows until a flush."""
+    spec = state_spec("adam", 5)
+    store = ZarrRegion(tmp_path / "r", 50, 5, spec, chunk_rows=8,
+                       init_rows=lambda r0, r1: init_values(r0, r1, 5, seed=1).numpy())  # fmt: skip
+    cache = CachedRows(store, 10, OptimizerSpec("adam", lr=0.5))
+    rows = np.array([1, 2, 17, 33, 40])
+    cache.accumulate(torch.from_numpy(cache.resolve(rows)), torch.ones(5, 5))
+    cache.step()
+    start = init_values(0, 50, 5, seed=1)
+    got = cache.read_rows(0, 50)
+    changed = torch.zeros(50, dtype=torch.bool)
+    changed[torch.from_numpy(rows)] = True
+    torch.testing.assert_close(got["weight"][~changed], start[~changed], rtol=0, atol=0)
+    torch.testing.assert_close(got["weight"][changed], start[changed] - 0.5, rtol=1e-5, atol=1e-6)
+    assert got["state.step"].tolist() == changed.long().tolist()
+    picked = cache.read_row_indices(np.array([2, 3, 40]))
+    for key, t in picked.items():
+        torch.testing.assert_close(t, got[key][[2, 3, 40]], rtol=0, atol=0, msg=key)
+    assert cache.counters["writebacks"] == 0 and cache.dirty.sum() == 5
+    on_disk = ZarrRegion(tmp_path / "r", 50, 5, spec, chunk_rows=8).read(rows)
+    np.testing.assert_array_equal(on_disk["values"], start[rows].numpy())
+    assert cache.flush() == 0 and cache.counters["writebacks"] == 5
+
+
 class CountingTransport(InProcessTransport):
     """Shard servers in this process; counts the flush requests each shard got."""
 
