@@ -1,10 +1,15 @@
 """A shard region's rows and optimizer state persisted as zarr arrays on local disk.
 
-Each shard has its own zarr group (``<root>/shard{s}``) holding ``values`` (rows x
-cols) and one array per optimizer state, all chunked by ``chunk_rows`` rows (about
-4 MiB of values per chunk, uncompressed), so no two shards ever write the same chunk.
-A new group is filled with the table's initial values chunk by chunk, never
-materialising the whole region in memory.
+Each shard has its own zarr group (``<root>/shard{s}``). A row's values and the
+optimizer state of the same width (Adam's two moments) lie side by side in one array,
+``rows`` (rows x parts x cols; its attribute ``parts`` names them, ``values`` first),
+so a row read from disk is one run of bytes: a row of 128 columns under Adam touches
+one or two 4 KiB pages, not a page in each of three files, which on a table larger
+than RAM is what the disk reads and the page cache must hold. Per-row state (Adam's
+step count, row-wise Adagrad) is an array of its own. All are chunked by
+``chunk_rows`` rows (about 4 MiB of values per chunk, uncompressed), so no two shards
+ever write the same chunk. A new group is filled with the table's initial values
+chunk by chunk, never materialising the whole region in memory.
 
 Rows are read and written through memory maps of the chunk files. The arrays are
 plain zarr v3 (raw little-endian chunks, every chunk written), so any zarr reader
@@ -37,9 +42,10 @@ from memdist.errors import CheckpointError, ConfigError, ShardError
 # Values and optimizer state are dense floats that do not compress, so chunks are raw.
 CHUNK_BYTES = 4 * 2**20
 # Open chunk maps per region: Linux allows about 65530 per process, and a 16M-row region
-# of 128 columns under Adam has about 8200 chunk files (values, two moments, steps).
+# of 128 columns under Adam has about 4100 chunk files (rows with their moments, steps).
 MAX_MAPS = 16384
 WRITE_EVERY_CHUNK: ArrayConfigParams = {"write_empty_chunks": True}  # zeros are a file too
+PACKED = "rows"  # the array holding a row's values and its state of the same width
 
 
 class ZarrRegion:
@@ -67,6 +73,9 @@ class ZarrRegion:
             chunk_rows = max(1024, CHUNK_BYTES // (4 * cols))
         self.chunk_rows = max(1, min(chunk_rows, rows))
         specs = {"values": ((cols,), "float32"), **state_spec}
+        self.packed = [n for n, (t, d) in specs.items() if t == (cols,) and d == "float32"]
+        layout = {PACKED: ((len(self.packed), cols), "float32")}
+        layout.update({n: spec for n, spec in specs.items() if n not in self.packed})
         exists = (self.path / "zarr.json").is_file()
         if exists and init_rows is not None:
             raise ConfigError(
@@ -74,9 +83,14 @@ class ZarrRegion:
                 "starts from its initial values: remove it or choose another shards.store_dir"
             )
         self.group = zarr.open_group(str(self.path), mode="a")
+        if exists and PACKED not in self.group:
+            raise CheckpointError(
+                f"{self.path} holds no {PACKED!r} array (a row's values beside its "
+                f"{self.packed[1:] or 'no'} state): not a region this memdist lays out"
+            )
         self.arrays: dict[str, Any] = {}
         self._unfilled: list[str] = []  # arrays created here whose chunks are not written yet
-        for name, (trailing, dtype) in specs.items():
+        for name, (trailing, dtype) in layout.items():
             shape = (rows, *trailing)
             if exists and name in self.group:
                 arr: Any = self.group[name]
@@ -91,6 +105,13 @@ class ZarrRegion:
                 )  # fmt: skip
                 self._unfilled.append(name)
             self.arrays[name] = arr
+        if PACKED in self._unfilled:
+            self.arrays[PACKED].attrs["parts"] = self.packed
+        elif list(self.arrays[PACKED].attrs.get("parts", [])) != self.packed:
+            raise CheckpointError(
+                f"zarr array {self.path / PACKED} holds parts "
+                f"{self.arrays[PACKED].attrs.get('parts')}, expected {self.packed}"
+            )
         self._init_rows = init_rows
         self.rows_filled = 0 if self._unfilled else rows  # progress of ``fill``
         self._maps: dict[tuple[str, int], np.memmap] = {}
@@ -106,8 +127,10 @@ class ZarrRegion:
         for r0 in range(self.rows_filled, self.rows, self.chunk_rows):
             r1 = min(self.rows, r0 + self.chunk_rows)
             for name in self._unfilled:
-                if name == "values" and self._init_rows is not None:
-                    self.arrays[name][r0:r1] = np.asarray(self._init_rows(r0, r1), np.float32)
+                if name == PACKED and self._init_rows is not None:
+                    block = np.zeros((r1 - r0, len(self.packed), self.cols), np.float32)
+                    block[:, 0] = np.asarray(self._init_rows(r0, r1), np.float32)
+                    self.arrays[name][r0:r1] = block
                 else:
                     self.arrays[name][r0:r1] = 0
             self.rows_filled = r1
@@ -186,21 +209,27 @@ class ZarrRegion:
 
     # -- rows -----------------------------------------------------------------------
     def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Every array's entries for the given local rows (sorted, unique)."""
+        """The values and each optimizer state of the given local rows (sorted, unique)."""
         self._check_filled()
         if not self.mapped:
-            return {name: arr.oindex[rows] for name, arr in self.arrays.items()}
-        out = {
-            name: np.empty((rows.size, *arr.shape[1:]), dtype=arr.dtype)
-            for name, arr in self.arrays.items()
-        }
-        for c, pos, within in self._prefault(rows):
-            for name in self.arrays:
-                out[name][pos] = self._map(name, c)[within]
-        return out
+            out = {name: arr.oindex[rows] for name, arr in self.arrays.items()}
+        else:
+            out = {
+                name: np.empty((rows.size, *arr.shape[1:]), dtype=arr.dtype)
+                for name, arr in self.arrays.items()
+            }
+            for c, pos, within in self._prefault(rows):
+                for name in self.arrays:
+                    out[name][pos] = self._map(name, c)[within]
+        packed = out.pop(PACKED)
+        return {n: np.ascontiguousarray(packed[:, i]) for i, n in enumerate(self.packed)} | out
 
     def write(self, rows: np.ndarray, data: dict[str, np.ndarray]) -> None:
+        """Write the values and each optimizer state (``read``'s keys) of local rows."""
         self._check_filled()
+        data = {n: data[n] for n in self.arrays if n != PACKED} | {
+            PACKED: np.stack([data[n] for n in self.packed], axis=1)
+        }
         if not self.mapped:
             for name, arr in self.arrays.items():
                 arr.oindex[rows] = data[name]

@@ -8,7 +8,7 @@ import zarr
 from memdist import remote
 from memdist.cluster.plan import make_plan
 from memdist.cluster.shard import ShardServer
-from memdist.errors import ConfigError, ShardError
+from memdist.errors import CheckpointError, ConfigError, ShardError
 from memdist.kernels import OptimizerSpec
 from memdist.remote import RemoteTable
 from memdist.storage import zarr_region
@@ -114,7 +114,7 @@ def test_store_persists_and_reopens(tmp_path):
     start = init_values(0, 50, 5, seed=1).numpy()
     np.testing.assert_allclose(got[[0, 1, 3]], start[[1, 2, 40]] - 1.0, rtol=1e-6)
     np.testing.assert_array_equal(got[2], start[3])
-    assert store.arrays["values"].chunks == (8, 5)
+    assert store.arrays["rows"].chunks == (8, 1, 5) and store.packed == ["values"]
     # A new table never silently continues from rows found on disk.
     with pytest.raises(ConfigError, match="already holds a zarr region"):
         ZarrRegion(tmp_path / "r", 50, 5, spec, init_rows=lambda r0, r1: np.zeros((r1 - r0, 5)))
@@ -124,18 +124,20 @@ def test_store_persists_and_reopens(tmp_path):
 def test_rows_written_are_what_zarr_itself_reads(tmp_path, layout, monkeypatch):
     """Rows go through memory maps of the raw chunk files; zarr reading the same arrays
     must see them, and arrays laid out otherwise (compressed) go through zarr."""
-    monkeypatch.setattr(zarr_region, "MAX_MAPS", 3)  # 20 chunk maps: closed and reopened
+    monkeypatch.setattr(zarr_region, "MAX_MAPS", 3)  # 10 chunk maps: closed and reopened
     spec = state_spec("adam", 6)
     path = tmp_path / "r"
     if layout == "compressed":  # e.g. written by another tool: zstd chunks
         group = zarr.open_group(str(path), mode="w")
-        for name, (trailing, dtype) in {"values": ((6,), "float32"), **spec}.items():
-            group.create_array(name, shape=(70, *trailing), chunks=(16, *trailing), dtype=dtype,
-                               fill_value=0)  # fmt: skip
+        for name, (trailing, dtype) in {"rows": ((3, 6), "float32"), "step": ((), "int64")}.items():
+            group.create_array(name, shape=(70, *trailing), chunks=(16, *trailing),
+                               dtype=dtype, fill_value=0)  # fmt: skip
+        group["rows"].attrs["parts"] = ["values", "exp_avg", "exp_avg_sq"]
     region = ZarrRegion(path, 70, 6, spec, chunk_rows=16)
     assert region.mapped == (layout == "raw")
+    assert list(region.arrays) == ["rows", "step"]  # a row's values beside its moments
     g = np.random.default_rng(0)
-    truth = {name: np.asarray(arr[:]) for name, arr in region.arrays.items()}
+    truth = region.read(np.arange(70))
     for _ in range(5):
         rows = np.unique(g.integers(0, 70, 20))
         data = {name: g.standard_normal((rows.size, *t.shape[1:])).astype(t.dtype)
@@ -149,11 +151,34 @@ def test_rows_written_are_what_zarr_itself_reads(tmp_path, layout, monkeypatch):
         for name in truth:
             np.testing.assert_array_equal(got[name], truth[name][rows], err_msg=name)
     region.sync()
-    for name, arr in zarr.open_group(str(path), mode="r").arrays():
-        np.testing.assert_array_equal(arr[:], truth[name], err_msg=name)
+    plain = zarr.open_group(str(path), mode="r")  # zarr alone, no memdist
+    parts = plain["rows"].attrs["parts"]
+    assert parts == ["values", "exp_avg", "exp_avg_sq"]
+    for i, name in enumerate(parts):
+        np.testing.assert_array_equal(plain["rows"][:, i], truth[name], err_msg=name)
+    np.testing.assert_array_equal(plain["step"][:], truth["step"])
     rows = np.array([0, 15, 16, 69])  # chunk edges and the last, partial chunk
     for name, got in region.read(rows).items():
         np.testing.assert_array_equal(got, truth[name][rows], err_msg=name)
+
+
+def test_a_region_laid_out_otherwise_is_refused_not_refilled(tmp_path):
+    """A group without the packed rows (one array per state, as memdist wrote before) or
+    whose rows pack other parts is a clear error, never a region of zeros."""
+    spec = state_spec("adam", 4)
+    old = zarr.open_group(str(tmp_path / "old"), mode="w")
+    for name, (trailing, dtype) in {"values": ((4,), "float32"), **spec}.items():
+        old.create_array(name, shape=(20, *trailing), chunks=(8, *trailing), dtype=dtype,
+                         fill_value=0)  # fmt: skip
+    with pytest.raises(CheckpointError, match="holds no 'rows' array"):
+        ZarrRegion(tmp_path / "old", 20, 4, spec, chunk_rows=8)
+    ZarrRegion(tmp_path / "sgd", 20, 4, state_spec("sgd", 4), chunk_rows=8,
+               init_rows=lambda r0, r1: np.ones((r1 - r0, 4)))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"has shape \(20, 1, 4\), expected \(20, 3, 4\)"):
+        ZarrRegion(tmp_path / "sgd", 20, 4, spec, chunk_rows=8)  # an SGD region read as Adam's
+    zarr.open_group(str(tmp_path / "sgd"))["rows"].attrs["parts"] = ["exp_avg"]
+    with pytest.raises(CheckpointError, match=r"holds parts \['exp_avg'\], expected"):
+        ZarrRegion(tmp_path / "sgd", 20, 4, state_spec("sgd", 4), chunk_rows=8)
 
 
 def test_cache_too_small_for_one_request_is_a_clear_error(tmp_path):
