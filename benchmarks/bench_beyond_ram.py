@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     table_bytes = args.n_keys**2 * ROW_BYTES
+    args.store.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(args.store).free
     if table_bytes * 1.02 > free:
         raise ConfigError(f"--store {args.store} has {free / 2**30:.1f} GiB free; the "

@@ -74,7 +74,9 @@ class ZarrRegion:
         self.chunk_rows = max(1, min(chunk_rows, rows))
         specs = {"values": ((cols,), "float32"), **state_spec}
         self.packed = [n for n, (t, d) in specs.items() if t == (cols,) and d == "float32"]
-        layout = {PACKED: ((len(self.packed), cols), "float32")}
+        layout: dict[str, tuple[tuple[int, ...], str]] = {
+            PACKED: ((len(self.packed), cols), "float32")
+        }
         layout.update({n: spec for n, spec in specs.items() if n not in self.packed})
         exists = (self.path / "zarr.json").is_file()
         if exists and init_rows is not None:
