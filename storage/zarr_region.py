@@ -46,6 +46,9 @@ CHUNK_BYTES = 4 * 2**20
 MAX_MAPS = 16384
 WRITE_EVERY_CHUNK: ArrayConfigParams = {"write_empty_chunks": True}  # zeros are a file too
 PACKED = "rows"  # the array holding a row's values and its state of the same width
+# Runs of touched pages at most this many pages apart are advised in one call: a dense
+# request (most pages touched) then costs a few calls a chunk, not one per run.
+WILLNEED_GAP_PAGES = 4
 
 
 class ZarrRegion:
@@ -107,6 +110,10 @@ class ZarrRegion:
                 )  # fmt: skip
                 self._unfilled.append(name)
             self.arrays[name] = arr
+        # what ``read`` gives and ``write`` takes -> (array, part of the packed rows)
+        self.fields: dict[str, tuple[str, int | None]] = {
+            n: (PACKED, i) for i, n in enumerate(self.packed)
+        } | {n: (n, None) for n in layout if n != PACKED}
         if PACKED in self._unfilled:
             self.arrays[PACKED].attrs["parts"] = self.packed
         elif list(self.arrays[PACKED].attrs.get("parts", [])) != self.packed:
@@ -201,7 +208,7 @@ class ZarrRegion:
                 row_bytes = mm.strides[0]
                 first = within * row_bytes // mmap.PAGESIZE
                 last = ((within + 1) * row_bytes - 1) // mmap.PAGESIZE
-                gap = first[1:] > last[:-1] + 1  # a run of pages ends before each gap
+                gap = first[1:] > last[:-1] + 1 + WILLNEED_GAP_PAGES  # a run ends there
                 starts = first[np.concatenate([[True], gap])] * mmap.PAGESIZE
                 stops = np.minimum((last[np.concatenate([gap, [True]])] + 1) * mmap.PAGESIZE,
                                    mm.nbytes)  # fmt: skip
@@ -210,35 +217,42 @@ class ZarrRegion:
         return parts
 
     # -- rows -----------------------------------------------------------------------
+    def _field(self, name: str, c: int) -> np.ndarray:
+        """Chunk ``c`` of field ``name`` as a (strided) view of its chunk map."""
+        array, part = self.fields[name]
+        mm = self._map(array, c)
+        return mm if part is None else mm[:, part]
+
     def read(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The values and each optimizer state of the given local rows (sorted, unique)."""
         self._check_filled()
         if not self.mapped:
-            out = {name: arr.oindex[rows] for name, arr in self.arrays.items()}
-        else:
-            out = {
-                name: np.empty((rows.size, *arr.shape[1:]), dtype=arr.dtype)
-                for name, arr in self.arrays.items()
+            got = {name: arr.oindex[rows] for name, arr in self.arrays.items()}
+            return {
+                name: got[a] if part is None else np.ascontiguousarray(got[a][:, part])
+                for name, (a, part) in self.fields.items()
             }
-            for c, pos, within in self._prefault(rows):
-                for name in self.arrays:
-                    out[name][pos] = self._map(name, c)[within]
-        packed = out.pop(PACKED)
-        return {n: np.ascontiguousarray(packed[:, i]) for i, n in enumerate(self.packed)} | out
+        out = {}
+        for name, (a, part) in self.fields.items():
+            arr = self.arrays[a]
+            shape = arr.shape[1:] if part is None else arr.shape[2:]
+            out[name] = np.empty((rows.size, *shape), dtype=arr.dtype)
+        for c, pos, within in self._prefault(rows):
+            for name in self.fields:  # each part gathered straight from the map
+                out[name][pos] = self._field(name, c)[within]
+        return out
 
     def write(self, rows: np.ndarray, data: dict[str, np.ndarray]) -> None:
         """Write the values and each optimizer state (``read``'s keys) of local rows."""
         self._check_filled()
-        data = {n: data[n] for n in self.arrays if n != PACKED} | {
-            PACKED: np.stack([data[n] for n in self.packed], axis=1)
-        }
         if not self.mapped:
+            packed = np.stack([data[n] for n in self.packed], axis=1)
             for name, arr in self.arrays.items():
-                arr.oindex[rows] = data[name]
+                arr.oindex[rows] = packed if name == PACKED else data[name]
             return
         for c, pos, within in self._prefault(rows):  # a write reads the page first
-            for name in self.arrays:
-                self._map(name, c)[within] = data[name][pos]
+            for name in self.fields:
+                self._field(name, c)[within] = data[name][pos]
 
     def bytes_on_disk(self) -> int:
         """Size of the region's chunk files (values and optimizer state)."""
