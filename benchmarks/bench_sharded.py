@@ -4,8 +4,10 @@ Three measurements, one JSON object (machine, versions, config, results):
 
 1. ``tables``: lookup + backward + sparse step per token for a local table and for
    RemoteTables with M shards (row and column plans; in-process, Ray and collective
-   transports), as a ratio to the local table; bytes moved per token from the
-   shards' own counters.
+   transports), as a ratio to the local table (``vs_local``: timed first and last,
+   the faster; ``vs_local_interleaved``: the local table timed in alternation with each
+   layout, medians, which a machine shared with other tenants skews least); bytes
+   moved per token from the shards' own counters.
 2. ``cache``: the same for one shard whose zarr-backed region is 4x its row cache,
    against the in-memory shard.
 3. ``model_steps``: a full training step of the small model (local table, SGD
@@ -19,6 +21,7 @@ Three measurements, one JSON object (machine, versions, config, results):
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -48,18 +51,32 @@ def workload(rows: int, tokens: int, bag: int, dim: int, seed: int = 0):
     return idx, scores, dy
 
 
+def one_pass(table, batches) -> float:
+    """Seconds of lookup + backward + step over the batches."""
+    t0 = time.perf_counter()
+    for idx, scores, dy in batches:
+        s = scores.clone().requires_grad_(True)
+        table.lookup(idx, s).backward(dy)
+        table.step_async().wait()
+    return time.perf_counter() - t0
+
+
 def time_table(table, batches, repeats: int) -> float:
     """Median seconds of lookup + backward + step over the batches."""
-    times = []
+    times = [one_pass(table, batches) for _ in range(repeats + 1)][1:]  # the first warms up
+    return statistics.median(times)
+
+
+def time_paired(table, peer, batches, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of a pass of ``table`` and of ``peer``, alternating, after a warm-up pass
+    of each: on a machine shared with other tenants both see the same load."""
+    times: tuple[list[float], list[float]] = ([], [])
     for r in range(repeats + 1):
-        t0 = time.perf_counter()
-        for idx, scores, dy in batches:
-            s = scores.clone().requires_grad_(True)
-            table.lookup(idx, s).backward(dy)
-            table.step_async().wait()
-        if r:  # the first pass warms up
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        for out, t in zip(times, (table, peer), strict=True):
+            sec = one_pass(t, batches)
+            if r:
+                out.append(sec)
+    return times
 
 
 def shard_bytes(table) -> int:
@@ -98,13 +115,17 @@ def bench_tables(rows, dim, tokens, bag, shard_counts, transports, repeats) -> l
                         [ShardServer(r, kind, dim, ADAM, seed=0) for r in plan.regions]
                     )
                 table = RemoteTable(plan, t, ADAM)
-                sec = time_table(table, batches, repeats)
+                mine, peer = time_paired(table, local, batches, repeats)
                 passes = repeats + 1
                 out.append({
                     "impl": f"{transport}/{kind}", "shards": m,
                     "bytes_per_token": shard_bytes(table) / (n_tokens * passes),
+                    # against the local table timed in alternation with it
+                    "local_us_per_token_interleaved": statistics.median(peer) / n_tokens * 1e6,
+                    "vs_local_interleaved": statistics.median(mine) / statistics.median(peer),
+                    "vs_local_interleaved_fastest": min(mine) / min(peer),
                 })  # fmt: skip
-                secs.append(sec)
+                secs.append(statistics.median(mine))
                 if actors:
                     stop_shards(actors)
     local_sec.append(time_table(local, batches, repeats))
