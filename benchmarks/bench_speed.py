@@ -95,8 +95,10 @@ class Runner:
     def step(self) -> float:
         t0 = time.perf_counter()
         loss = loss_fn(self.model(self.x[:, :-1]), self.x[:, 1:])
+        for table in self.tables:  # as memdist.step.train_step; a "before" install may lack it
+            getattr(table, "expect_step", lambda: None)()
         loss.backward()
-        stepping = [table.step_async() for table in self.tables]  # as memdist.step.train_step
+        stepping = [table.step_async() for table in self.tables]
         self.opt.step()
         self.opt.zero_grad()
         for pending in stepping:

@@ -18,6 +18,11 @@ with the clipping factor: exact over shards and workers.
 shards serve this worker's later lookups, backwards and hints after it, so training
 stays exact, and the update overlaps the dense optimizer's step; the loop then
 collects the reply (``wait()``), so a step is done, or has failed, before the next.
+When the loop said so first (``expect_step``, before the last micro-batch's backward)
+the step goes out right behind the backward of the last lookup still awaiting one, in
+the same order on every shard as if sent later, and ``step_async`` only collects it:
+one round trip a step fewer, and the update overlaps the rest of the backward too.
+Not with ``grad_clip`` (the step needs the summed gradient norm first) or staleness.
 
 Bounded staleness (``staleness=1``, off by default): ``step()`` sends the step and
 returns without waiting, and lookups may overtake it, so the next step's lookups
@@ -38,7 +43,7 @@ import torch
 
 from memdist import kernels, wire
 from memdist.cluster.plan import ShardingPlan
-from memdist.errors import CheckpointError, ShardError
+from memdist.errors import CheckpointError, ConfigError, ShardError
 from memdist.kernels import OptimizerSpec
 from memdist.storage import table_store
 from memdist.table import PendingLookup, PendingSave, PendingStep, StepResult, ValueTable
@@ -136,6 +141,9 @@ class RemoteTable(ValueTable):
         self._prefetches: list[Any] = []  # hints sent, replies not yet collected
         self._prefetched = 0  # rows the shards read from zarr on this worker's hints
         self._kept = 0  # the number the next lookup under autograd is kept by on the shards
+        self._backwards_due = 0  # lookups kept on the shards whose backward has not run
+        self._expected: float | None = None  # grad_scale of the step ``expect_step`` announced
+        self._sent_early: float | None = None  # grad_scale of a step sent behind a backward
 
     def _wait(self, handles: list[Any], what: str) -> list[Any]:
         t0 = time.perf_counter()
@@ -176,6 +184,7 @@ class RemoteTable(ValueTable):
 
     def _next_keep(self) -> int:
         keep, self._kept = self._kept, self._kept + 1
+        self._backwards_due += 1
         return keep
 
     def _backward(self, keep: int, dy_ND: torch.Tensor) -> torch.Tensor:
@@ -190,7 +199,13 @@ class RemoteTable(ValueTable):
             ]
         else:
             reqs = [wire.KeptBackward(keep, dy_ND, self.worker)] * self.plan.shards
-        parts = [p.float() for p in self._call_all(reqs, "backward")]
+        self._settle()
+        handles = self.transport.submit_all(reqs)
+        self._backwards_due -= 1
+        if self._expected is not None and self._backwards_due == 0:  # the step's last gradient
+            self._sent_early, self._expected = self._expected, None
+            self._send_step(self._sent_early)
+        parts = [p.float() for p in self._wait(handles, "backward")]
         dscores = parts[0]
         for part in parts[1:]:
             dscores = dscores + part
@@ -220,7 +235,7 @@ class RemoteTable(ValueTable):
         """This worker's step. ``grad_scale`` must be the same on every worker (1/workers
         for an average, as DeepSpeed averages dense gradients). Returns what the step did
         (with staleness on: the previous step, whose reply was awaited here)."""
-        self._send_step(grad_scale)
+        self._begin_step(grad_scale)
         if not self.staleness:
             self._settle()
         return self._last
@@ -230,8 +245,24 @@ class RemoteTable(ValueTable):
         backwards and hints after it (they wait their turn there), so training stays
         exactly that of ``step``; ``wait()`` (or the next call that needs the reply: a
         backward, ``last_step``, a flush) collects the reply and raises a shard's error."""
-        self._send_step(grad_scale)
+        self._begin_step(grad_scale)
         return _RemoteStep(self)
+
+    def expect_step(self, grad_scale: float = 1.0) -> None:
+        if self.spec.grad_clip is None and not self.staleness:
+            self._expected = grad_scale
+
+    def _begin_step(self, grad_scale: float) -> None:
+        """Send the step, unless it went out behind the last backward already."""
+        early, self._sent_early, self._expected = self._sent_early, None, None
+        self._backwards_due = 0  # a step ends its micro-batches: no backward is still due
+        if early is None:
+            self._send_step(grad_scale)
+        elif early != grad_scale:
+            raise ConfigError(
+                f"step(grad_scale={grad_scale}) after expect_step(grad_scale={early}): the "
+                f"step was sent with {early} already; announce the scale the step uses"
+            )
 
     def _send_step(self, grad_scale: float) -> None:
         self._settle()

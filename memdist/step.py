@@ -33,9 +33,12 @@ def train_step(engine, tables, micro_batches, device: torch.device, *, hint=None
     loss_sum = 0.0
     for i, (inputs_BT, targets_BT) in enumerate(micro_batches):
         loss = loss_fn(engine(inputs_BT.to(device)), targets_BT.to(device))
+        boundary = engine.is_gradient_accumulation_boundary()
+        for table in tables if boundary else ():  # remote tables send it behind the backward
+            table.expect_step(grad_scale)
         engine.backward(loss)
         stepping = []
-        if engine.is_gradient_accumulation_boundary():  # remote tables' steps overlap the dense one
+        if boundary:  # remote tables' steps overlap the dense one
             stepping = [table.step_async(grad_scale) for table in tables]
         engine.step()
         for pending in stepping:  # the step is done (or has failed) before the next

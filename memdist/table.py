@@ -117,6 +117,13 @@ class ValueTable(ABC):
         """Apply the sparse optimizer to the rows whose gradients arrived since the last
         step, scaled by ``grad_scale`` (and clipped if the optimizer spec says so)."""
 
+    def expect_step(self, grad_scale: float = 1.0) -> None:
+        """Say, before the backward of a step's last micro-batch, that
+        ``step_async(grad_scale)`` follows it: a table whose rows are elsewhere may send
+        the step right behind its last gradient, with no round trip between; the step
+        is then collected as usual. Nothing to do for a table in this process."""
+        return None
+
     def step_async(self, grad_scale: float = 1.0) -> PendingStep:
         """``step`` without waiting for it where the rows are elsewhere: every later call
         (a lookup included) sees the update; ``wait()`` gives its result (or raises its

@@ -17,14 +17,17 @@ import pytest
 import torch
 import zarr
 
-from memdist.cluster.plan import choose_plan
+from memdist.cluster.plan import choose_plan, make_plan
+from memdist.cluster.shard import ShardServer
 from memdist.errors import CheckpointError, ConfigError, IndexOutOfRangeError, ShapeError
 from memdist.kernels import OptimizerSpec, reference
+from memdist.remote import RemoteTable
 from memdist.storage.row_cache import CachedRows, state_spec
 from memdist.storage.table_store import Source
 from memdist.storage.targets import FolderTarget
 from memdist.storage.zarr_region import ZarrRegion
 from memdist.table import StepResult, ValueTable
+from memdist.transport import InProcessTransport
 from memdist.values import LocalTable, init_values
 
 ROWS, DIM, SEED = 300, 20, 7
@@ -135,6 +138,8 @@ def test_training_steps_match_the_reference(make, impl, optimizer, clip):
         s = scores.clone().requires_grad_(True)
         y = table.lookup(idx, s)
         torch.testing.assert_close(y.double(), ref.lookup(idx, scores), rtol=1e-5, atol=1e-6)
+        if micro == 1:  # as the training loop does before a step's last backward
+            table.expect_step(0.5)
         y.backward(dy)
         torch.testing.assert_close(s.grad.double(), ref.backward(idx, scores, dy), rtol=1e-5,
                                    atol=1e-5)  # fmt: skip
@@ -361,3 +366,75 @@ def test_a_failed_save_keeps_its_rows_for_the_next_incremental_one(make, impl, t
     fresh = LocalTable(ROWS, DIM, spec, seed=SEED + 1)
     fresh.load(chain, "t")
     _assert_same_state(fresh.state_dict(), table.state_dict())
+
+
+class RecordingTransport(InProcessTransport):
+    """Shard servers in this process (each request answered when sent); records the
+    requests in the order they were sent."""
+
+    def __init__(self, servers):
+        super().__init__(servers)
+        self.sent = []
+
+    def submit(self, shard, req):
+        self.sent.append(type(req).__name__)
+        return super().submit(shard, req)
+
+
+def _recorded(spec):
+    plan = make_plan("row", ROWS, DIM, 2)
+    transport = RecordingTransport(
+        [ShardServer(r, "row", DIM, spec, seed=SEED) for r in plan.regions]
+    )
+    return RemoteTable(plan, transport, spec), transport
+
+
+def _two_micro_batches(table, expect=None):
+    """Two lookups, then (after ``expect_step(expect)``) their backwards; returns what
+    the table had sent after each backward."""
+    outs = []
+    for idx, scores, dy in _batches(2):
+        outs.append((table.lookup(idx, scores.clone().requires_grad_(True)), dy))
+    if expect is not None:
+        table.expect_step(expect)
+    sent = []
+    for y, dy in outs:
+        y.backward(dy)
+        sent.append(list(table.transport.sent))
+    return sent
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_an_announced_step_goes_out_behind_the_last_backward(clip):
+    """After ``expect_step`` a remote table sends its step right behind the backward of
+    the last lookup awaiting one (not before), and ``step_async`` only collects it; the
+    rows are those of a step sent the usual way. With clipping the step needs the norm
+    first: it waits for ``step_async`` as before."""
+    spec = OptimizerSpec("adam", lr=0.05, grad_clip=clip)
+    (early, transport), (plain, _) = _recorded(spec), _recorded(spec)
+    first, last = _two_micro_batches(early, expect=0.5)
+    _two_micro_batches(plain)
+    assert "Step" not in first  # one lookup still awaited its backward
+    if clip is None:
+        assert last[-4:] == ["KeptBackward", "KeptBackward", "Step", "Step"]
+    else:
+        assert "Step" not in last
+    sent = len(transport.sent)
+    got, want = early.step_async(0.5).wait(), plain.step_async(0.5).wait()
+    assert transport.sent[sent:] == ([] if clip is None else ["GradNorm"] * 2 + ["Step"] * 2)
+    assert (got.rows, got.grad_norm) == (want.rows, want.grad_norm)
+    for key, value in plain.read_rows(0, ROWS).items():
+        torch.testing.assert_close(early.read_rows(0, ROWS)[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_an_announced_step_must_keep_its_scale():
+    table, transport = _recorded(OptimizerSpec("sgd", lr=0.05))
+    _two_micro_batches(table, expect=0.5)
+    with pytest.raises(
+        ConfigError, match=r"step\(grad_scale=1.0\) after expect_step\(grad_scale=0.5\)"
+    ):
+        table.step_async(1.0)
+    table.expect_step(0.5)  # announced, but no backward came: the step goes out when asked
+    sent = len(transport.sent)
+    table.step_async(0.5).wait()
+    assert transport.sent[sent:] == ["Step", "Step"]

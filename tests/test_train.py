@@ -91,8 +91,8 @@ def test_prefetch_in_the_loop_changes_no_loss(tmp_path):
     train(load_config("small", hinted), tmp_path / "hinted", progress=False)
     assert losses(tmp_path / "hinted") == losses(tmp_path / "plain")
     # The zarr arrays went to shards.store_dir, in a folder named like the run's.
-    assert (tmp_path / "plain" / "shards" / "table0" / "shard1" / "values").is_dir()
-    assert (tmp_path / "disk" / "hinted" / "table0" / "shard1" / "values").is_dir()
+    assert (tmp_path / "plain" / "shards" / "table0" / "shard1" / "rows").is_dir()
+    assert (tmp_path / "disk" / "hinted" / "table0" / "shard1" / "rows").is_dir()
     assert not (tmp_path / "hinted" / "shards").exists()
     records = [
         json.loads(x) for x in (tmp_path / "hinted" / "metrics.jsonl").read_text().splitlines()
