@@ -56,7 +56,9 @@ def one_pass(table, batches) -> float:
     t0 = time.perf_counter()
     for idx, scores, dy in batches:
         s = scores.clone().requires_grad_(True)
-        table.lookup(idx, s).backward(dy)
+        y = table.lookup(idx, s)
+        table.expect_step()  # as memdist.step.train_step: the step follows this backward
+        y.backward(dy)
         table.step_async().wait()
     return time.perf_counter() - t0
 
