@@ -212,15 +212,21 @@ def test_a_region_written_later_refuses_rows_until_then_and_reports_progress(tmp
     assert resident.fill_progress() == (0, 0)
 
 
+def _stepped(tmp_path, optimizer, lr, rows):
+    """A 50 x 5 region behind a 10-row cache whose ``rows`` took one step of gradient 1."""
+    store = ZarrRegion(tmp_path / "r", 50, 5, state_spec(optimizer, 5), chunk_rows=8,
+                       init_rows=lambda r0, r1: init_values(r0, r1, 5, seed=1).numpy())  # fmt: skip
+    cache = CachedRows(store, 10, OptimizerSpec(optimizer, lr=lr))
+    cache.accumulate(torch.from_numpy(cache.resolve(rows)), torch.ones(rows.size, 5))
+    cache.step()
+    return cache, init_values(0, 50, 5, seed=1)
+
+
 def test_a_flush_in_pieces_writes_the_lowest_rows_first_and_counts_what_is_left(tmp_path):
     spec = state_spec("sgd", 5)
-    store = ZarrRegion(tmp_path / "r", 50, 5, spec, chunk_rows=8,
-                       init_rows=lambda r0, r1: init_values(r0, r1, 5, seed=1).numpy())  # fmt: skip
-    cache = CachedRows(store, 10, OptimizerSpec("sgd", lr=1.0))
     rows = np.array([40, 1, 17, 2, 33])
-    cache.accumulate(torch.from_numpy(cache.resolve(rows)), torch.ones(5, 5))
-    cache.step()
-    start = init_values(0, 50, 5, seed=1).numpy()
+    cache, start = _stepped(tmp_path, "sgd", 1.0, rows)
+    start = start.numpy()
     ordered = np.sort(rows)
     for written, left in ((2, 3), (4, 1), (5, 0), (5, 0)):
         assert cache.flush(2) == left
@@ -233,14 +239,8 @@ def test_a_flush_in_pieces_writes_the_lowest_rows_first_and_counts_what_is_left(
 def test_reading_rows_takes_resident_rows_from_the_cache_and_writes_nothing_back(tmp_path):
     """A read (a save's, a remote ``read_rows``) costs no flush: updated rows come from
     their slots, the others from zarr, and the files keep their old rows until a flush."""
-    spec = state_spec("adam", 5)
-    store = ZarrRegion(tmp_path / "r", 50, 5, spec, chunk_rows=8,
-                       init_rows=lambda r0, r1: init_values(r0, r1, 5, seed=1).numpy())  # fmt: skip
-    cache = CachedRows(store, 10, OptimizerSpec("adam", lr=0.5))
     rows = np.array([1, 2, 17, 33, 40])
-    cache.accumulate(torch.from_numpy(cache.resolve(rows)), torch.ones(5, 5))
-    cache.step()
-    start = init_values(0, 50, 5, seed=1)
+    cache, start = _stepped(tmp_path, "adam", 0.5, rows)
     got = cache.read_rows(0, 50)
     changed = torch.zeros(50, dtype=torch.bool)
     changed[torch.from_numpy(rows)] = True
@@ -251,7 +251,7 @@ def test_reading_rows_takes_resident_rows_from_the_cache_and_writes_nothing_back
     for key, t in picked.items():
         torch.testing.assert_close(t, got[key][[2, 3, 40]], rtol=0, atol=0, msg=key)
     assert cache.counters["writebacks"] == 0 and cache.dirty.sum() == 5
-    on_disk = ZarrRegion(tmp_path / "r", 50, 5, spec, chunk_rows=8).read(rows)
+    on_disk = ZarrRegion(tmp_path / "r", 50, 5, state_spec("adam", 5), chunk_rows=8).read(rows)
     np.testing.assert_array_equal(on_disk["values"], start[rows].numpy())
     assert cache.flush() == 0 and cache.counters["writebacks"] == 5
 
