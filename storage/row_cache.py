@@ -85,17 +85,19 @@ class CachedRows(SparseRows):
         rows = self.row_of[slots]
         dirty = slots[self.dirty[slots] & (rows >= 0)]
         if dirty.size:
-            order = np.argsort(self.row_of[dirty])
-            dirty = dirty[order]
-            t = torch.from_numpy(dirty).to(self.device)
-            data = {"values": self.weight_VD[t].cpu().numpy()}
-            data.update({k: v[t].cpu().numpy() for k, v in self.state.items()})
-            self.store.write(self.row_of[dirty], data)
-            self.counters["writebacks"] += int(dirty.size)
+            self._write_back(dirty[np.argsort(self.row_of[dirty])])
         self.slot_of[rows[rows >= 0]] = -1
         self.row_of[slots] = -1
         self.dirty[slots] = False
         self.prefetched[slots] = False
+
+    def _write_back(self, slots: np.ndarray) -> None:
+        """Write the rows in ``slots`` (in region row order) and their state to zarr."""
+        t = torch.from_numpy(slots).to(self.device)
+        data = {"values": self.weight_VD[t].cpu().numpy()}
+        data.update({k: v[t].cpu().numpy() for k, v in self.state.items()})
+        self.store.write(self.row_of[slots], data)
+        self.counters["writebacks"] += int(slots.size)
 
     def _room(self, need: int) -> tuple[np.ndarray, np.ndarray]:
         """Free slots, and when they are fewer than ``need`` the slots that may be evicted
@@ -219,18 +221,13 @@ class CachedRows(SparseRows):
         time can write a large cache back in pieces; the files are synced once no row is
         left. Returns the number of updated rows still to write."""
         dirty = np.flatnonzero(self.dirty & (self.row_of >= 0))
-        if dirty.size:
-            dirty = dirty[np.argsort(self.row_of[dirty])]
-            left = dirty[max_rows:] if max_rows is not None else dirty[:0]
-            dirty = dirty[:max_rows] if max_rows is not None else dirty
-            t = torch.from_numpy(dirty).to(self.device)
-            data = {"values": self.weight_VD[t].cpu().numpy()}
-            data.update({k: v[t].cpu().numpy() for k, v in self.state.items()})
-            self.store.write(self.row_of[dirty], data)
-            self.counters["writebacks"] += int(dirty.size)
-            self.dirty[dirty] = False
-            if left.size:
-                return int(left.size)
+        dirty = dirty[np.argsort(self.row_of[dirty])]
+        now = dirty[: dirty.size if max_rows is None else max_rows]
+        if now.size:
+            self._write_back(now)
+            self.dirty[now] = False
+        if now.size < dirty.size:
+            return int(dirty.size - now.size)
         self.store.sync()
         return 0
 
