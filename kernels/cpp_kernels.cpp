@@ -44,11 +44,15 @@ inline float dot(const float* a, const float* b, int64_t d) {
 
 // Asks for the row at p (d floats) ahead of its use: rows of a large table are read in an
 // order no hardware prefetcher guesses, so each would otherwise wait on memory in turn.
+// Into L2 (prefetcht1), not L1: a core tracks few more L1 misses than a handful of rows'
+// lines, but many more L2 misses; on a 2-core AMD EPYC, random 512-byte rows of a 512 MiB
+// table were gathered 1.6x faster so (2.2-2.4 ms against 3.8-3.9 for 131072 rows, 8 ahead
+// into L1, whose figure torch's F.embedding_bag also gets).
 inline void prefetch_row(const float* p, int64_t d) {
-  for (int64_t i = 0; i < d; i += 16) __builtin_prefetch(p + i);
+  for (int64_t i = 0; i < d; i += 16) __builtin_prefetch(p + i, 0, 2);
 }
 
-constexpr int64_t kAhead = 8;  // rows requested ahead
+constexpr int64_t kAhead = 16;  // rows requested ahead
 
 constexpr int64_t kHugePage = int64_t{2} << 20;
 
@@ -242,6 +246,50 @@ void select_best(const uint32_t* key, int64_t c_count, int64_t knn, int64_t* idx
 }
 
 }  // namespace
+
+// Bags [begin, end) of bag_forward. Cloned for AVX2: the columns are independent and
+// nothing is contracted, so both clones compute the same bits.
+__attribute__((target_clones("avx2", "default"))) void forward_bags(
+    int64_t begin, int64_t end, int64_t k, int64_t d, const float* values, const int64_t* idx,
+    const float* scores, float* out) {
+  constexpr int64_t w = 32;  // columns summed in registers at a time
+  const int64_t body = d - d % w;
+  for (int64_t i = begin; i < end; ++i) {
+    float* y = out + i * d;
+    const int64_t* ix = idx + i * k;
+    const float* sc = scores + i * k;
+    const bool next = i + 1 < end;
+    for (int64_t c0 = 0; c0 < body; c0 += w) {
+      float acc[w] = {0.f};
+      for (int64_t j = 0; j < k; ++j) {
+        if (c0 == 0 && next) prefetch_row(values + ix[k + j] * d, d);
+        const float s = sc[j];
+        const float* row = values + ix[j] * d + c0;
+        for (int64_t c = 0; c < w; ++c) acc[c] += s * row[c];
+      }
+      for (int64_t c = 0; c < w; ++c) y[c0 + c] = acc[c];
+    }
+    for (int64_t c = body; c < d; ++c) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < k; ++j) acc += sc[j] * values[ix[j] * d + c];
+      y[c] = acc;
+    }
+  }
+}
+
+// y_ND[n] = sum over k, in order from zero, of scores_NK[n, k] * values_VD[idx_NK[n, k]].
+torch::Tensor bag_forward(torch::Tensor values_VD, torch::Tensor idx_NK, torch::Tensor scores_NK) {
+  const int64_t n = idx_NK.size(0), k = idx_NK.size(1), d = values_VD.size(1);
+  auto out_ND = torch::empty({n, d}, values_VD.options());
+  const float* values = values_VD.data_ptr<float>();
+  const int64_t* idx = idx_NK.data_ptr<int64_t>();
+  const float* scores = scores_NK.data_ptr<float>();
+  float* out = out_ND.data_ptr<float>();
+  at::parallel_for(0, n, grain(k * d), [&](int64_t begin, int64_t end) {
+    forward_bags(begin, end, k, d, values, idx, scores, out);
+  });
+  return out_ND;
+}
 
 // Bags [begin, end) of bag_backward_scores. Cloned for AVX2: dot's 16 lanes are explicit
 // and nothing is contracted, so both clones compute the same bits.
@@ -833,6 +881,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("half_key_topk_backward", &half_key_topk_backward);
   m.def("query_norm", &query_norm);
   m.def("query_norm_backward", &query_norm_backward);
+  m.def("bag_forward", &bag_forward);
   m.def("bag_backward_scores", &bag_backward_scores);
   m.def("bag_backward_values", &bag_backward_values);
   m.def("bag_backward", &bag_backward);
