@@ -320,34 +320,76 @@ torch::Tensor bag_backward_scores(torch::Tensor values_VD, torch::Tensor idx_NK,
   return out_NK;
 }
 
-// The reverse index of flat indices idx_M (values in [0, num_rows)) by a counting sort:
-// sorted unique rows_U, offsets_U1 and order_M such that the positions of rows_U[u] are
+// The reverse index of flat indices idx_M (values in [0, num_rows)): sorted unique rows_U,
+// offsets_U1 and order_M such that the positions of rows_U[u] are
 // order_M[offsets_U1[u] : offsets_U1[u + 1]] in increasing order (a stable sort's).
+// A counting sort over the rows when they are few against the positions; else a
+// least-significant-digit radix sort of the positions (stable, O(positions) a pass),
+// whose cost does not grow with the table.
 std::vector<torch::Tensor> reverse_index(torch::Tensor idx_M, int64_t num_rows) {
   const int64_t m_count = idx_M.size(0);
   const int64_t* idx = idx_M.data_ptr<int64_t>();
-  std::vector<int64_t> start(num_rows + 1, 0);
-  for (int64_t m = 0; m < m_count; ++m) ++start[idx[m] + 1];
-  int64_t u_count = 0;
-  for (int64_t v = 0; v < num_rows; ++v) u_count += start[v + 1] > 0;
   auto opts = idx_M.options();
+  auto order_M = torch::empty({m_count}, opts);
+  int64_t* order = order_M.data_ptr<int64_t>();
+  if (num_rows <= 4 * m_count + 4096) {
+    std::vector<int64_t> start(num_rows + 1, 0);
+    for (int64_t m = 0; m < m_count; ++m) ++start[idx[m] + 1];
+    int64_t u_count = 0;
+    for (int64_t v = 0; v < num_rows; ++v) u_count += start[v + 1] > 0;
+    auto rows_U = torch::empty({u_count}, opts);
+    auto offsets_U1 = torch::empty({u_count + 1}, opts);
+    int64_t* rows = rows_U.data_ptr<int64_t>();
+    int64_t* offsets = offsets_U1.data_ptr<int64_t>();
+    int64_t u = 0;
+    offsets[0] = 0;
+    for (int64_t v = 0; v < num_rows; ++v) {
+      const int64_t count = start[v + 1];
+      start[v + 1] = start[v] + count;
+      if (count > 0) {
+        rows[u] = v;
+        offsets[++u] = start[v + 1];
+      }
+    }
+    for (int64_t m = 0; m < m_count; ++m) order[start[idx[m]]++] = m;
+    return {rows_U, offsets_U1, order_M};
+  }
+  int bits = 1;
+  while (bits < 63 && (int64_t{1} << bits) < num_rows) ++bits;
+  const int passes = (bits + 10) / 11;  // digits of at most 11 bits
+  const int digit = (bits + passes - 1) / passes;
+  const int64_t buckets = int64_t{1} << digit;
+  std::vector<int64_t> keys(idx, idx + m_count), keys2(m_count), pos(m_count), pos2(m_count);
+  for (int64_t m = 0; m < m_count; ++m) pos[m] = m;
+  std::vector<int64_t> count(buckets + 1);
+  for (int p = 0; p < passes; ++p) {
+    const int shift = p * digit;
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t m = 0; m < m_count; ++m) ++count[((keys[m] >> shift) & (buckets - 1)) + 1];
+    for (int64_t b = 0; b < buckets; ++b) count[b + 1] += count[b];
+    int64_t* out_pos = p + 1 == passes ? order : pos2.data();
+    for (int64_t m = 0; m < m_count; ++m) {
+      const int64_t at = count[(keys[m] >> shift) & (buckets - 1)]++;
+      keys2[at] = keys[m];
+      out_pos[at] = pos[m];
+    }
+    keys.swap(keys2);
+    pos.swap(pos2);
+  }
+  int64_t u_count = 0;
+  for (int64_t m = 0; m < m_count; ++m) u_count += m == 0 || keys[m] != keys[m - 1];
   auto rows_U = torch::empty({u_count}, opts);
   auto offsets_U1 = torch::empty({u_count + 1}, opts);
-  auto order_M = torch::empty({m_count}, opts);
   int64_t* rows = rows_U.data_ptr<int64_t>();
   int64_t* offsets = offsets_U1.data_ptr<int64_t>();
-  int64_t* order = order_M.data_ptr<int64_t>();
   int64_t u = 0;
-  offsets[0] = 0;
-  for (int64_t v = 0; v < num_rows; ++v) {
-    const int64_t count = start[v + 1];
-    start[v + 1] = start[v] + count;
-    if (count > 0) {
-      rows[u] = v;
-      offsets[++u] = start[v + 1];
+  for (int64_t m = 0; m < m_count; ++m) {
+    if (m == 0 || keys[m] != keys[m - 1]) {
+      rows[u] = keys[m];
+      offsets[u++] = m;
     }
   }
-  for (int64_t m = 0; m < m_count; ++m) order[start[idx[m]]++] = m;
+  offsets[u_count] = m_count;
   return {rows_U, offsets_U1, order_M};
 }
 

@@ -44,8 +44,6 @@ SOURCE = Path(__file__).with_name("cpp_kernels.cpp")
 # has already loaded, so torch.set_num_threads governs these kernels too.
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "adam": 2}
-# A counting sort costs O(positions + rows): worth it up to this many rows per position.
-COUNTING_SORT_ROWS_PER_POSITION = 8
 
 
 def bag_forward(
@@ -105,11 +103,10 @@ def bag_backward_scores(
 
 
 def reverse_index(idx_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch_ops.reverse_index``'s result; by a counting sort when the rows span at most
-    a few times the positions (a value table's rows, or a shard's), else by its sort."""
+    """``torch_ops.reverse_index``'s result, by a counting or a radix sort."""
     flat_M = idx_NK.reshape(-1).contiguous()
     lo, hi = torch.aminmax(flat_M)
-    if int(lo) < 0 or int(hi) >= COUNTING_SORT_ROWS_PER_POSITION * flat_M.numel() + 65536:
+    if int(lo) < 0:
         return torch_ops.reverse_index(idx_NK)
     rows_U, offsets_U1, order_M = extension().reverse_index(flat_M, int(hi) + 1)
     return rows_U, offsets_U1, order_M

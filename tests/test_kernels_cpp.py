@@ -237,14 +237,20 @@ def test_product_pairs_match_the_reference_with_gradients_on_any_thread_count(kn
         kernels.product_pairs(top1, i1[:, :1], top2, i2, 50, backend="cpp")
 
 
-@pytest.mark.parametrize("v", [5, 300, 10**7])  # 10**7 rows: past the counting sort's range
+# Few rows: a counting sort; more than 4 per position: a radix sort of 1 to 4 passes.
+@pytest.mark.parametrize("v", [5, 300, 5000, 70000, 10**7, 2**40])
 def test_reverse_index_equals_the_stable_sort(v):
-    g = torch.Generator().manual_seed(v)
+    g = torch.Generator().manual_seed(v % 10**6)
     idx = torch.randint(0, v, (40, 9), generator=g)
     idx[3] = v - 1
+    idx[5, :6] = idx[7, 2]  # a row at several positions, in two bags
     expect = torch_ops.reverse_index(idx)
     got = cpp_ops.reverse_index(idx)
     assert all(torch.equal(a, b) for a, b in zip(got, expect, strict=True))
+    pool = torch.randint(0, v, (50,), generator=g)  # many repeats of a few rows
+    idx = pool[torch.randint(0, 50, (300, 64), generator=g)]
+    expect = torch_ops.reverse_index(idx)
+    assert all(torch.equal(a, b) for a, b in zip(cpp_ops.reverse_index(idx), expect, strict=True))
 
 
 def test_large_tables_ask_for_huge_pages_and_stay_plain_tensors():
