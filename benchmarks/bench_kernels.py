@@ -1,8 +1,8 @@
 """Kernel benchmark: GB/s of value rows for the memory lookup, memdist vs torch, same run.
 
 Times the weighted embedding bag forward and backward of ``memdist.kernels`` (the
-``auto`` backend: the torch path on CPU, Triton on CUDA; on CUDA also ``triton`` and
-``torch`` explicitly) against torch's ``F.embedding_bag`` with per-sample weights,
+``auto`` backend: the C++ path on CPU where it builds, Triton on CUDA; on CUDA also
+``triton`` and ``torch`` explicitly) against torch's ``F.embedding_bag`` with per-sample weights,
 for several table sizes V, row widths D and bag sizes K at N tokens. On CUDA every
 figure is also given as a fraction of a device-to-device copy measured in the run.
 
