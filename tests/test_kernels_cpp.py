@@ -102,6 +102,21 @@ def test_forward_gives_a_column_shard_the_same_bits(d):
     torch.testing.assert_close(whole, y_ref, rtol=1e-5, atol=1e-5 * 40**0.5)
 
 
+def test_gradient_memory_is_kept_for_the_next_backward_and_fully_rewritten():
+    values, idx, scores, dy = inputs(n=512, k=64, v=20000, d=128)
+    _, rows, grad = kernels.bag_backward(values, idx, scores, dy, backend="cpp")
+    first = grad.data_ptr()
+    grad.fill_(float("nan"))  # what the next call finds in the memory
+    del grad
+    idx2 = idx[:, :60]  # a few rows fewer: the kept buffer is large enough
+    dscores, rows2, grad2 = kernels.bag_backward(values, idx2, scores[:, :60], dy, backend="cpp")
+    assert grad2.data_ptr() == first
+    rows_t, grad_t = kernels.bag_backward_values(idx2, scores[:, :60], dy, backend="torch")
+    assert torch.equal(rows2, rows_t) and torch.equal(grad2, grad_t)
+    _, none = kernels.bag_backward_values(idx[:0], scores[:0], dy[:0], backend="cpp")
+    assert none.shape == (0, 128)
+
+
 def test_bf16_tables_use_the_torch_path():
     values, idx, scores, dy = inputs()
     values = values.to(torch.bfloat16)
