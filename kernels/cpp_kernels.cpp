@@ -340,6 +340,9 @@ __attribute__((target_clones("avx2", "default"))) void forward_bags(
       }
       for (int64_t c = 0; c < w; ++c) y[c0 + c] = acc[c];
     }
+    if (body == 0 && next) {  // rows narrower than one block: ask for the next bag here
+      for (int64_t j = 0; j < k; ++j) prefetch_row(values + ix[k + j] * d, d);
+    }
     for (int64_t c = body; c < d; ++c) {
       float acc = 0.f;
       for (int64_t j = 0; j < k; ++j) acc += sc[j] * values[ix[j] * d + c];
