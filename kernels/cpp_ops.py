@@ -138,6 +138,20 @@ def bag_backward(
     return dscores_NK, rows_U, grad_UD
 
 
+_CORRECTIONS: dict[float, torch.Tensor] = {}
+
+
+def bias_corrections(beta: float, hi: int) -> torch.Tensor:
+    """``c[t] = 1 - beta**t`` for t = 0 .. at least ``hi``, fp32. As torch_ops, computed in
+    float64 (fp32 loses 1 - 0.999**t's digits for small t); once per t, not per row and
+    step: the table is kept and doubled when a step count passes its end."""
+    table = _CORRECTIONS.get(beta)
+    if table is None or table.numel() <= hi:
+        t = torch.arange(max(1024, 2 * (hi + 1)), dtype=torch.float64)
+        table = _CORRECTIONS[beta] = (1 - beta**t).float()
+    return table
+
+
 def sparse_update_(
     spec: OptimizerSpec,
     values_VD: torch.Tensor,
@@ -151,11 +165,10 @@ def sparse_update_(
     none = torch.empty(0)
     bc1_U = bc2_U = none
     if spec.name == "adam":
-        # As torch_ops: 1 - beta**t in float64 (fp32 loses 1 - 0.999**t's digits for small
-        # t), vectorised here rather than one pow per row in the kernel.
-        t_U = state["step"].index_select(0, rows_U).add_(1).double()
-        bc1_U = (1 - spec.betas[0] ** t_U).float()
-        bc2_U = (1 - spec.betas[1] ** t_U).float()
+        t_U = state["step"].index_select(0, rows_U).add_(1)
+        hi = int(t_U.max()) if t_U.numel() else 0
+        bc1_U = bias_corrections(spec.betas[0], hi)[t_U]
+        bc2_U = bias_corrections(spec.betas[1], hi)[t_U]
     extension().sparse_update(
         values_VD, rows_U.contiguous(), grad_UD.float().contiguous(),
         state.get("sum_sq", none), state.get("exp_avg", none), state.get("exp_avg_sq", none),

@@ -117,6 +117,16 @@ def test_gradient_memory_is_kept_for_the_next_backward_and_fully_rewritten():
     assert none.shape == (0, 128)
 
 
+def test_adam_bias_corrections_are_kept_and_grow_past_the_longest_step_count():
+    beta = 0.875  # a beta of this test's own: the table starts empty
+    first = cpp_ops.bias_corrections(beta, 10)
+    assert cpp_ops.bias_corrections(beta, first.numel() - 1) is first  # kept
+    grown = cpp_ops.bias_corrections(beta, first.numel() + 5000)
+    assert grown.numel() > first.numel() + 5000
+    t = torch.arange(grown.numel())
+    assert torch.equal(grown, (1 - beta ** t.double()).float())  # float64, then rounded
+
+
 def test_bf16_tables_use_the_torch_path():
     values, idx, scores, dy = inputs()
     values = values.to(torch.bfloat16)
