@@ -107,13 +107,18 @@ def make_plan(kind: str, num_rows: int, dim: int, shards: int) -> ShardingPlan:
 
 
 def step_traffic_bytes(kind: str, shards: int, tokens: int, bag: int, dim: int) -> int:
-    """Bytes a lookup and its backward move per step (fp32 payloads, int64 indices)."""
-    request = tokens * bag * (8 + 4)  # indices and scores, sent forward and again backward
+    """Bytes a lookup and its backward move per step (fp32 payloads, int32 indices; the
+    shards keep a lookup's indices and scores for its backward, so they travel once)."""
+    entries = tokens * bag * (4 + 4)  # indices and scores
     if kind == "row":
-        # every shard gets every bag and returns a full-width partial sum; gets full dy
-        return shards * (2 * request + 2 * tokens * dim * 4 + tokens * bag * 4)
-    # every shard gets every bag and returns its column slice; gets its slice of dy
-    return shards * (2 * request + tokens * bag * 4) + 2 * tokens * dim * 4
+        # each shard gets its own entries (and where its bags begin), returns a
+        # full-width partial sum, gets the full dy and returns its entries' score gradients
+        return (
+            entries + shards * (tokens + 1) * 4 + 2 * shards * tokens * dim * 4 + tokens * bag * 4
+        )
+    # every shard gets every entry and returns its column slice and partial score
+    # gradients for every entry; gets its slice of dy
+    return shards * (entries + tokens * bag * 4) + 2 * tokens * dim * 4
 
 
 def region_bytes(rows: int, cols: int, state_floats_per_value: float) -> int:

@@ -9,10 +9,12 @@ gradients wait for the step, so a lost reply never leaves half a step behind.
 Requests are the typed messages of ``memdist.wire``, answered by ``handle``:
 
 - ``Lookup -> y`` pooled partial output, fp32: for a row-wise region the weighted
-  sum of its own rows (other rows weigh zero), shape (N, D); for a column-wise
-  region its slice of every row, shape (N, cols).
-- ``Backward -> dscores_NK`` partial (summed over shards by the client); the
-  region's row gradients are accumulated for the step. ``KeptBackward`` is the same
+  sum of its own entries of each bag, shape (N, D) (a worker sends it only those, as
+  bags of any length, ``wire.Lookup.bags``; sent every entry, it picks its own); for a
+  column-wise region its slice of every row, shape (N, cols).
+- ``Backward -> dscores`` the score gradients: a column region's partial sums (added
+  over shards by the client), a row region's of its own entries (zero elsewhere in an
+  N x K request); the region's row gradients are accumulated for the step. ``KeptBackward`` is the same
   for a kept lookup, named by its number.
 - ``GradNorm`` and ``Step``: the squared norm of the region's gradient (for clipping
   over the whole table), and the sparse optimizer on the touched rows.
@@ -40,7 +42,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -85,6 +87,18 @@ def process_disk_read_bytes() -> int | None:
         return int(fields["read_bytes"])
     except (OSError, KeyError, ValueError):
         return None
+
+
+class _Own(NamedTuple):
+    """A request as a shard computes it. A row region takes only the entries it holds (a
+    worker sends it only those, ``wire.Lookup.bags``; from a request of every entry it
+    picks them), as bags of any length."""
+
+    idx: torch.Tensor  # global indices: N x K, or a row region's entries (E)
+    scores: torch.Tensor  # fp32, idx's shape
+    offsets_N1: torch.Tensor | None  # a row region's bags: entries [offsets[n], offsets[n + 1])
+    positions_E: torch.Tensor | None  # their places in an N x K request of every entry
+    shape: tuple[int, ...]  # the request's scores' shape, the score gradients' too
 
 
 KEPT_PER_WORKER = 16  # kept lookups per worker; older ones are dropped (a backward never came)
@@ -154,8 +168,8 @@ class ShardServer:
         self.backend = backend
         self.counters: Counter[str] = Counter()
         self._save: RegionSave | None = None  # the last save begun (written in a thread)
-        # worker -> lookup number -> its global indices and fp32 scores, oldest first
-        self._kept: dict[int, OrderedDict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        # worker -> lookup number -> the lookup as computed (``_Own``), oldest first
+        self._kept: dict[int, OrderedDict[int, _Own]] = {}
 
     def handle(self, req: Request) -> Any:
         """Answer one request (the only entry point transports use)."""
@@ -165,10 +179,10 @@ class ShardServer:
                 f"the run's rows until a checkpoint is loaded (refused {type(req).__name__})"
             )
         match req:
-            case Lookup(idx, scores, keep, worker):
-                return self.lookup(idx, scores, keep=keep, worker=worker)
-            case Backward(idx, scores, dy, worker):
-                return self.backward(idx, scores, dy, worker)
+            case Lookup(idx, scores, keep, worker, bags):
+                return self.lookup(idx, scores, keep=keep, worker=worker, bags=bags)
+            case Backward(idx, scores, dy, worker, bags):
+                return self.backward(idx, scores, dy, worker, bags)
             case KeptBackward(lookup, dy, worker):
                 return self.kept_backward(lookup, dy, worker)
             case GradNorm(scale, worker):
@@ -203,13 +217,31 @@ class ShardServer:
                 return self.stats()
         raise ShardError(f"shard {self.region.shard}: unknown request {req!r}")
 
-    def _local(self, idx_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Region-local indices, and for a row-wise region the mask of entries it owns."""
-        if self.kind == "column":
-            return self.rows.to_slots(idx_NK), None
-        r0, r1 = self.region.row_start, self.region.row_stop
-        mask_NK = (idx_NK >= r0) & (idx_NK < r1)
-        return self.rows.to_slots(torch.where(mask_NK, idx_NK - r0, 0)), mask_NK
+    def _own(self, idx: torch.Tensor, scores: torch.Tensor, bags: torch.Tensor | None) -> _Own:
+        """A request as this shard computes it (``_Own``)."""
+        shape, scores = tuple(scores.shape), scores.float()
+        if bags is not None:
+            if self.kind == "column":
+                raise ShardError(
+                    f"shard {self.region.shard}: a column region computes every entry of "
+                    "each bag; it got only some (a request with bags)"
+                )
+            return _Own(idx, scores, bags.to(self.device, torch.int64), None, shape)
+        if self.kind == "column" or idx.numel() == 0:
+            return _Own(idx, scores, None, None, shape)
+        lo, hi = torch.aminmax(idx)
+        if int(lo) >= self.region.row_start and int(hi) < self.region.row_stop:
+            return _Own(idx, scores, None, None, shape)  # every entry is this shard's
+        mine_NK = (idx >= self.region.row_start) & (idx < self.region.row_stop)
+        positions_E = mine_NK.reshape(-1).nonzero().squeeze(1)
+        offsets_N1 = torch.zeros(idx.shape[0] + 1, dtype=torch.int64, device=self.device)
+        torch.cumsum(mine_NK.sum(1), 0, out=offsets_N1[1:])
+        flat = idx.reshape(-1)[positions_E], scores.reshape(-1)[positions_E]
+        return _Own(*flat, offsets_N1, positions_E, shape)
+
+    def _slots(self, idx: torch.Tensor) -> torch.Tensor:
+        """Global indices of this region as places in the rows it holds."""
+        return self.rows.to_slots(idx - self.region.row_start if self.kind == "row" else idx)
 
     def _count_io(self, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         self.counters["bytes_in"] += sum(
@@ -221,30 +253,37 @@ class ShardServer:
     def lookup(
         self,
         idx: torch.Tensor | PackedIndices,
-        scores_NK: torch.Tensor,
+        scores: torch.Tensor,
         *,
         keep: int = -1,
         worker: int = 0,
+        bags: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``keep`` >= 0: keep the indices and scores for ``worker``'s ``KeptBackward``."""
+        """``keep`` >= 0: keep the indices and scores for ``worker``'s ``KeptBackward``.
+        ``bags``: see ``wire.Lookup``."""
         if keep >= 0:
             self._check_worker(worker)
         with self._cond:
-            return self._lookup(idx, scores_NK, keep, worker)
+            return self._lookup(idx, scores, bags, keep, worker)
 
     def _lookup(
-        self, idx: torch.Tensor | PackedIndices, scores_NK: torch.Tensor, keep: int, worker: int
-    ) -> torch.Tensor:
+        self, idx: torch.Tensor | PackedIndices, scores: torch.Tensor, bags: torch.Tensor | None,
+        keep: int, worker: int,
+    ) -> torch.Tensor:  # fmt: skip
         t0 = time.perf_counter()
-        wire_in = (idx, scores_NK)
-        idx_NK, scores_NK = unpack(idx).to(self.device), scores_NK.to(self.device)
-        local_NK, mask_NK = self._local(idx_NK)
-        weights_NK = scores_NK.float() if mask_NK is None else scores_NK.float() * mask_NK
-        y = kernels.bag_forward(self.rows.weight_VD, local_NK, weights_NK, backend=self.backend)
+        wire_in = (idx, scores) if bags is None else (idx, scores, bags)
+        own = self._own(unpack(idx).to(self.device), scores.to(self.device), bags)
+        idx, scores, offsets_N1 = own.idx, own.scores, own.offsets_N1
+        w = self.rows.weight_VD
+        if offsets_N1 is None:
+            y = kernels.bag_forward(w, self._slots(idx), scores, backend=self.backend)
+        else:
+            y = kernels.entries_forward(w, self._slots(idx), scores, offsets_N1,
+                                        backend=self.backend)  # fmt: skip
         if keep >= 0:
             kept = self._kept.setdefault(worker, OrderedDict())
             kept.pop(keep, None)  # a number used again (a new table view) goes last
-            kept[keep] = (idx_NK, scores_NK.float())
+            kept[keep] = own
             while len(kept) > KEPT_PER_WORKER:
                 kept.popitem(last=False)
         self.counters["lookups"] += 1
@@ -255,13 +294,17 @@ class ShardServer:
     def backward(
         self,
         idx: torch.Tensor | PackedIndices,
-        scores_NK: torch.Tensor,
+        scores: torch.Tensor,
         dy: torch.Tensor,
         worker: int = 0,
+        bags: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self._check_worker(worker)
         with self._cond:
-            return self._backward(idx, scores_NK, dy, worker)
+            t0 = time.perf_counter()
+            wire_in = (idx, scores, dy) if bags is None else (idx, scores, dy, bags)
+            own = self._own(unpack(idx).to(self.device), scores.to(self.device), bags)
+            return self._backward(own, dy, worker, t0=t0, wire_in=wire_in)
 
     def kept_backward(self, lookup: int, dy: torch.Tensor, worker: int = 0) -> torch.Tensor:
         """``backward`` of the lookup ``worker`` sent with ``keep=lookup``."""
@@ -274,49 +317,36 @@ class ShardServer:
                     f"here (kept: {list(kept)}; a shard keeps the last {KEPT_PER_WORKER} lookups "
                     "of each worker until their backward, and none after a restart)"
                 )
-            idx_NK, scores_NK = kept.pop(lookup)
-            return self._backward_rows(idx_NK, scores_NK, dy, worker, t0=time.perf_counter(),
-                                       wire_in=(dy,))  # fmt: skip
+            return self._backward(kept.pop(lookup), dy, worker, t0=time.perf_counter(),
+                                  wire_in=(dy,))  # fmt: skip
 
     def _backward(
-        self, idx: torch.Tensor | PackedIndices, scores_NK: torch.Tensor, dy: torch.Tensor,
-        worker: int,
+        self, own: _Own, dy: torch.Tensor, worker: int, *, t0: float,
+        wire_in: tuple[Any, ...],
     ) -> torch.Tensor:  # fmt: skip
-        t0 = time.perf_counter()
-        wire_in = (idx, scores_NK, dy)
-        idx_NK, scores_NK = unpack(idx).to(self.device), scores_NK.to(self.device).float()
-        return self._backward_rows(idx_NK, scores_NK, dy, worker, t0=t0, wire_in=wire_in)
-
-    def _backward_rows(
-        self, idx_NK: torch.Tensor, scores_NK: torch.Tensor, dy: torch.Tensor, worker: int, *,
-        t0: float, wire_in: tuple[Any, ...],
-    ) -> torch.Tensor:  # fmt: skip
-        """The backward of global indices and fp32 scores on this device."""
+        """The backward of a request as ``_own`` made it; the partial score gradients go
+        back in the shape the scores came in (N x K, or one per entry sent)."""
+        idx, scores, offsets_N1, positions_E = own.idx, own.scores, own.offsets_N1, own.positions_E
         dy_in = dy
         dy = dy.to(self.device).float()
-        local_NK, mask_NK = self._local(idx_NK)
-        w = self.rows.weight_VD
-        if mask_NK is None:
-            dscores_NK, rows_U, grad_UD = kernels.bag_backward(
-                w, local_NK, scores_NK, dy, backend=self.backend
+        w, slots = self.rows.weight_VD, self._slots(idx)
+        if offsets_N1 is None:
+            dscores, rows_U, grad_UD = kernels.bag_backward(
+                w, slots, scores, dy, backend=self.backend
             )
         else:
-            dscores_NK = kernels.bag_backward_scores(w, local_NK, dy, backend=self.backend)
-            dscores_NK = dscores_NK * mask_NK
-            # Only the entries this shard owns become row gradients, each row's summed in
-            # flat position order (a local table's order): the others point one past the
-            # slots, where their gradient is left out (the last row of the reverse index).
-            outside = w.shape[0]
-            rows_U, grad_UD = kernels.bag_backward_values(
-                torch.where(mask_NK, local_NK, outside), scores_NK, dy, backend=self.backend
+            dscores, rows_U, grad_UD = kernels.entries_backward(
+                w, slots, scores, offsets_N1, dy, backend=self.backend
             )
-            if rows_U.numel() and int(rows_U[-1]) == outside:
-                rows_U, grad_UD = rows_U[:-1], grad_UD[:-1]
+        if positions_E is not None:  # the request sent every entry: the others' stay zero
+            every = torch.zeros(own.shape, dtype=dscores.dtype, device=dscores.device)
+            every.view(-1)[positions_E] = dscores
+            dscores = every
         self.rows.accumulate(rows_U, grad_UD, worker)
         self.counters["backwards"] += 1
         self.counters["kernel_ns"] += int((time.perf_counter() - t0) * 1e9)
-        self._count_io(wire_in, dscores_NK)
-        return dscores_NK.to(dy_in.dtype).cpu()
+        self._count_io(wire_in, dscores)
+        return dscores.to(dy_in.dtype).cpu()
 
     def prefetch(self, rows: torch.Tensor) -> int:
         """Load the given global rows (1-D, unique) of this region into the row cache ahead
@@ -329,8 +359,6 @@ class ShardServer:
             r0, r1 = self.region.row_start, self.region.row_stop  # column regions: every row
             rows = rows.to(torch.int64).cpu()
             rows = rows[(rows >= r0) & (rows < r1)] - r0  # a hint's other rows are not ours
-            if self.kind == "row":  # entries of other shards read local row 0 (weight 0)
-                rows = torch.cat([rows, torch.zeros(1, dtype=torch.int64)])
             rows = torch.unique(rows)  # sorted, as zarr reads want
             loaded = self.rows.prefetch(rows.numpy())
             self.counters["prefetch_ns"] += int((time.perf_counter() - t0) * 1e9)

@@ -21,6 +21,9 @@ U unique rows touched.
 - values backward: sorted unique ``rows_U`` and ``grad_UD[u] = sum over (n, k) with
   idx_NK[n, k] == rows_U[u] of scores_NK[n, k] * dy_ND[n]``, summed in flat position
   order through a reverse index: deterministic, no float atomics.
+- entries (``entries_forward``, ``entries_backward``): the same over bags of any length,
+  E entries in all, bag n being entries ``[offsets_N1[n], offsets_N1[n + 1])`` (a row-wise
+  shard's own entries of each bag), dscores one per entry.
 - sparse update of the touched rows, in place (state fp32, values fp32 or bf16,
   computed in fp32): ``sgd`` w -= lr g; ``adagrad`` (row-wise) s += mean_d(g^2),
   w -= lr g / (sqrt(s) + eps); ``adam`` (lazy, per-row step count t) with bias
@@ -51,6 +54,8 @@ __all__ = [
     "bag_forward",
     "best_pairs",
     "check_indices",
+    "entries_backward",
+    "entries_forward",
     "half_key_topk",
     "init_optimizer_state",
     "product_pairs",
@@ -261,6 +266,108 @@ def bag_backward(
         dscores_NK = bag_backward_scores(values_VD, idx_NK, dy_ND, backend=backend)
         return dscores_NK, *bag_backward_values(idx_NK, scores_NK, dy_ND, backend=backend)
     return cpp_ops.bag_backward(values_VD, idx_NK.long(), scores_NK, dy_ND)
+
+
+# --- bags of any length (a row-wise shard's own entries) ----------------------------
+
+
+def _check_entries(idx_E: torch.Tensor, scores_E: torch.Tensor, offsets_N1: torch.Tensor) -> None:
+    if idx_E.ndim != 1 or idx_E.dtype not in INDEX_DTYPES:
+        raise ShapeError(
+            f"entries' indices must be a 1-D int64/int32 tensor, got {idx_E.dtype} of shape "
+            f"{_shape(idx_E)}"
+        )
+    _check_scores(idx_E, scores_E)
+    if offsets_N1.ndim != 1 or offsets_N1.dtype != torch.int64 or offsets_N1.numel() < 1:
+        raise ShapeError(
+            f"bag offsets must be a non-empty 1-D int64 tensor (bags + 1), got "
+            f"{offsets_N1.dtype} of shape {_shape(offsets_N1)}"
+        )
+    first, last = int(offsets_N1[0]), int(offsets_N1[-1])
+    if first != 0 or last != idx_E.numel() or bool((offsets_N1.diff() < 0).any()):
+        raise ShapeError(
+            f"bag offsets must rise from 0 to the {idx_E.numel()} entries, got {first} .. "
+            f"{last}" + (" (falling somewhere)" if first == 0 and last == idx_E.numel() else "")
+        )
+
+
+def _padded(
+    idx_E: torch.Tensor, scores_E: torch.Tensor, offsets_N1: torch.Tensor, pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entries as N bags of the longest bag's length (idx ``pad``, score 0 after each
+    bag's own), for the backends whose kernels take bags of one length; and where each
+    entry went in the flat N x K positions. Entries keep their order, so every sum adds
+    the same terms in the same order."""
+    n, e = offsets_N1.numel() - 1, idx_E.numel()
+    counts_N = offsets_N1.diff()
+    k = int(counts_N.max()) if n else 0
+    bag_E = torch.repeat_interleave(torch.arange(n, device=idx_E.device), counts_N, output_size=e)
+    flat_E = bag_E * k + torch.arange(e, device=idx_E.device) - offsets_N1[bag_E]
+    idx_NK = torch.full((n * k,), pad, dtype=torch.int64, device=idx_E.device)
+    scores_NK = torch.zeros(n * k, dtype=scores_E.dtype, device=idx_E.device)
+    idx_NK[flat_E] = idx_E.long()
+    scores_NK[flat_E] = scores_E
+    return idx_NK.view(n, k), scores_NK.view(n, k), flat_E
+
+
+def _native_entries(backend: str, values_VD: torch.Tensor) -> bool:
+    """Whether the C++ kernels take these bags as they are (else they are padded)."""
+    return (
+        _resolve(backend, values_VD.device) == "cpp"
+        and values_VD.dtype == torch.float32
+        and values_VD.is_contiguous()
+    )
+
+
+def entries_forward(
+    values_VD: torch.Tensor,
+    idx_E: torch.Tensor,
+    scores_E: torch.Tensor,
+    offsets_N1: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``bag_forward`` over bags of any length: ``y_ND[n]`` sums entries
+    ``[offsets_N1[n], offsets_N1[n + 1])`` of ``scores_E * values_VD[idx_E]`` in order."""
+    _check_values(values_VD)
+    _check_entries(idx_E, scores_E, offsets_N1)
+    _check_devices(values=values_VD, indices=idx_E, scores=scores_E, offsets=offsets_N1)
+    check_indices(idx_E, values_VD.shape[0])
+    if _native_entries(backend, values_VD) and idx_E.numel():
+        return cpp_ops.entries_forward(values_VD, idx_E.long(), scores_E, offsets_N1)
+    idx_NK, scores_NK, _ = _padded(idx_E, scores_E, offsets_N1, pad=0)
+    return bag_forward(values_VD, idx_NK, scores_NK, backend=backend)
+
+
+def entries_backward(
+    values_VD: torch.Tensor,
+    idx_E: torch.Tensor,
+    scores_E: torch.Tensor,
+    offsets_N1: torch.Tensor,
+    dy_ND: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``bag_backward`` of ``entries_forward``: ``dscores_E`` (fp32, one per entry), sorted
+    unique ``rows_U`` and ``grad_UD``, each row's contributions summed in entry order."""
+    _check_values(values_VD)
+    _check_entries(idx_E, scores_E, offsets_N1)
+    _check_dy(dy_ND, offsets_N1.numel() - 1, values_VD.shape[1])
+    _check_devices(values=values_VD, indices=idx_E, scores=scores_E, offsets=offsets_N1,
+                   output_gradient=dy_ND)  # fmt: skip
+    check_indices(idx_E, values_VD.shape[0])
+    if _native_entries(backend, values_VD) and idx_E.numel():
+        return cpp_ops.entries_backward(values_VD, idx_E.long(), scores_E, offsets_N1, dy_ND)
+    # The padding points one past the table: its row's gradient is left out below, and
+    # its scores (read at row 0) are dropped.
+    outside = values_VD.shape[0]
+    idx_NK, scores_NK, flat_E = _padded(idx_E, scores_E, offsets_N1, pad=outside)
+    inside_NK = idx_NK.clamp(max=outside - 1) if outside else idx_NK
+    dscores_NK = bag_backward_scores(values_VD, inside_NK, dy_ND, backend=backend)
+    rows_U, grad_UD = bag_backward_values(idx_NK, scores_NK, dy_ND, backend=backend)
+    if rows_U.numel() and int(rows_U[-1]) == outside:
+        rows_U, grad_UD = rows_U[:-1], grad_UD[:-1]
+    return dscores_NK.reshape(-1)[flat_E], rows_U, grad_UD
 
 
 # --- product-key selection ---------------------------------------------------------

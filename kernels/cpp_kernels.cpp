@@ -3,7 +3,8 @@
 // Built on first use by memdist/kernels/cpp_ops.py through torch's cpp_extension, with
 // -ffp-contract=off so that no multiply-add is fused: every output element is computed by
 // one thread in a fixed order, so results do not depend on the thread count, the CPU's
-// instruction set or how the work is split (a row-wise shard sees bags of one).
+// instruction set or how the work is split (a row-wise shard gets only its own entries
+// of each bag, in bags of any length: the same sums in the same order).
 //
 // Letters: N bags, K rows per bag, V table rows, D row width, U unique rows, M = N*K.
 // Tensors arrive checked (memdist.kernels): fp32 contiguous data, int64 indices.
@@ -22,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -318,49 +320,59 @@ void select_best(const uint32_t* key, int64_t c_count, int64_t knn, int64_t* idx
 
 }  // namespace
 
-// Bags [begin, end) of bag_forward. Cloned for AVX2: the columns are independent and
-// nothing is contracted, so both clones compute the same bits.
+// Bags [begin, end) of bag_forward: bag i is entries [first(i), first(i + 1)), where
+// first(i) is offsets[i], or i * k without offsets. Cloned for AVX2: the columns are
+// independent and nothing is contracted, so both clones compute the same bits.
 __attribute__((target_clones("avx2", "default"))) void forward_bags(
-    int64_t begin, int64_t end, int64_t k, int64_t d, const float* values, const int64_t* idx,
-    const float* scores, float* out) {
+    int64_t begin, int64_t end, int64_t k, const int64_t* offsets, int64_t d,
+    const float* values, const int64_t* idx, const float* scores, float* out) {
   constexpr int64_t w = 32;  // columns summed in registers at a time
   const int64_t body = d - d % w;
   for (int64_t i = begin; i < end; ++i) {
     float* y = out + i * d;
-    const int64_t* ix = idx + i * k;
-    const float* sc = scores + i * k;
-    const bool next = i + 1 < end;
+    const int64_t first = offsets ? offsets[i] : i * k;
+    const int64_t count = (offsets ? offsets[i + 1] : first + k) - first;
+    const int64_t* ix = idx + first;
+    const float* sc = scores + first;
+    // The next bag's entries, asked for while this bag is summed.
+    const int64_t* nx = ix + count;
+    const int64_t ahead = i + 1 < end ? (offsets ? offsets[i + 2] - offsets[i + 1] : k) : 0;
     for (int64_t c0 = 0; c0 < body; c0 += w) {
       float acc[w] = {0.f};
-      for (int64_t j = 0; j < k; ++j) {
-        if (c0 == 0 && next) prefetch_row(values + ix[k + j] * d, d);
+      for (int64_t j = 0; j < count; ++j) {
+        if (c0 == 0 && j < ahead) prefetch_row(values + nx[j] * d, d);
         const float s = sc[j];
         const float* row = values + ix[j] * d + c0;
         for (int64_t c = 0; c < w; ++c) acc[c] += s * row[c];
       }
       for (int64_t c = 0; c < w; ++c) y[c0 + c] = acc[c];
     }
-    if (body == 0 && next) {  // rows narrower than one block: ask for the next bag here
-      for (int64_t j = 0; j < k; ++j) prefetch_row(values + ix[k + j] * d, d);
-    }
+    // Rows narrower than one block, or a next bag longer than this one: ask for the rest.
+    for (int64_t j = body == 0 ? 0 : count; j < ahead; ++j) prefetch_row(values + nx[j] * d, d);
     for (int64_t c = body; c < d; ++c) {
       float acc = 0.f;
-      for (int64_t j = 0; j < k; ++j) acc += sc[j] * values[ix[j] * d + c];
+      for (int64_t j = 0; j < count; ++j) acc += sc[j] * values[ix[j] * d + c];
       y[c] = acc;
     }
   }
 }
 
 // y_ND[n] = sum over k, in order from zero, of scores_NK[n, k] * values_VD[idx_NK[n, k]].
-torch::Tensor bag_forward(torch::Tensor values_VD, torch::Tensor idx_NK, torch::Tensor scores_NK) {
-  const int64_t n = idx_NK.size(0), k = idx_NK.size(1), d = values_VD.size(1);
+// With offsets_N1 (bags of any length): idx and scores are 1-D and bag n sums entries
+// [offsets_N1[n], offsets_N1[n + 1]) in order.
+torch::Tensor bag_forward(torch::Tensor values_VD, torch::Tensor idx_NK, torch::Tensor scores_NK,
+                          std::optional<torch::Tensor> offsets_N1) {
+  const int64_t* offsets = offsets_N1 ? offsets_N1->data_ptr<int64_t>() : nullptr;
+  const int64_t n = offsets ? offsets_N1->size(0) - 1 : idx_NK.size(0);
+  const int64_t k = offsets ? 0 : idx_NK.size(1), d = values_VD.size(1);
+  const int64_t per_bag = offsets ? idx_NK.numel() / std::max<int64_t>(1, n) : k;
   auto out_ND = torch::empty({n, d}, values_VD.options());
   const float* values = values_VD.data_ptr<float>();
   const int64_t* idx = idx_NK.data_ptr<int64_t>();
   const float* scores = scores_NK.data_ptr<float>();
   float* out = out_ND.data_ptr<float>();
-  at::parallel_for(0, n, grain(k * d), [&](int64_t begin, int64_t end) {
-    forward_bags(begin, end, k, d, values, idx, scores, out);
+  at::parallel_for(0, n, grain(std::max<int64_t>(1, per_bag) * d), [&](int64_t begin, int64_t end) {
+    forward_bags(begin, end, k, offsets, d, values, idx, scores, out);
   });
   return out_ND;
 }
@@ -506,9 +518,9 @@ torch::Tensor bag_backward_values(torch::Tensor order_M, torch::Tensor offsets_U
 
 // Rows [begin, end) of bag_backward (cloned for AVX2 like values_rows and scores_bags).
 __attribute__((target_clones("avx2", "default"))) void bag_rows(
-    int64_t begin, int64_t end, int64_t d, int64_t k, const int64_t* rows, const int64_t* order,
-    const int64_t* offsets, const float* values, const float* scores, const float* dy,
-    float* grad, float* dscores) {
+    int64_t begin, int64_t end, int64_t d, int64_t k, const int64_t* bag_of, const int64_t* rows,
+    const int64_t* order, const int64_t* offsets, const float* values, const float* scores,
+    const float* dy, float* grad, float* dscores) {
   for (int64_t u = begin; u < end; ++u) {
     if (u + kAhead < end) prefetch_row(values + rows[u + kAhead] * d, d);
     const float* v = values + rows[u] * d;
@@ -516,7 +528,7 @@ __attribute__((target_clones("avx2", "default"))) void bag_rows(
     for (int64_t c = 0; c < d; ++c) g[c] = 0.f;
     for (int64_t p = offsets[u]; p < offsets[u + 1]; ++p) {
       const int64_t m = order[p];
-      const float* row = dy + (m / k) * d;
+      const float* row = dy + (bag_of ? bag_of[m] : m / k) * d;
       dscores[m] = dot(row, v, d);
       const float s = scores[m];
       for (int64_t c = 0; c < d; ++c) g[c] += s * row[c];
@@ -526,14 +538,24 @@ __attribute__((target_clones("avx2", "default"))) void bag_rows(
 
 // Both backwards of the bag in one pass over each touched row (read once, not once per
 // position): dscores_NK as bag_backward_scores and grad_UD as bag_backward_values, the
-// same bits, through the reverse index (rows_U, offsets_U1, order_M) of idx_NK.
+// same bits, through the reverse index (rows_U, offsets_U1, order_M) of idx_NK. With
+// bag_offsets_N1 (bags of any length, as bag_forward's), entry m belongs to the bag whose
+// range holds it and dscores is 1-D, one per entry.
 std::vector<torch::Tensor> bag_backward(torch::Tensor values_VD, torch::Tensor rows_U,
                                         torch::Tensor offsets_U1, torch::Tensor order_M,
-                                        torch::Tensor scores_M, torch::Tensor dy_ND, int64_t k) {
+                                        torch::Tensor scores_M, torch::Tensor dy_ND, int64_t k,
+                                        std::optional<torch::Tensor> bag_offsets_N1) {
   const int64_t u_count = rows_U.size(0), d = dy_ND.size(1), n = dy_ND.size(0);
   const int64_t m_count = order_M.size(0);
+  std::vector<int64_t> bag_of;  // the bag of each entry, for bags of any length
+  if (bag_offsets_N1) {
+    const int64_t* bags = bag_offsets_N1->data_ptr<int64_t>();
+    bag_of.resize(m_count);
+    for (int64_t b = 0; b < n; ++b) std::fill(bag_of.data() + bags[b], bag_of.data() + bags[b + 1], b);
+  }
   auto grad_UD = gradient_pool().empty(u_count, d);
-  auto dscores_NK = torch::empty({n, k}, dy_ND.options());
+  auto dscores_NK = bag_offsets_N1 ? torch::empty({m_count}, dy_ND.options())
+                                   : torch::empty({n, k}, dy_ND.options());
   const int64_t* rows = rows_U.data_ptr<int64_t>();
   const int64_t* order = order_M.data_ptr<int64_t>();
   const int64_t* offsets = offsets_U1.data_ptr<int64_t>();
@@ -542,9 +564,10 @@ std::vector<torch::Tensor> bag_backward(torch::Tensor values_VD, torch::Tensor r
   const float* dy = dy_ND.data_ptr<float>();
   float* grad = grad_UD.data_ptr<float>();
   float* dscores = dscores_NK.data_ptr<float>();
+  const int64_t* bags_of = bag_of.empty() ? nullptr : bag_of.data();
   const int64_t per_row = std::max<int64_t>(1, m_count / std::max<int64_t>(1, u_count));
   at::parallel_for(0, u_count, grain(2 * per_row * d), [&](int64_t begin, int64_t end) {
-    bag_rows(begin, end, d, k, rows, order, offsets, values, scores, dy, grad, dscores);
+    bag_rows(begin, end, d, k, bags_of, rows, order, offsets, values, scores, dy, grad, dscores);
   });
   return {dscores_NK, grad_UD};
 }

@@ -15,7 +15,8 @@ which gathers a large table's rows 1.7x faster.
 
 Deterministic like the torch path, and more so: each output element is computed by
 one thread in a fixed order, with no fused multiply-adds, so results are the same for
-any thread count and CPU instruction set, and for a row-wise shard's bags of one.
+any thread count and CPU instruction set, and for a row-wise shard's own entries of
+each bag (bags of any length: ``entries_forward``, ``entries_backward``).
 The values' gradient is bit-for-bit the torch path's (products summed in flat
 position order from zero); the scores' dot products and the optimizer's arithmetic
 round differently from torch's (within the reference tolerances).
@@ -51,7 +52,19 @@ def bag_forward(
 ) -> torch.Tensor:
     if values_VD.dtype != torch.float32 or not values_VD.is_contiguous():
         return torch_ops.bag_forward(values_VD, idx_NK, scores_NK)
-    return extension().bag_forward(values_VD, idx_NK.contiguous(), scores_NK.float().contiguous())
+    return extension().bag_forward(
+        values_VD, idx_NK.contiguous(), scores_NK.float().contiguous(), None
+    )
+
+
+def entries_forward(
+    values_VD: torch.Tensor, idx_E: torch.Tensor, scores_E: torch.Tensor, offsets_N1: torch.Tensor
+) -> torch.Tensor:
+    """``bag_forward`` over bags of any length: bag n sums entries
+    ``[offsets_N1[n], offsets_N1[n + 1])`` in order (fp32 tables)."""
+    return extension().bag_forward(
+        values_VD, idx_E.contiguous(), scores_E.float().contiguous(), offsets_N1.contiguous()
+    )
 
 
 @functools.cache
@@ -130,12 +143,35 @@ def bag_backward(
     if values_VD.dtype != torch.float32 or not values_VD.is_contiguous():
         rows_U, grad_UD = bag_backward_values(idx_NK, scores_NK, dy_ND)
         return torch_ops.bag_backward_scores(values_VD, idx_NK, dy_ND), rows_U, grad_UD
-    rows_U, offsets_U1, order_M = reverse_index(idx_NK)
-    dscores_NK, grad_UD = extension().bag_backward(
-        values_VD, rows_U, offsets_U1, order_M, scores_NK.float().reshape(-1).contiguous(),
-        dy_ND.float().contiguous(), idx_NK.shape[1],
+    return _fused_backward(values_VD, idx_NK, scores_NK, dy_ND, idx_NK.shape[1], None)
+
+
+def entries_backward(
+    values_VD: torch.Tensor,
+    idx_E: torch.Tensor,
+    scores_E: torch.Tensor,
+    offsets_N1: torch.Tensor,
+    dy_ND: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``bag_backward`` over bags of any length (``entries_forward``'s): dscores_E one per
+    entry, each row's gradient summed in entry order (fp32 tables)."""
+    return _fused_backward(values_VD, idx_E, scores_E, dy_ND, 0, offsets_N1.contiguous())
+
+
+def _fused_backward(
+    values_VD: torch.Tensor,
+    idx: torch.Tensor,
+    scores: torch.Tensor,
+    dy_ND: torch.Tensor,
+    k: int,
+    offsets_N1: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows_U, offsets_U1, order_M = reverse_index(idx)
+    dscores, grad_UD = extension().bag_backward(
+        values_VD, rows_U, offsets_U1, order_M, scores.float().reshape(-1).contiguous(),
+        dy_ND.float().contiguous(), k, offsets_N1,
     )  # fmt: skip
-    return dscores_NK, rows_U, grad_UD
+    return dscores, rows_U, grad_UD
 
 
 _CORRECTIONS: dict[float, torch.Tensor] = {}

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,14 +67,46 @@ class _RemoteBag(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores_NK, pending):
-        ctx.table, ctx.keep = pending.table, pending.keep
+        ctx.table, ctx.keep, ctx.entries = pending.table, pending.keep, pending.entries
         ctx.device, ctx.dtype = scores_NK.device, scores_NK.dtype
         return pending.table._combine(pending.handles).to(scores_NK.device, scores_NK.dtype)
 
     @staticmethod
     def backward(ctx, dy_ND):
-        dscores = ctx.table._backward(ctx.keep, dy_ND.to(ctx.table.payload))
+        dscores = ctx.table._backward(ctx.keep, dy_ND.to(ctx.table.payload), ctx.entries)
         return dscores.to(ctx.device, ctx.dtype), None  # the shards' device may not be ours
+
+
+@dataclass(frozen=True, slots=True)
+class RowEntries:
+    """A lookup's entries as row shards get them: per row region of the plan, the flat
+    positions of the entries whose rows it holds, in order, and where each bag begins
+    among them (N + 1 offsets, int32). Each row shard so computes only its own entries,
+    1/shards of the work, instead of every entry with the others' weighing zero."""
+
+    shape: tuple[int, ...]  # the lookup's N x K
+    parts: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def split(cls, idx_NK: torch.Tensor, plan: ShardingPlan) -> RowEntries:
+        parts = []
+        for r in plan.regions:
+            mine_NK = (idx_NK >= r.row_start) & (idx_NK < r.row_stop)
+            offsets_N1 = torch.zeros(idx_NK.shape[0] + 1, dtype=torch.int32)
+            torch.cumsum(mine_NK.sum(1, dtype=torch.int32), 0, out=offsets_N1[1:])
+            parts.append((mine_NK.view(-1).nonzero().squeeze(1), offsets_N1))
+        return cls(tuple(idx_NK.shape), parts)
+
+    def gather(self, t_NK: torch.Tensor, s: int) -> torch.Tensor:
+        """Region ``s``'s entries of ``t_NK`` (1-D, in order)."""
+        return t_NK.reshape(-1)[self.parts[s][0]]
+
+    def scatter(self, per_shard: list[torch.Tensor]) -> torch.Tensor:
+        """An N x K tensor of the shards' values of their own entries."""
+        out = torch.empty(self.shape, dtype=per_shard[0].dtype)
+        for (positions_E, _), part in zip(self.parts, per_shard, strict=True):
+            out.view(-1)[positions_E] = part  # every entry is in exactly one region
+        return out
 
 
 class RemoteLookup(PendingLookup):
@@ -89,10 +122,27 @@ class RemoteLookup(PendingLookup):
         # int32 indices take no more bytes than packed ones (whose positions are int32)
         # and cost nothing to make (packing took ~1 ms of a `small` lookup); a table past
         # int32 rows sends each distinct row once as int64.
-        indices = cpu.to(torch.int32) if table.num_rows <= INT32_ROWS else PackedIndices.pack(cpu)
+        narrow = table.num_rows <= INT32_ROWS
+        indices = cpu.to(torch.int32) if narrow else cpu
         payload = scores_NK.detach().cpu().to(table.payload)
-        req = wire.Lookup(indices, payload, self.keep, table.worker)
-        self.handles = table.transport.submit_all([req] * table.plan.shards)
+        # Row shards get only their own entries, column shards every entry.
+        split = table.plan.kind == "row" and table.plan.shards > 1  # one holds every row
+        self.entries = RowEntries.split(cpu, table.plan) if split else None
+        if (e := self.entries) is None:
+            idx = indices if narrow else PackedIndices.pack(indices)
+            reqs = [wire.Lookup(idx, payload, self.keep, table.worker)] * table.plan.shards
+        else:
+            reqs = [
+                wire.Lookup(
+                    e.gather(indices, s) if narrow else PackedIndices.pack(e.gather(indices, s)),
+                    e.gather(payload, s),
+                    self.keep,
+                    table.worker,
+                    bags,
+                )  # fmt: skip
+                for s, (_, bags) in enumerate(e.parts)
+            ]
+        self.handles = table.transport.submit_all(reqs)
 
     def wait(self) -> torch.Tensor:
         device, dtype = self.scores_NK.device, self.scores_NK.dtype
@@ -187,8 +237,9 @@ class RemoteTable(ValueTable):
         self._backwards_due += 1
         return keep
 
-    def _backward(self, keep: int, dy_ND: torch.Tensor) -> torch.Tensor:
-        """The partial score gradients of the lookup kept as ``keep``, summed."""
+    def _backward(self, keep: int, dy_ND: torch.Tensor, entries: RowEntries | None) -> torch.Tensor:
+        """The score gradients of the lookup kept as ``keep``: column shards' partial sums
+        added up, or row shards' own entries' (``entries``) put in their places."""
         dy_ND = dy_ND.cpu()
         if self.plan.kind == "column":
             reqs = [
@@ -206,6 +257,8 @@ class RemoteTable(ValueTable):
             self._sent_early, self._expected = self._expected, None
             self._send_step(self._sent_early)
         parts = [p.float() for p in self._wait(handles, "backward")]
+        if entries is not None:
+            return entries.scatter(parts)
         dscores = parts[0]
         for part in parts[1:]:
             dscores = dscores + part

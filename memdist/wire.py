@@ -69,12 +69,16 @@ def unpack(idx: torch.Tensor | PackedIndices) -> torch.Tensor:
 class Lookup:
     """Pooled rows of the shard's part for each bag -> ``y`` (payload dtype). With ``keep``
     >= 0 the shard keeps the indices and scores under that number for ``worker``'s
-    ``KeptBackward``, so they cross the wire once."""
+    ``KeptBackward``, so they cross the wire once. ``bags`` (N + 1 offsets), to a row
+    region: ``idx`` and ``scores_NK`` are 1-D, only the entries whose rows it holds, in
+    flat position order, bag n being entries ``[bags[n], bags[n + 1])``; its score
+    gradients then come back one per entry."""
 
     idx: torch.Tensor | PackedIndices
     scores_NK: torch.Tensor
     keep: int = -1
     worker: int = 0
+    bags: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,7 @@ class Backward:
     scores_NK: torch.Tensor
     dy: torch.Tensor
     worker: int = 0
+    bags: torch.Tensor | None = None  # as ``Lookup.bags``
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +225,8 @@ def to_tensors(req: Request) -> list[torch.Tensor]:
             parts = [idx.rows_U, idx.inverse_NK] if isinstance(idx, PackedIndices) else [idx]
             packed = torch.tensor([len(parts)])
             extra = [req.dy] if isinstance(req, Backward) else [torch.tensor([req.keep])]
-            return [packed, *parts, scores, *extra]
+            bags = [req.bags] if req.bags is not None else []  # last, when sent
+            return [packed, *parts, scores, *extra, *bags]
         case KeptBackward(lookup, dy):
             return [dy, torch.tensor([lookup])]
         case GradNorm(scale):
@@ -238,9 +244,10 @@ def from_tensors(kind: type, tensors: list[torch.Tensor], worker: int) -> Reques
         n = int(tensors[0])
         idx = PackedIndices(tensors[1], tensors[2]) if n == 2 else tensors[1]
         scores = tensors[1 + n]
+        bags = tensors[3 + n] if len(tensors) > 3 + n else None
         if kind is Lookup:
-            return Lookup(idx, scores, int(tensors[2 + n][0]), worker)
-        return Backward(idx, scores, tensors[2 + n], worker)
+            return Lookup(idx, scores, int(tensors[2 + n][0]), worker, bags)
+        return Backward(idx, scores, tensors[2 + n], worker, bags)
     if kind is KeptBackward:
         return KeptBackward(int(tensors[1][0]), tensors[0], worker)
     if kind is GradNorm:

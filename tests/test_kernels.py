@@ -137,6 +137,56 @@ def test_empty_bags(backend):
         assert rows.shape == (0,) and grad.shape == (0, 6)
 
 
+@pytest.mark.parametrize("backend", [*BACKENDS, "reference"])
+def test_entries_are_the_whole_bags_with_the_others_weighing_zero(backend):
+    """Bags of any length (a row-wise shard's own entries, some bags empty) against the
+    same backend's whole bags with the other entries' scores zero."""
+    values, idx, scores, dy = make_inputs(12, 9, 60, 33, "random", torch.float32, seed=3)
+    mine = idx % 4 != 1
+    mine[2], mine[7] = False, True  # an empty bag and a whole one
+    positions = mine.reshape(-1).nonzero().squeeze(1)
+    offsets = torch.zeros(13, dtype=torch.int64, device=DEVICE)
+    offsets[1:] = mine.sum(1).cumsum(0)
+    idx_e, scores_e = idx.reshape(-1)[positions], scores.reshape(-1)[positions]
+    y = kernels.entries_forward(values, idx_e, scores_e, offsets, backend=backend)
+    y_whole = kernels.bag_forward(values, idx, scores * mine, backend=backend)
+    torch.testing.assert_close(y, y_whole, **tolerance(9))
+    assert torch.equal(y[2], torch.zeros(33, device=DEVICE))
+    ds, rows, grad = kernels.entries_backward(values, idx_e, scores_e, offsets, dy, backend=backend)
+    ds_whole = kernels.bag_backward_scores(values, idx, dy, backend=backend)
+    torch.testing.assert_close(ds, ds_whole.reshape(-1)[positions], **tolerance(33))
+    rows_w, grad_w = kernels.bag_backward_values(
+        torch.where(mine, idx, 60), scores, dy, backend=backend
+    )
+    assert torch.equal(rows, rows_w[:-1])
+    torch.testing.assert_close(grad, grad_w[:-1], **tolerance(9))
+    none = torch.zeros(13, dtype=torch.int64, device=DEVICE)  # no entries at all
+    assert torch.equal(kernels.entries_forward(values, idx_e[:0], scores_e[:0], none,
+                                               backend=backend), dy[:, :33] * 0)  # fmt: skip
+    ds0, rows0, grad0 = kernels.entries_backward(values, idx_e[:0], scores_e[:0], none, dy,
+                                                 backend=backend)  # fmt: skip
+    assert ds0.shape == (0,) and rows0.shape == (0,) and grad0.shape == (0, 33)
+
+
+def test_entries_errors_name_the_rule():
+    values = torch.randn(10, 4)
+    idx, scores = torch.tensor([1, 2, 3]), torch.rand(3)
+    with pytest.raises(
+        ShapeError, match=r"bag offsets must rise from 0 to the 3 entries, got 0 \.\. 2"
+    ):
+        kernels.entries_forward(values, idx, scores, torch.tensor([0, 2]))
+    with pytest.raises(ShapeError, match=r"got 0 \.\. 3 \(falling somewhere\)"):
+        kernels.entries_forward(values, idx, scores, torch.tensor([0, 3, 1, 3]))
+    with pytest.raises(ShapeError, match="non-empty 1-D int64"):
+        kernels.entries_forward(values, idx, scores, torch.tensor([0, 3], dtype=torch.int32))
+    with pytest.raises(ShapeError, match="entries' indices must be a 1-D"):
+        kernels.entries_forward(values, idx.view(1, 3), scores.view(1, 3), torch.tensor([0, 3]))
+    with pytest.raises(ShapeError, match=r"output gradient has shape \(3, 4\), expected \(1, 4\)"):
+        kernels.entries_backward(values, idx, scores, torch.tensor([0, 3]), torch.randn(3, 4))
+    with pytest.raises(IndexOutOfRangeError, match=r"index 10 at position \(1,\)"):
+        kernels.entries_forward(values, torch.tensor([1, 10, 3]), scores, torch.tensor([0, 3]))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_value_gradient_is_deterministic(backend):
     _, idx, scores, dy = make_inputs(8, 256, 50, 40, "repeated", torch.float32)

@@ -1,8 +1,8 @@
 """The C++ CPU kernels' own promises, beyond matching the reference (test_kernels*.py).
 
 The value gradient equals the torch path's bit for bit; every result is the same on 1
-and 2 threads; a row-wise shard's bags of one give the rows the same bits as the whole
-bags, and a column-wise shard's lookup its columns of the whole one; bf16 tables fall back to the torch path; the half-key top-k matches einsum + topk.
+and 2 threads; a row-wise shard's own entries (bags of any length) give the same bits as
+the whole bags, and a column-wise shard's lookup its columns of the whole one; bf16 tables fall back to the torch path; the half-key top-k matches einsum + topk.
 """
 
 import pytest
@@ -36,6 +36,9 @@ def run_all(values, idx, scores, dy):
     rows, grad = kernels.bag_backward_values(idx, scores, dy, backend="cpp")
     out.append(grad)
     out += kernels.bag_backward(values, idx, scores, dy, backend="cpp")
+    idx_e, scores_e, offsets, _ = own_entries(idx, scores, idx % 3 != 0)
+    out.append(kernels.entries_forward(values, idx_e, scores_e, offsets, backend="cpp"))
+    out += kernels.entries_backward(values, idx_e, scores_e, offsets, dy, backend="cpp")
     for name in ("sgd", "adagrad", "adam"):
         table = values.clone()
         state = kernels.init_optimizer_state(name, *values.shape)
@@ -73,20 +76,33 @@ def test_results_do_not_depend_on_thread_count():
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
 
 
-def test_bags_of_one_give_a_row_wise_shard_the_same_bits():
-    """What cluster/shard.py does for a row-wise region: its entries, in flat position
-    order, as bags of one; masked-out entries read row 0 and are zeroed."""
-    values, idx, scores, dy = inputs()
-    mask = idx < 150
-    rows, grad = kernels.bag_backward_values(idx, scores, dy, backend="cpp")
-    n_M, k_M = mask.nonzero(as_tuple=True)
-    rows_s, grad_s = kernels.bag_backward_values(
-        idx[n_M, k_M].view(-1, 1), scores[n_M, k_M].view(-1, 1), dy[n_M], backend="cpp"
-    )
-    assert torch.equal(rows_s, rows[rows < 150]) and torch.equal(grad_s, grad[rows < 150])
-    ds = kernels.bag_backward_scores(values, idx, dy, backend="cpp")
-    ds_s = kernels.bag_backward_scores(values, torch.where(mask, idx, 0), dy, backend="cpp")
-    assert torch.equal(ds_s * mask, ds * mask)
+def own_entries(idx, scores, mine):
+    """A row-wise shard's entries (``mine``): in flat position order, bags of any length."""
+    positions = mine.reshape(-1).nonzero().squeeze(1)
+    offsets = torch.zeros(idx.shape[0] + 1, dtype=torch.int64)
+    offsets[1:] = mine.sum(1).cumsum(0)
+    return idx.reshape(-1)[positions], scores.reshape(-1)[positions], offsets, positions
+
+
+@pytest.mark.parametrize("d", [128, 72, 33])  # whole 32-column blocks, and tails
+def test_a_row_wise_shards_own_entries_give_the_same_bits(d):
+    """What cluster/shard.py computes for a row-wise region: only its entries, in bags of
+    any length (some empty, some whole), as the whole bags with the others weighing zero:
+    the same sums in the same order, so the same bits, and its rows' gradients those of
+    the whole table."""
+    values, idx, scores, dy = inputs(n=200, k=40, v=300, d=d)
+    idx[5] = 200  # a bag wholly another shard's
+    idx[6] = 9  # one wholly this shard's
+    mine = idx < 150
+    idx_e, scores_e, offsets, positions = own_entries(idx, scores, mine)
+    masked = torch.where(mine, idx, 0)
+    y = kernels.entries_forward(values, idx_e, scores_e, offsets, backend="cpp")
+    assert torch.equal(y, kernels.bag_forward(values, masked, scores * mine, backend="cpp"))
+    ds, rows, grad = kernels.entries_backward(values, idx_e, scores_e, offsets, dy, backend="cpp")
+    whole_ds, whole_rows, whole_grad = kernels.bag_backward(values, idx, scores, dy, backend="cpp")
+    assert torch.equal(ds, whole_ds.reshape(-1)[positions])
+    assert torch.equal(rows, whole_rows[whole_rows < 150])
+    assert torch.equal(grad, whole_grad[whole_rows < 150])
 
 
 @pytest.mark.parametrize("d", [128, 72, 33])  # whole 32-column blocks, and tails

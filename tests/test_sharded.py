@@ -17,12 +17,12 @@ from fixed_batches import batches
 from memdist import wire
 from memdist.assembly import build_model, make_engine, resolve_runtime, unique_tables
 from memdist.cluster.actors import ShardActor, stop_shards
-from memdist.cluster.plan import make_plan
+from memdist.cluster.plan import make_plan, step_traffic_bytes
 from memdist.cluster.shard import KEPT_PER_WORKER, ShardServer
 from memdist.config import load_config
 from memdist.errors import ConfigError, ShardError, ShardTimeoutError
 from memdist.kernels import OptimizerSpec
-from memdist.remote import RemoteTable
+from memdist.remote import RemoteTable, RowEntries
 from memdist.shards import start_remote_tables
 from memdist.step import train_step
 from memdist.trainer import prefetch_hint
@@ -233,13 +233,77 @@ def test_indices_travel_as_int32_or_deduplicated():
     assert packed.nbytes == 3 * 8 + 8 * 4 < idx.numel() * 8
     # A lookup of a table of fewer than 2**31 rows sends its indices as int32, no more
     # bytes than packed ones (positions are int32 there too) and nothing to make; a shard
-    # counts what actually arrived: int32 indices plus scores.
+    # counts what actually arrived: int32 indices plus scores (one shard holds every row:
+    # no bag offsets, see test_row_shards_get_and_compute_only_their_own_entries).
     plan = make_plan("row", 64, 4, 1)
     server = ShardServer(plan.regions[0], "row", 4, OptimizerSpec(), seed=0)
     table = RemoteTable(plan, InProcessTransport([server]), OptimizerSpec())
     idx = torch.full((16, 8), 3)
     table.lookup(idx, torch.rand(16, 8))
     assert server.stats()["bytes_in"] == 16 * 8 * 4 + 16 * 8 * 4
+
+
+def test_row_shards_get_and_compute_only_their_own_entries():
+    """A row shard gets the entries whose rows it holds (bags of any length, some empty),
+    not every entry with the others weighing zero: bytes and work fall with the shard
+    count. Results are the local table's, bit for bit (but for the sum of a bag split over
+    shards); a shard sent every entry picks its own and answers in N x K."""
+    plan = make_plan("row", 64, 4, 2)  # rows [0, 32) and [32, 64)
+    servers = [ShardServer(r, "row", 4, OptimizerSpec(lr=0.1), seed=0) for r in plan.regions]
+    table = RemoteTable(plan, InProcessTransport(servers), OptimizerSpec(lr=0.1))
+    local = LocalTable(64, 4, OptimizerSpec(lr=0.1), seed=0)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 32, (16, 8), generator=g)
+    idx[:3] += 32  # bags 0-2 all in shard 1, bags 3-15 all in shard 0 ...
+    idx[5, 2:5] += 32  # ... but for three entries of bag 5
+    mine = [(idx < 32).sum().item(), (idx >= 32).sum().item()]
+    assert mine == [13 * 8 - 3, 3 * 8 + 3]
+    scores = torch.rand(16, 8, generator=g)
+    s_remote, s_local = (scores.clone().requires_grad_(True) for _ in range(2))
+    dy = torch.randn(16, 4, generator=g)
+    y, y_local = table.lookup(idx, s_remote), local.lookup(idx, s_local)
+    whole = torch.arange(16) != 5  # bag 5's two partial sums add up in another order
+    assert torch.equal(y[whole], y_local[whole])
+    torch.testing.assert_close(y[5], y_local[5])
+    for server, entries in zip(servers, mine, strict=True):  # int32 index + fp32 score each
+        assert server.stats()["bytes_in"] == entries * 8 + 17 * 4
+    y.backward(dy)
+    y_local.backward(dy)
+    assert torch.equal(s_remote.grad, s_local.grad)
+    table.step(), local.step()
+    assert torch.equal(table.read_rows(0, 64)["weight"], local.read_rows(0, 64)["weight"])
+    # Sent every entry (no bags), a row shard computes its own and answers N x K.
+    y1 = servers[1].handle(wire.Lookup(idx, scores))
+    ds1 = servers[1].handle(wire.Backward(idx, scores, dy))
+    assert ds1.shape == (16, 8) and torch.equal(ds1[3:, :2], torch.zeros(13, 2))
+    entries = RowEntries.split(idx, plan)
+    (_, bags1), own1 = entries.parts[1], entries.gather(idx, 1)
+    assert torch.equal(
+        y1, servers[1].handle(wire.Lookup(own1, entries.gather(scores, 1), bags=bags1))
+    )
+    assert torch.equal(entries.gather(ds1, 1),
+                       servers[1].handle(wire.Backward(own1, entries.gather(scores, 1), dy, bags=bags1)))  # fmt: skip
+    with pytest.raises(ShardError, match="column region computes every entry"):
+        col = ShardServer(
+            make_plan("column", 64, 4, 2).regions[0], "column", 4, OptimizerSpec(), seed=0
+        )
+        col.handle(wire.Lookup(own1, entries.gather(scores, 1), bags=bags1))
+
+
+@pytest.mark.parametrize("kind", ["row", "column"])
+def test_the_planner_counts_the_bytes_the_shards_see(kind):
+    """``shards.plan=auto`` picks by ``step_traffic_bytes``: it must be what a lookup and
+    its backward really move (the shards count what arrives and what they answer)."""
+    tokens, bag, dim, shards = 32, 8, 12, 3
+    plan = make_plan(kind, 600, dim, shards)
+    servers = [ShardServer(r, kind, dim, OptimizerSpec(), seed=0) for r in plan.regions]
+    table = RemoteTable(plan, InProcessTransport(servers), OptimizerSpec())
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(tokens, bag, generator=g, requires_grad=True)
+    y = table.lookup(torch.randint(0, 600, (tokens, bag), generator=g), scores)
+    y.backward(torch.randn(tokens, dim, generator=g))
+    seen = sum(s.stats()["bytes_in"] + s.stats()["bytes_out"] for s in servers)
+    assert seen == step_traffic_bytes(kind, shards, tokens, bag, dim)
 
 
 def test_a_backward_sends_only_the_output_gradient_and_is_kept_until_then():
@@ -306,7 +370,10 @@ def test_bf16_payload_halves_the_bytes_and_stays_close():
         y = tables[0].lookup(idx, scores)
         assert y.dtype == torch.float32
         sent = tables[0].stats()[0]["bytes_in"]
-        assert sent == 8 * 16 * 4 + 8 * 16 * 2  # int32 indices, bf16 scores
+        r = tables[0].plan.regions[0]
+        mine = int(((idx >= r.row_start) & (idx < r.row_stop)).sum())  # the shard's entries
+        assert 0 < mine < 8 * 16
+        assert sent == mine * 4 + mine * 2 + 9 * 4  # int32 indices, bf16 scores, bag offsets
     finally:
         group.stop()
 
