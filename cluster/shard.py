@@ -48,7 +48,7 @@ import torch
 
 from memdist import kernels
 from memdist.cluster.plan import ShardRegion
-from memdist.errors import CheckpointError, ConfigError, ShardError
+from memdist.errors import CheckpointError, ConfigError, IndexOutOfRangeError, ShardError
 from memdist.kernels import OptimizerSpec
 from memdist.region_save import RegionSave
 from memdist.storage import table_store
@@ -225,6 +225,13 @@ class ShardServer:
                 raise ShardError(
                     f"shard {self.region.shard}: a column region computes every entry of "
                     "each bag; it got only some (a request with bags)"
+                )
+            r = self.region
+            if idx.numel() and not r.row_start <= int(idx.min()) <= int(idx.max()) < r.row_stop:
+                bad = idx[(idx < r.row_start) | (idx >= r.row_stop)][0]
+                raise IndexOutOfRangeError(
+                    f"shard {r.shard}: entry of row {int(bad)} sent to the region of rows "
+                    f"[{r.row_start}, {r.row_stop}) (a row region gets only its own entries)"
                 )
             return _Own(idx, scores, bags.to(self.device, torch.int64), None, shape)
         if self.kind == "column" or idx.numel() == 0:

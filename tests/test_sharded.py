@@ -20,7 +20,7 @@ from memdist.cluster.actors import ShardActor, stop_shards
 from memdist.cluster.plan import make_plan, step_traffic_bytes
 from memdist.cluster.shard import KEPT_PER_WORKER, ShardServer
 from memdist.config import load_config
-from memdist.errors import ConfigError, ShardError, ShardTimeoutError
+from memdist.errors import ConfigError, IndexOutOfRangeError, ShardError, ShardTimeoutError
 from memdist.kernels import OptimizerSpec
 from memdist.remote import RemoteTable, RowEntries
 from memdist.shards import start_remote_tables
@@ -283,6 +283,12 @@ def test_row_shards_get_and_compute_only_their_own_entries():
     )
     assert torch.equal(entries.gather(ds1, 1),
                        servers[1].handle(wire.Backward(own1, entries.gather(scores, 1), dy, bags=bags1)))  # fmt: skip
+    with pytest.raises(
+        IndexOutOfRangeError, match=r"entry of row 3 sent to the region of rows \[32, 64\)"
+    ):
+        servers[1].handle(
+            wire.Lookup(torch.tensor([40, 3]), torch.rand(2), bags=torch.tensor([0, 2]))
+        )
     with pytest.raises(ShardError, match="column region computes every entry"):
         col = ShardServer(
             make_plan("column", 64, 4, 2).regions[0], "column", 4, OptimizerSpec(), seed=0
