@@ -17,11 +17,15 @@
 #include <sys/mman.h>
 #endif
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -1008,6 +1012,42 @@ std::vector<torch::Tensor> product_pairs_backward(torch::Tensor dbest_NHK, torch
 // advise_range over a tensor's storage, before its pages are first written.
 void advise_huge_pages(torch::Tensor t) { advise_range(t.data_ptr(), t.nbytes()); }
 
+// Calls wait() on this thread while the other threads of its OpenMP team sleep on a
+// condition variable instead of spinning. libgomp keeps an idle team thread spinning for
+// GOMP_SPINCOUNT turns (300,000 when unset: milliseconds) after every parallel region; a
+// worker that then blocks on its memory shards, processes on the same cores, would take
+// a core from them for that long at each wait. Only the waits sleep: the spin still
+// spares the dense model's parallel regions a wake-up between one another.
+pybind11::object parked(pybind11::function wait) {
+  const int threads = omp_get_max_threads();
+  if (threads <= 1 || omp_in_parallel()) return wait();
+  std::mutex mutex;
+  std::condition_variable woken;
+  bool done = false;
+  pybind11::object result;
+  std::exception_ptr error;
+#pragma omp parallel num_threads(threads)
+  {
+    if (omp_get_thread_num() == 0) {  // the calling thread, which holds the GIL
+      try {
+        result = wait();
+      } catch (...) {  // no exception may leave a parallel region: raised below
+        error = std::current_exception();
+      }
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        done = true;
+      }
+      woken.notify_all();
+    } else {
+      std::unique_lock<std::mutex> lock(mutex);
+      woken.wait(lock, [&] { return done; });
+    }
+  }
+  if (error) std::rethrow_exception(error);
+  return result;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advise_huge_pages", &advise_huge_pages);
   m.def("best_pairs", &best_pairs);
@@ -1024,4 +1064,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bag_backward", &bag_backward);
   m.def("sparse_update", &sparse_update);
   m.def("sum_squares", &sum_squares);
+  m.def("parked", &parked);
 }

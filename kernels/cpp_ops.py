@@ -30,13 +30,17 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 
 from memdist.kernels import jit_build, torch_ops
 from memdist.kernels.spec import OptimizerSpec
+
+T = TypeVar("T")
 
 NAME = "memdist_cpp_kernels"
 SOURCE = Path(__file__).with_name("cpp_kernels.cpp")
@@ -318,3 +322,10 @@ def sum_squares(grad_UD: torch.Tensor) -> float:
     if grad_UD.dtype != torch.float32 or not grad_UD.is_contiguous() or grad_UD.ndim != 2:
         return torch_ops.sum_squares(grad_UD)
     return float(extension().sum_squares(grad_UD))
+
+
+def parked(wait: Callable[[], T]) -> T:
+    """``wait()``, with this process's other OpenMP threads asleep until it returns (or
+    raises) instead of spinning: for a wait on other processes, such as memory shards on
+    the same cores. Without the kernels, just ``wait()``."""
+    return extension().parked(wait) if available() else wait()

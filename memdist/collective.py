@@ -139,9 +139,9 @@ class CollectiveTransport(Transport):
             return ("failed", shard, exc)
         return ("pg", shard, tag, works, req)
 
-    def wait(self, handles: Sequence[Any], what: str) -> list[Any]:
+    def collect(self, handles: Sequence[Any], what: str) -> list[Any]:
         if handles and all(h[0] == "ray" for h in handles):
-            return self._ray.wait([h[1] for h in handles], what)
+            return self._ray.collect([h[1] for h in handles], what)
         return [self._reply(h, what) for h in handles]
 
     def _reply(self, handle: Any, what: str) -> Any:

@@ -5,7 +5,9 @@ request (``memdist.wire``) without waiting (``submit_all`` one to each shard, a 
 several shards get travelling once where the transport can); ``wait(handles, what) -> replies``
 collects replies in order, within a bounded time, and raises ``ShardError`` naming
 the shard that failed (``ShardTimeoutError`` for one that stayed silent). Requests
-to all shards are issued before any is awaited, so shards work concurrently.
+to all shards are issued before any is awaited, so shards work concurrently. While a
+transport collects replies (``collect``, its own part) the worker's idle OpenMP
+threads sleep instead of spinning on cores the shards may share (``Transport.parks``).
 
 - ``InProcessTransport``: shard servers in this process (one machine, tests).
 - ``RayTransport``: shard servers in Ray actors; requests and replies travel
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from memdist.errors import MemdistError, ShardError, ShardTimeoutError
+from memdist.kernels import cpp_ops
 from memdist.shm import Channel, open_channels
 from memdist.wire import (
     Backward,
@@ -44,9 +47,21 @@ class Transport(ABC):
     def submit(self, shard: int, req: Request) -> Any:
         """Send ``req`` to ``shard``; returns a handle for ``wait``. Never blocks on it."""
 
-    @abstractmethod
+    # Whether collecting replies may wait on other processes: then this process's idle
+    # OpenMP threads sleep meanwhile (``cpp_ops.parked``) instead of spinning on cores
+    # the shards may share (measured: a step through 2 Ray row shards on 2 cores, 36.76
+    # -> 26.92-27.87 ms, the worker's CPU 28.46 -> 14.87-16.05 ms a step).
+    parks = True
+
     def wait(self, handles: Sequence[Any], what: str) -> list[Any]:
         """The replies of ``handles`` in order; ``what`` names the request in errors."""
+        if not self.parks:
+            return self.collect(handles, what)
+        return cpp_ops.parked(lambda: self.collect(handles, what))
+
+    @abstractmethod
+    def collect(self, handles: Sequence[Any], what: str) -> list[Any]:
+        """``wait``'s replies, as this transport gets them."""
 
     def submit_all(self, reqs: Sequence[Request]) -> list[Any]:
         """``reqs[s]`` to shard ``s``, every one sent before any is awaited."""
@@ -63,6 +78,8 @@ def timed_out(shard: int, what: str, timeout_s: float) -> ShardTimeoutError:
 class InProcessTransport(Transport):
     """Calls shard servers directly; replies are ready at once."""
 
+    parks = False
+
     def __init__(self, servers: Sequence[Any]) -> None:
         self.servers = list(servers)
         self.shards = len(self.servers)
@@ -73,7 +90,7 @@ class InProcessTransport(Transport):
         except Exception as exc:  # kept and raised at wait(), like a remote failure
             return ("error", shard, exc)
 
-    def wait(self, handles: Sequence[Any], what: str) -> list[Any]:
+    def collect(self, handles: Sequence[Any], what: str) -> list[Any]:
         out = []
         for h in handles:
             if h[0] == "error":
@@ -146,7 +163,7 @@ class RayTransport(Transport):
         seq, self._seq[shard] = self._seq[shard], self._seq[shard] + 1
         return (shard, actor.handle_ordered.remote(sent, self.worker, seq), channel)
 
-    def wait(self, handles: Sequence[Any], what: str) -> list[Any]:
+    def collect(self, handles: Sequence[Any], what: str) -> list[Any]:
         import ray
 
         refs = [ref for _, ref, _ in handles]

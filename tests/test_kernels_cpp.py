@@ -347,3 +347,29 @@ def test_query_norm_matches_the_reference_with_gradients_on_any_thread_count(q):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ShapeError, match=r"must be \(N, H, 2, Q\) and \(H, 2, Q\)"):
         kernels.query_norm(q_NH2Q, gain_H2Q[:2], 1.0, backend="cpp")
+
+
+def test_parked_gives_back_what_the_wait_returns_or_raises_on_any_thread_count():
+    """``cpp_ops.parked`` runs a transport's wait with the other OpenMP threads asleep:
+    the wait's result and its exception come back unchanged, torch ops inside still run
+    (on the calling thread), and a parked call inside another one is a plain call."""
+
+    class LateError(Exception):
+        pass
+
+    def raise_late():
+        raise LateError("memory shard 3 did not answer")
+
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.ones(1 << 20).mul_(2.0)  # a parallel region first: the team exists
+            assert cpp_ops.parked(lambda n=n: ("replies", n)) == ("replies", n)
+            with pytest.raises(LateError, match="shard 3"):
+                cpp_ops.parked(raise_late)
+            total = cpp_ops.parked(lambda: float(torch.arange(1 << 20, dtype=torch.float64).sum()))
+            assert total == (1 << 20) * ((1 << 20) - 1) / 2
+            assert cpp_ops.parked(lambda: cpp_ops.parked(lambda: 7)) == 7
+    finally:
+        torch.set_num_threads(threads)
