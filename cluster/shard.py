@@ -14,8 +14,8 @@ Requests are the typed messages of ``memdist.wire``, answered by ``handle``:
   column-wise region its slice of every row, shape (N, cols).
 - ``Backward -> dscores`` the score gradients: a column region's partial sums (added
   over shards by the client), a row region's of its own entries (zero elsewhere in an
-  N x K request); the region's row gradients are accumulated for the step. ``KeptBackward`` is the same
-  for a kept lookup, named by its number.
+  N x K request); the region's row gradients are accumulated for the step.
+  ``KeptBackward`` is the same for a kept lookup, named by its number.
 - ``GradNorm`` and ``Step``: the squared norm of the region's gradient (for clipping
   over the whole table), and the sparse optimizer on the touched rows.
 - ``Prefetch`` warms a zarr-backed shard's row cache with rows a coming lookup will

@@ -49,8 +49,8 @@ class Transport(ABC):
 
     # Whether collecting replies may wait on other processes: then this process's idle
     # OpenMP threads sleep meanwhile (``cpp_ops.parked``) instead of spinning on cores
-    # the shards may share (measured: a step through 2 Ray row shards on 2 cores, 36.76
-    # -> 26.92-27.87 ms, the worker's CPU 28.46 -> 14.87-16.05 ms a step).
+    # the shards may share (measured: a step through 2 Ray row shards on 2 cores,
+    # 36.64-39.96 -> 28.85-35.47 ms, the worker's CPU 28.46 -> 17.43-18.22 ms a step).
     parks = True
 
     def wait(self, handles: Sequence[Any], what: str) -> list[Any]:
