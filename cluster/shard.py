@@ -220,26 +220,27 @@ class ShardServer:
     def _own(self, idx: torch.Tensor, scores: torch.Tensor, bags: torch.Tensor | None) -> _Own:
         """A request as this shard computes it (``_Own``)."""
         shape, scores = tuple(scores.shape), scores.float()
-        if bags is not None:
-            if self.kind == "column":
+        if self.kind == "column":
+            if bags is not None:
                 raise ShardError(
                     f"shard {self.region.shard}: a column region computes every entry of "
                     "each bag; it got only some (a request with bags)"
                 )
-            r = self.region
-            if idx.numel() and not r.row_start <= int(idx.min()) <= int(idx.max()) < r.row_stop:
+            return _Own(idx, scores, None, None, shape)
+        r = self.region
+        lo, hi = torch.aminmax(idx) if idx.numel() else (r.row_start, r.row_start)
+        inside = r.row_start <= int(lo) and int(hi) < r.row_stop
+        if bags is not None:
+            if not inside:
                 bad = idx[(idx < r.row_start) | (idx >= r.row_stop)][0]
                 raise IndexOutOfRangeError(
                     f"shard {r.shard}: entry of row {int(bad)} sent to the region of rows "
                     f"[{r.row_start}, {r.row_stop}) (a row region gets only its own entries)"
                 )
             return _Own(idx, scores, bags.to(self.device, torch.int64), None, shape)
-        if self.kind == "column" or idx.numel() == 0:
-            return _Own(idx, scores, None, None, shape)
-        lo, hi = torch.aminmax(idx)
-        if int(lo) >= self.region.row_start and int(hi) < self.region.row_stop:
+        if inside:
             return _Own(idx, scores, None, None, shape)  # every entry is this shard's
-        mine_NK = (idx >= self.region.row_start) & (idx < self.region.row_stop)
+        mine_NK = (idx >= r.row_start) & (idx < r.row_stop)
         positions_E = mine_NK.reshape(-1).nonzero().squeeze(1)
         offsets_N1 = torch.zeros(idx.shape[0] + 1, dtype=torch.int64, device=self.device)
         torch.cumsum(mine_NK.sum(1), 0, out=offsets_N1[1:])
