@@ -23,7 +23,7 @@ from typing import Any
 
 import ray
 
-from memdist import shm, wire
+from memdist import line, shm, wire
 from memdist.cluster.plan import ShardingPlan
 from memdist.cluster.shard import ShardServer
 from memdist.errors import ShardError
@@ -36,8 +36,9 @@ class _ShardActor(ShardServer):
     """A ShardServer in its own process; torch uses ``threads`` intra-op threads there.
 
     Lookups, backwards, prefetch hints and steps sent ahead come through
-    ``handle_ordered`` (the ``rows`` group, a few threads per worker) and each worker's
-    run in the order it sent them; other steps, which may wait at the barrier, and
+    ``handle_ordered`` (the ``rows`` group, a few threads per worker; or the direct
+    line of a worker on this node, ``line``) and each worker's run in the order it sent
+    them; other steps, which may wait at the barrier, and
     control requests come through ``handle`` and run beside them.
     """
 
@@ -60,12 +61,17 @@ class _ShardActor(ShardServer):
         self._turns = threading.Condition()
         self._next: dict[int, int] = {}  # worker -> sequence number of its next request
         self._mapped = shm.Mapped(ray.get_runtime_context().get_node_id())
+        self._listener: line.Listener | None = None
+        self._listener_lock = threading.Lock()
 
     @ray.method(concurrency_group="rows")
     def handle_ordered(self, req: Any, worker: int, seq: int) -> Any:
         """A worker's ``seq``-th lookup, backward, hint or step sent ahead
         (``memdist.wire.in_order``), run after its predecessors. A sender that starts again (a new table view) starts at
         0; a predecessor lost on the way holds the rest up for the barrier timeout at most."""
+        return self._in_turn(req, worker, seq)
+
+    def _in_turn(self, req: Any, worker: int, seq: int) -> Any:
         with self._turns:
             if seq == 0:
                 self._next[worker] = 0
@@ -85,6 +91,15 @@ class _ShardActor(ShardServer):
             return wire.to_arrays(self.handle(wire.from_arrays(req)))
         reply = self.handle(wire.from_arrays(self._mapped.request(req)))
         return self._mapped.reply(req, wire.to_arrays(reply))
+
+    def line(self) -> tuple[str, bytes]:
+        """The address and token of this shard's direct line for workers on its node
+        (``memdist.line``; opened on the first call): their ordered requests come
+        through it, served as ``handle_ordered`` serves them, without Ray's actor calls."""
+        with self._listener_lock:
+            if self._listener is None:
+                self._listener = line.Listener(self._in_turn)
+            return self._listener.address, self._listener.token
 
     def where(self) -> dict[str, Any]:
         return {**super().where(), "node": ray.get_runtime_context().get_node_id()}

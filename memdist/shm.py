@@ -9,10 +9,11 @@ its node, a request and a reply buffer: anonymous shared memory (``memfd_create`
 space reserved with ``posix_fallocate``, so running out is an error, never a SIGBUS)
 that the actor opens through ``/proc/<worker pid>/fd``. No file is left anywhere: the
 memory goes when the last process holding it lets go, however it ends. A request's
-arrays are copied into the request buffer and only their places (``ShmArray``) travel
-through Ray, with the reply buffer's; the actor copies them out, answers, and writes
-its reply's arrays into the reply buffer when they fit (else they travel through Ray,
-and the worker grows the buffer).
+arrays are copied into the request buffer and only their places (``ShmArray``) travel,
+with the reply buffer's, on the channel's direct line to the actor (``memdist.line``;
+through Ray where the line could not be opened); the actor copies them out, answers,
+and writes its reply's arrays into the reply buffer when they fit (else they travel
+whole, and the worker grows the buffer).
 
 One bulky request per shard is in flight through the buffers at a time; another goes
 through Ray's object store, as does everything after a buffer could not be made
@@ -21,6 +22,7 @@ through Ray's object store, as does everything after a buffer could not be made
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from memdist.errors import ShardError
+from memdist.line import Line
 from memdist.wire import _Array, _each, _Fields
 
 ALIGN = 64
@@ -159,10 +162,12 @@ def take(obj: Any, buffer_at: Any) -> Any:
 
 
 class Channel:
-    """A worker's request and reply buffers for one shard actor on its node."""
+    """A worker's request and reply buffers for one shard actor on its node, and its
+    direct line to the actor (None where it could not be opened)."""
 
-    def __init__(self, node: str) -> None:
+    def __init__(self, node: str, line: Line | None = None) -> None:
         self.node = node
+        self.line = line
         self.request: Buffer | None = None
         self.reply: Buffer | None = None
         self.reply_wanted = MIN_BYTES
@@ -209,7 +214,29 @@ def open_channels(actors: list[Any], timeout_s: float) -> list[Channel | None] |
     except Exception:  # any failure here leaves the object store path, which reports it
         return None
     channels = [Channel(own) if n == own else None for n in nodes]
+    for channel, line in zip(channels, open_lines(actors, channels, timeout_s), strict=True):
+        if channel is not None:
+            channel.line = line
     return channels if any(c is not None for c in channels) else None
+
+
+def open_lines(
+    actors: list[Any], channels: list[Channel | None], timeout_s: float
+) -> list[Line | None]:
+    """Per shard with a channel, a direct line to its actor; None where the actor offers
+    none or it cannot be reached (its requests then go through Ray's actor calls)."""
+    import ray
+
+    lines: list[Line | None] = [None] * len(actors)
+    try:
+        mine = [s for s, c in enumerate(channels) if c is not None]
+        offers = ray.get([actors[s].line.remote() for s in mine], timeout=timeout_s)
+    except Exception:  # an actor without lines, or one that failed: Ray's calls serve
+        return lines
+    for s, (address, token) in zip(mine, offers, strict=True):
+        with contextlib.suppress(OSError):  # unreachable: Ray's calls serve
+            lines[s] = Line(address, token, timeout_s)
+    return lines
 
 
 class Mapped:

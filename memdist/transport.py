@@ -11,14 +11,16 @@ threads sleep instead of spinning on cores the shards may share (``Transport.par
 
 - ``InProcessTransport``: shard servers in this process (one machine, tests).
 - ``RayTransport``: shard servers in Ray actors; requests and replies travel
-  through Ray's object store, the bulky ones to actors on the worker's node through
-  shared memory (``memdist.shm``).
+  through Ray's object store, except to actors on the worker's node: there the bulky
+  ones' arrays go through shared memory (``memdist.shm``) and the ordered requests
+  (lookups, backwards, hints, steps sent ahead) on a direct line (``memdist.line``).
 - ``memdist.collective.CollectiveTransport``: the per-step requests over a gloo
   group of memdist's own, the rest over Ray.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
@@ -26,6 +28,7 @@ from typing import Any
 
 from memdist.errors import MemdistError, ShardError, ShardTimeoutError
 from memdist.kernels import cpp_ops
+from memdist.line import Ticket
 from memdist.shm import Channel, open_channels
 from memdist.wire import (
     Backward,
@@ -161,35 +164,65 @@ class RayTransport(Transport):
         if not in_order(req):
             return (shard, actor.handle_arrays.remote(sent), channel)
         seq, self._seq[shard] = self._seq[shard], self._seq[shard] + 1
+        if (ch := self.channel(shard)) is not None and ch.line is not None:
+            try:
+                return (shard, ch.line.send(self.worker, seq, sent), channel)
+            except OSError:  # the actor's end is gone: Ray's call says how
+                self._drop_channels([(shard, None, ch)])
         return (shard, actor.handle_ordered.remote(sent, self.worker, seq), channel)
 
     def collect(self, handles: Sequence[Any], what: str) -> list[Any]:
         import ray
 
-        refs = [ref for _, ref, _ in handles]
+        deadline = time.monotonic() + self.timeout_s
+        refs = [ref for _, ref, _ in handles if not isinstance(ref, Ticket)]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
         ready_set = set(ready)
         out = []
         for i, (shard, ref, channel) in enumerate(handles):
-            if ref not in ready_set:
-                self._drop_channels(handles[i:])
-                raise timed_out(shard, what, self.timeout_s)
             try:
-                reply = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:
+                reply = (self._answer_of(ref, shard, what, deadline) if isinstance(ref, Ticket)
+                         else self._reply_of(ref, ready_set, shard, what))  # fmt: skip
+            except ShardError:
                 self._drop_channels(handles[i:])
-                raise ShardError(f"memory shard {shard} died during {what}: {exc}") from exc
-            except ray.exceptions.RayTaskError as exc:
-                self._drop_channels(handles[i:])
-                # A shard's own error says what went wrong; Ray's wrapper adds its traceback.
-                cause = exc.cause if isinstance(exc.cause, MemdistError) else exc
-                raise ShardError(f"memory shard {shard} failed during {what}: {cause}") from exc
+                raise
             out.append(from_arrays(channel.receive(reply) if channel is not None else reply))
         return out
+
+    def _reply_of(self, ref: Any, ready: set[Any], shard: int, what: str) -> Any:
+        """The reply of a Ray call; a ``ShardError`` naming the shard if there is none."""
+        import ray
+
+        if ref not in ready:
+            raise timed_out(shard, what, self.timeout_s)
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            raise ShardError(f"memory shard {shard} died during {what}: {exc}") from exc
+        except ray.exceptions.RayTaskError as exc:
+            # A shard's own error says what went wrong; Ray's wrapper adds its traceback.
+            cause = exc.cause if isinstance(exc.cause, MemdistError) else exc
+            raise ShardError(f"memory shard {shard} failed during {what}: {cause}") from exc
+
+    def _answer_of(self, ticket: Ticket, shard: int, what: str, deadline: float) -> Any:
+        """The reply of a request sent on a direct line; a ``ShardError`` if none came."""
+        try:
+            ok, reply = ticket.line.receive(ticket.seq, deadline)
+        except TimeoutError:
+            raise timed_out(shard, what, self.timeout_s) from None
+        except OSError as exc:  # its process ended (Ray may restart it)
+            raise ShardError(f"memory shard {shard} died during {what}: {exc}") from exc
+        if not ok:
+            cause = reply if isinstance(reply, MemdistError) else f"{type(reply).__name__}: {reply}"
+            raise ShardError(f"memory shard {shard} failed during {what}: {cause}") from reply
+        return reply
 
     def _drop_channels(self, handles: Sequence[Any]) -> None:
         """Shards whose reply did not arrive may still write into their reply buffers:
         later requests to them go through Ray's object store."""
-        for shard, _, channel in handles:
-            if channel is not None and self._channels is not None:
-                self._channels[shard] = None
+        for shard, ref, channel in handles:
+            if self._channels is None or (channel is None and not isinstance(ref, Ticket)):
+                continue
+            dropped, self._channels[shard] = self._channels[shard], None
+            if dropped is not None and dropped.line is not None:
+                dropped.line.close()  # the actor still answers what it got, to no one

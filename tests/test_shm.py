@@ -3,14 +3,16 @@ the bulky requests and replies travel through memfd buffers, with the same bits 
 through Ray's object store, and every case the buffers cannot take falls back to it."""
 
 import os
+import time
 
 import pytest
+import ray
 import torch
 
-from memdist import shm, wire
-from memdist.cluster.actors import start_shards, stop_shards
+from memdist import line, shm, wire
+from memdist.cluster.actors import ShardActor, _ShardActor, start_shards, stop_shards
 from memdist.cluster.plan import make_plan
-from memdist.errors import ShardError
+from memdist.errors import ShardError, ShardTimeoutError
 from memdist.kernels import OptimizerSpec
 from memdist.remote import RemoteTable
 from memdist.transport import RayTransport
@@ -85,6 +87,66 @@ def test_lookups_backwards_and_steps_through_shared_memory_equal_a_local_table(
         return
     assert all(c is not None and c.request is not None and not c.busy for c in channels)
     assert all(os.path.exists(c.request.where.path) for c in channels)
+    assert all(c.line is not None for c in channels)
+
+
+def test_ordered_requests_go_on_the_lines_and_the_others_through_ray(ray_table):
+    remote, local = ray_table()
+    g = torch.Generator().manual_seed(5)
+    idx, scores = torch.randint(0, 64, (16, 4), generator=g), torch.rand(16, 4, generator=g)
+    s = scores.clone().requires_grad_(True)
+    pending = remote.lookup_async(idx, s)
+    assert all(isinstance(h[1], line.Ticket) and h[2] is not None for h in pending.handles)
+    y = pending.wait()
+    y.backward(torch.ones_like(y))
+    remote.step()
+    transport = remote.transport
+    stats = transport.submit_all([wire.Stats()] * 2)  # not ordered: a Ray call
+    assert not any(isinstance(h[1], line.Ticket) for h in stats)
+    assert [st["lookups"] for st in transport.wait(stats, "stats")] == [1, 1]
+    s_l = scores.clone().requires_grad_(True)
+    y_l = local.lookup(idx, s_l)
+    y_l.backward(torch.ones_like(y_l))
+    local.step()
+    assert torch.equal(y.detach(), y_l.detach())
+    assert torch.equal(remote.read_rows(0, 64)["weight"], local.read_rows(0, 64)["weight"])
+
+
+def test_shards_whose_lines_cannot_be_reached_are_served_through_ray_calls(ray_table, monkeypatch):
+    def refused(address, token, timeout_s):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(shm, "Line", refused)
+    remote, local = ray_table()
+    g = torch.Generator().manual_seed(6)
+    for _ in range(2):
+        idx, scores = torch.randint(0, 64, (16, 4), generator=g), torch.rand(16, 4, generator=g)
+        (y_r, ds_r), (y_l, ds_l) = step_both(remote, local, idx, scores, torch.randn(16, 8))
+        assert torch.equal(y_r, y_l)
+        torch.testing.assert_close(ds_r, ds_l, rtol=1e-6, atol=1e-7)
+    channels = [remote.transport.channel(s) for s in range(2)]
+    assert all(c is not None and c.line is None and c.request is not None for c in channels)
+
+
+class _SilentOnItsLine(_ShardActor):
+    """A real shard actor whose requests on its line never end in time."""
+
+    def _in_turn(self, req, worker, seq):
+        time.sleep(30)
+
+
+def test_a_shard_silent_on_its_line_times_out_and_is_named(ray_local):
+    plan = make_plan("column", 64, 8, 2)
+    silent = ray.remote(concurrency_groups={"rows": 4}, max_concurrency=4)(_SilentOnItsLine)
+    actors = [ShardActor.remote(plan.regions[0], "column", 8, OptimizerSpec(), seed=0),
+              silent.remote(plan.regions[1], "column", 8, OptimizerSpec(), seed=0)]  # fmt: skip
+    remote = RemoteTable(plan, RayTransport(actors, timeout_s=2), OptimizerSpec())
+    t0 = time.monotonic()
+    with pytest.raises(ShardTimeoutError, match="memory shard 1 did not answer lookup within 2 s"):
+        remote.lookup(torch.randint(0, 64, (4, 3)), torch.rand(4, 3))
+    assert time.monotonic() - t0 < 10
+    assert remote.transport.channel(0) is not None and remote.transport.channel(1) is None
+    stop_shards(actors)
 
 
 def test_a_reply_larger_than_its_buffer_travels_through_ray_and_the_buffer_grows(ray_table):

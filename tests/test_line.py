@@ -1,0 +1,66 @@
+"""The direct line between a worker and a shard actor on its node (``memdist.line``):
+requests answered in order with their sequence numbers, the shard's errors carried
+back, and callers without the token turned away."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from memdist import line
+from memdist.errors import IndexOutOfRangeError, ShardError
+
+
+def doubled(body, worker, seq):
+    if isinstance(body, str):
+        raise IndexOutOfRangeError(f"row {body} of worker {worker} is not in this region")
+    if body is None:
+        raise RuntimeError(threading.Lock())  # an exception pickle cannot carry
+    return (worker, body * 2)
+
+
+def test_requests_are_answered_in_order_and_replies_found_by_their_number():
+    listener = line.Listener(doubled)
+    ln = line.Line(listener.address, listener.token, timeout_s=10)
+    big = torch.arange(1 << 20, dtype=torch.float32)  # 4 MB: more than a socket buffers
+    tickets = [ln.send(3, seq, big + seq) for seq in range(5)]
+    deadline = time.monotonic() + 30
+    for t in reversed(tickets):  # collected in another order than sent
+        ok, (worker, out) = ln.receive(t.seq, deadline)
+        assert ok and worker == 3 and torch.equal(out, (big + t.seq) * 2)
+    ln.close()
+
+
+def test_a_shards_errors_come_back_on_the_line():
+    listener = line.Listener(doubled)
+    ln = line.Line(listener.address, listener.token, timeout_s=10)
+    deadline = time.monotonic() + 30
+    ok, exc = ln.receive(ln.send(1, 0, "77").seq, deadline)
+    assert not ok and isinstance(exc, IndexOutOfRangeError) and "row 77 of worker 1" in str(exc)
+    ok, exc = ln.receive(ln.send(1, 1, None).seq, deadline)
+    assert not ok and isinstance(exc, ShardError) and str(exc).startswith("RuntimeError: ")
+    assert ln.receive(ln.send(1, 2, 21).seq, deadline) == (True, (1, 42))  # still serving
+
+
+def test_a_caller_without_the_token_is_turned_away_and_others_still_served():
+    listener = line.Listener(doubled)
+    stranger = line.Line(listener.address, b"x" * line.TOKEN_BYTES, timeout_s=10)
+    stranger.send(0, 0, 1)
+    with pytest.raises(ConnectionError):
+        stranger.receive(0, time.monotonic() + 10)
+    ln = line.Line(listener.address, listener.token, timeout_s=10)
+    assert ln.receive(ln.send(0, 0, 1).seq, time.monotonic() + 10) == (True, (0, 2))
+
+
+def test_a_reply_that_does_not_come_times_out_at_the_deadline():
+    def slow(body, worker, seq):
+        time.sleep(body)
+        return body
+
+    listener = line.Listener(slow)
+    ln = line.Line(listener.address, listener.token, timeout_s=10)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        ln.receive(ln.send(0, 0, 3.0).seq, t0 + 0.5)
+    assert time.monotonic() - t0 < 2.5
