@@ -1012,6 +1012,75 @@ std::vector<torch::Tensor> product_pairs_backward(torch::Tensor dbest_NHK, torch
 // advise_range over a tensor's storage, before its pages are first written.
 void advise_huge_pages(torch::Tensor t) { advise_range(t.data_ptr(), t.nbytes()); }
 
+// A lookup's entries split among the shards of a row plan, shard s holding rows
+// [starts_M1[s], starts_M1[s + 1]) (every index lies in one of them: the caller checked).
+// positions_E: the flat positions of shard 0's entries in order, then shard 1's, ...;
+// offsets_MN1[s, n]: where bag n begins among shard s's entries (int32). Two passes over
+// the entries in parallel over bags; for a few shards without a branch on an entry's
+// shard (random, so mispredicted half the time): each bag's entries are counted, then
+// compacted, per shard.
+constexpr int64_t kFewShards = 8;  // up to this many: branchless, m passes over a bag
+
+std::vector<torch::Tensor> row_entries(torch::Tensor idx_NK, torch::Tensor starts_M1) {
+  const int64_t n = idx_NK.size(0), k = idx_NK.size(1), m = starts_M1.size(0) - 1;
+  const int64_t* idx = idx_NK.data_ptr<int64_t>();
+  const int64_t* bounds = starts_M1.data_ptr<int64_t>() + 1;  // shard s ends at bounds[s]
+  auto offsets_MN1 = torch::zeros({m, n + 1}, torch::kInt32);
+  auto positions_E = torch::empty({n * k}, torch::kInt64);
+  auto shard_NK = torch::empty({n, k}, torch::kInt32);
+  int32_t* off = offsets_MN1.data_ptr<int32_t>();
+  int64_t* pos = positions_E.data_ptr<int64_t>();
+  int32_t* shard = shard_NK.data_ptr<int32_t>();
+  at::parallel_for(0, n, grain(k * m), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      int32_t* sh = shard + i * k;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t row = idx[i * k + j];
+        int32_t s = 0;
+        if (m <= kFewShards) {
+          for (int64_t t = 0; t + 1 < m; ++t) s += row >= bounds[t];
+        } else {
+          s = std::upper_bound(bounds, bounds + m, row) - bounds;
+        }
+        sh[j] = s;
+        if (m > kFewShards) ++off[s * (n + 1) + i + 1];
+      }
+      for (int64_t s = 0; m <= kFewShards && s < m; ++s) {
+        int32_t count = 0;
+        for (int64_t j = 0; j < k; ++j) count += sh[j] == s;
+        off[s * (n + 1) + i + 1] = count;
+      }
+    }
+  });
+  std::vector<int64_t> base(m + 1, 0);  // where shard s's entries begin among positions
+  for (int64_t s = 0; s < m; ++s) {
+    int32_t* o = off + s * (n + 1);
+    for (int64_t i = 0; i < n; ++i) o[i + 1] += o[i];
+    base[s + 1] = base[s] + o[n];
+  }
+  at::parallel_for(0, n, grain(k * m), [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> mine(k + 1);  // one slot more: the last write may be no entry's
+    std::vector<int64_t> at(m);
+    for (int64_t i = begin; i < end; ++i) {
+      const int32_t* sh = shard + i * k;
+      if (m > kFewShards) {  // compacting per shard would cost m passes over the bag
+        for (int64_t s = 0; s < m; ++s) at[s] = base[s] + off[s * (n + 1) + i];
+        for (int64_t j = 0; j < k; ++j) pos[at[sh[j]]++] = i * k + j;
+        continue;
+      }
+      for (int64_t s = 0; s < m; ++s) {
+        int64_t count = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          mine[count] = i * k + j;
+          count += sh[j] == s;
+        }
+        std::memcpy(pos + base[s] + off[s * (n + 1) + i], mine.data(), count * sizeof(int64_t));
+      }
+    }
+  });
+  return {positions_E, offsets_MN1};
+}
+
 // Calls wait() on this thread while the other threads of its OpenMP team sleep on a
 // condition variable instead of spinning. libgomp keeps an idle team thread spinning for
 // GOMP_SPINCOUNT turns (300,000 when unset: milliseconds) after every parallel region; a
@@ -1065,4 +1134,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_update", &sparse_update);
   m.def("sum_squares", &sum_squares);
   m.def("parked", &parked);
+  m.def("row_entries", &row_entries);
 }

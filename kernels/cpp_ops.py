@@ -71,6 +71,17 @@ def entries_forward(
     )
 
 
+def row_entries(idx_NK: torch.Tensor, starts_M1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A lookup's entries split among the shards of a row plan (shard s holds rows
+    ``[starts_M1[s], starts_M1[s + 1])``, every index in one of them): the flat
+    positions of each shard's entries in order, shard after shard, and M x (N + 1) int32
+    offsets of each bag among its shard's entries."""
+    positions_E, offsets_MN1 = extension().row_entries(
+        idx_NK.to(torch.int64).contiguous(), starts_M1.to(torch.int64).contiguous()
+    )
+    return positions_E, offsets_MN1
+
+
 @functools.cache
 def extension() -> ModuleType:
     """The compiled kernels (built on the first call in a machine's life, then loaded)."""

@@ -45,7 +45,7 @@ import torch
 from memdist import kernels, wire
 from memdist.cluster.plan import ShardingPlan
 from memdist.errors import CheckpointError, ConfigError, ShardError
-from memdist.kernels import OptimizerSpec
+from memdist.kernels import OptimizerSpec, cpp_ops
 from memdist.storage import table_store
 from memdist.table import PendingLookup, PendingSave, PendingStep, StepResult, ValueTable
 from memdist.transport import Transport
@@ -89,6 +89,20 @@ class RowEntries:
 
     @classmethod
     def split(cls, idx_NK: torch.Tensor, plan: ShardingPlan) -> RowEntries:
+        """The C++ kernels' two passes over the entries (2048 x 64 into 2 shards: 0.3 ms
+        against 2.5 ms for the torch path's mask pass per shard and gathers), where
+        they build; else ``split_by_masks``, which gives the same parts."""
+        if not cpp_ops.available():
+            return cls.split_by_masks(idx_NK, plan)
+        starts_M1 = torch.tensor([r.row_start for r in plan.regions] + [plan.num_rows])
+        positions_E, offsets_MN1 = cpp_ops.row_entries(idx_NK, starts_M1)
+        sizes = offsets_MN1[:, -1].tolist()
+        return cls(
+            tuple(idx_NK.shape), list(zip(positions_E.split(sizes), offsets_MN1, strict=True))
+        )
+
+    @classmethod
+    def split_by_masks(cls, idx_NK: torch.Tensor, plan: ShardingPlan) -> RowEntries:
         parts = []
         for r in plan.regions:
             mine_NK = (idx_NK >= r.row_start) & (idx_NK < r.row_stop)
@@ -99,13 +113,13 @@ class RowEntries:
 
     def gather(self, t_NK: torch.Tensor, s: int) -> torch.Tensor:
         """Region ``s``'s entries of ``t_NK`` (1-D, in order)."""
-        return t_NK.reshape(-1)[self.parts[s][0]]
+        return t_NK.reshape(-1).index_select(0, self.parts[s][0])
 
     def scatter(self, per_shard: list[torch.Tensor]) -> torch.Tensor:
         """An N x K tensor of the shards' values of their own entries."""
         out = torch.empty(self.shape, dtype=per_shard[0].dtype)
         for (positions_E, _), part in zip(self.parts, per_shard, strict=True):
-            out.view(-1)[positions_E] = part  # every entry is in exactly one region
+            out.view(-1).index_copy_(0, positions_E, part)  # each entry is in one region
         return out
 
 

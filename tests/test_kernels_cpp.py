@@ -373,3 +373,35 @@ def test_parked_gives_back_what_the_wait_returns_or_raises_on_any_thread_count()
             assert cpp_ops.parked(lambda: cpp_ops.parked(lambda: 7)) == 7
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 8, 9, 33])
+def test_row_entries_split_a_lookup_as_the_masks_do(shards):
+    """The C++ split of a lookup's entries among row shards (a branchless one up to 8
+    shards, cursors past that) gives the parts of the torch path's mask per shard, on 1
+    and 2 threads, with bags wholly in one shard, empty bags and the regions' edges."""
+    from memdist.cluster.plan import make_plan
+    from memdist.remote import RowEntries
+
+    g = torch.Generator().manual_seed(shards)
+    rows = 1000
+    plan = make_plan("row", rows, 8, shards)
+    edges = torch.tensor(
+        [r.row_start for r in plan.regions] + [r.row_stop - 1 for r in plan.regions]
+    )
+    idx_NK = torch.randint(0, rows, (300, 17), generator=g)
+    idx_NK[0] = 0  # a whole bag in the first shard: empty in the others
+    idx_NK[1] = edges[torch.arange(17) % edges.numel()]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for lookup in (idx_NK, idx_NK[:, :0], idx_NK[:1]):
+                got = RowEntries.split(lookup, plan)
+                want = RowEntries.split_by_masks(lookup, plan)
+                assert got.shape == want.shape and len(got.parts) == shards
+                for (pos, off), (pos_w, off_w) in zip(got.parts, want.parts, strict=True):
+                    assert torch.equal(pos, pos_w) and off.dtype == off_w.dtype == torch.int32
+                    assert torch.equal(off, off_w)
+    finally:
+        torch.set_num_threads(threads)
