@@ -127,6 +127,11 @@ class RayTransport(Transport):
         return self._channels[shard] if self._channels is not None else None
 
     def submit(self, shard: int, req: Request) -> Any:
+        return self._send(shard, req, *self._prepare(shard, req))
+
+    def _prepare(self, shard: int, req: Request) -> tuple[Any, Channel | None]:
+        """``req`` as it travels to ``shard``: placed in the shared memory of the channel
+        it returns, or as ``to_arrays`` makes it (no channel)."""
         arrays = to_arrays(req)
         if isinstance(req, BULKY) and (ch := self.channel(shard)) is not None:
             try:
@@ -135,27 +140,28 @@ class RayTransport(Transport):
                 self._drop_channels([(shard, None, ch)])
                 sent = None
             if sent is not None:
-                return self._send(shard, req, sent, ch)
-        return self._send(shard, req, arrays)
+                return sent, ch
+        return arrays, None
 
     def submit_all(self, reqs: Sequence[Request]) -> list[Any]:
         """A lookup or backward that several shards get goes into Ray's object store once
-        and each actor reads it there (a 1 MB lookup to 2 column shards: ~10 -> ~8 ms)."""
+        and each actor reads it there (a 1 MB lookup to 2 column shards: ~10 -> ~8 ms).
+        Every request is ready (placed in shared memory) before the first goes out, so
+        the shards get theirs back to back and begin together."""
         import ray
 
         sends = Counter(id(req) for req in reqs)
         stored: dict[int, Any] = {}  # id of a request -> its reference in the store
-        handles = []
+        ready: list[tuple[Any, Channel | None]] = []
         for shard, req in enumerate(reqs):
-            if isinstance(req, BULKY) and self.channel(shard) is not None:
-                handles.append(self.submit(shard, req))  # through shared memory
-            elif isinstance(req, BULKY) and sends[id(req)] > 1:
+            if isinstance(req, BULKY) and self.channel(shard) is None and sends[id(req)] > 1:
                 if id(req) not in stored:
                     stored[id(req)] = ray.put(to_arrays(req))
-                handles.append(self._send(shard, req, stored[id(req)]))
+                ready.append((stored[id(req)], None))
             else:
-                handles.append(self.submit(shard, req))
-        return handles
+                ready.append(self._prepare(shard, req))
+        return [self._send(s, req, sent, ch)
+                for s, (req, (sent, ch)) in enumerate(zip(reqs, ready, strict=True))]  # fmt: skip
 
     def _send(self, shard: int, req: Request, sent: Any, channel: Channel | None = None) -> Any:
         """``sent``: ``req`` as ``to_arrays`` makes it, a reference to that in the store,

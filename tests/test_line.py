@@ -2,6 +2,7 @@
 requests answered in order with their sequence numbers, the shard's errors carried
 back, and callers without the token turned away."""
 
+import os
 import threading
 import time
 
@@ -64,3 +65,11 @@ def test_a_reply_that_does_not_come_times_out_at_the_deadline():
     with pytest.raises(TimeoutError):
         ln.receive(ln.send(0, 0, 3.0).seq, t0 + 0.5)
     assert time.monotonic() - t0 < 2.5
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_a_line_is_served_by_threads_that_yield_their_core_to_the_worker():
+    listener = line.Listener(lambda body, worker, seq: os.sched_getscheduler(0))
+    ln = line.Line(listener.address, listener.token, timeout_s=10)
+    assert ln.receive(ln.send(0, 0, None).seq, time.monotonic() + 10) == (True, os.SCHED_BATCH)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's own thread is untouched

@@ -140,7 +140,9 @@ def test_a_shard_silent_on_its_line_times_out_and_is_named(ray_local):
     silent = ray.remote(concurrency_groups={"rows": 4}, max_concurrency=4)(_SilentOnItsLine)
     actors = [ShardActor.remote(plan.regions[0], "column", 8, OptimizerSpec(), seed=0),
               silent.remote(plan.regions[1], "column", 8, OptimizerSpec(), seed=0)]  # fmt: skip
+    ray.get([a.ping.remote() for a in actors])  # both up; only requests on the line hang
     remote = RemoteTable(plan, RayTransport(actors, timeout_s=2), OptimizerSpec())
+    assert all(remote.transport.channel(s).line is not None for s in range(2))
     t0 = time.monotonic()
     with pytest.raises(ShardTimeoutError, match="memory shard 1 did not answer lookup within 2 s"):
         remote.lookup(torch.randint(0, 64, (4, 3)), torch.rand(4, 3))
