@@ -14,6 +14,12 @@ Three measurements, one JSON object (machine, versions, config, results):
    values) for tables of 64K, 1M (and with ``--big`` 16M) rows at equal FLOPs
    (``k_dim`` shrinks as the product keys grow): the step time should stay flat
    while parameters grow.
+4. ``far``: 2 Ray shards (row and column plans) on another node than the worker, a
+   two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``): their ordered
+   requests on TCP lines (``shards.direct_lines``, the default) against Ray's actor
+   calls and object store, in alternation with each other and the local table. Both
+   nodes share this machine's cores and the TCP goes over loopback, so this measures
+   what each path costs the processes, not a network.
 
     python benchmarks/bench_sharded.py [--quick] [--big] [--out DIR]
 """
@@ -201,6 +207,53 @@ def bench_model_steps(n_keys_list, steps) -> list[dict]:
     return out
 
 
+def bench_far(rows, dim, tokens, bag, repeats) -> list[dict]:
+    """``far``: Ray is restarted as a two-node cluster for it, and shut down after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from memdist.cluster.actors import SHARD_RESOURCE, start_shards, stop_shards
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"include_dashboard": False})
+    cluster.add_node(resources={SHARD_RESOURCE: 4})  # where start_shards places shards
+    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    cluster.wait_for_nodes()
+    batches = [workload(rows, tokens, bag, dim, seed) for seed in range(3)]
+    n_tokens = tokens * len(batches)
+    local = LocalTable(rows, dim, ADAM, seed=0)
+    out = []
+    try:
+        for kind in ("row", "column"):
+            plan = make_plan(kind, rows, dim, 2)
+            paths = {"tcp_lines": True, "ray_calls": False}
+            started = {name: start_shards(plan, ADAM, seed=0) for name in paths}
+            tables = {name: RemoteTable(plan, RayTransport(started[name], direct_lines=lines), ADAM)
+                      for name, lines in paths.items()}  # fmt: skip
+            times: dict[str, list[float]] = {name: [] for name in [*paths, "local"]}
+            for r in range(repeats + 1):  # alternating; the first round warms up
+                for name in times:
+                    sec = one_pass(local if name == "local" else tables[name], batches)
+                    if r:
+                        times[name].append(sec)
+            peer = statistics.median(times["local"])
+            for name in paths:
+                lines = [tables[name].transport.line(s) for s in range(2)]
+                out.append({
+                    "impl": f"ray/{kind}/{name}", "shards": 2,
+                    "tcp_lines": sum(ln is not None and isinstance(ln.address, tuple) for ln in lines),
+                    "us_per_token": statistics.median(times[name]) / n_tokens * 1e6,
+                    "local_us_per_token_interleaved": peer / n_tokens * 1e6,
+                    "vs_local_interleaved": statistics.median(times[name]) / peer,
+                    "vs_ray_calls": statistics.median(times[name]) / statistics.median(times["ray_calls"]),
+                })  # fmt: skip
+                stop_shards(started[name])
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -209,7 +262,8 @@ def plot(result: dict, path: Path) -> None:
 
     rows = [r for r in result.get("tables", []) if r["shards"]]
     steps = result.get("model_steps", [])
-    panels = int(bool(rows)) + int(bool(steps))
+    far = result.get("far", [])
+    panels = int(bool(rows)) + int(bool(steps)) + int(bool(far))
     if not panels:
         return
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
@@ -232,6 +286,25 @@ def plot(result: dict, path: Path) -> None:
         b.set_ylabel("training step (ms)")
         b.set_ylim(bottom=0)
         b.grid(True, alpha=0.3)
+    if far:
+        c = axes.pop(0)
+        kinds = sorted({r["impl"].split("/")[1] for r in far})
+        bars = ["local", "tcp_lines", "ray_calls"]
+        for i, name in enumerate(bars):
+            us = []
+            for kind in kinds:
+                r = next(r for r in far if r["impl"].split("/")[1] == kind)
+                if name == "local":
+                    us.append(r["local_us_per_token_interleaved"])
+                else:
+                    us.append(
+                        next(x for x in far if x["impl"] == f"ray/{kind}/{name}")["us_per_token"]
+                    )
+            c.bar([k + (i - 1) * 0.27 for k in range(len(kinds))], us, 0.27, label=name)
+        c.set_xticks(range(len(kinds)), [f"2 {k} shards on another node" for k in kinds])
+        c.set_ylabel("lookup+backward+step (us/token)")
+        c.legend()
+        c.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -243,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--big", action="store_true", help="also a 16M-row table (8 GB of values)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--spin", type=int, default=None, help=spin.HELP)
-    parts = ("tables", "cache", "model_steps")
+    parts = ("tables", "cache", "model_steps", "far")
     p.add_argument("--only", choices=parts, action="append", help="run only these parts")
     args = p.parse_args(argv)
     run = set(args.only or parts)
@@ -277,6 +350,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "model_steps" in run:
         n_keys = [256, 1024] + ([4096] if args.big else [])
         result["model_steps"] = bench_model_steps(n_keys, 3 if args.quick else 8)
+    if "far" in run:  # last: it restarts Ray as a two-node cluster
+        result["far"] = bench_far(rows, dim, tokens, bag, 3 * repeats)
     result["seconds"] = time.time() - started
     ray.shutdown()
     return write(result, args.out, "sharded", plot)

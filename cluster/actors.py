@@ -61,7 +61,7 @@ class _ShardActor(ShardServer):
         self._turns = threading.Condition()
         self._next: dict[int, int] = {}  # worker -> sequence number of its next request
         self._mapped = shm.Mapped(ray.get_runtime_context().get_node_id())
-        self._listener: line.Listener | None = None
+        self._listeners: dict[bool, line.Listener] = {}  # by ``near``
         self._listener_lock = threading.Lock()
 
     @ray.method(concurrency_group="rows")
@@ -92,14 +92,16 @@ class _ShardActor(ShardServer):
         reply = self.handle(wire.from_arrays(self._mapped.request(req)))
         return self._mapped.reply(req, wire.to_arrays(reply))
 
-    def line(self) -> tuple[str, bytes]:
-        """The address and token of this shard's direct line for workers on its node
-        (``memdist.line``; opened on the first call): their ordered requests come
-        through it, served as ``handle_ordered`` serves them, without Ray's actor calls."""
+    def line(self, near: bool = True) -> tuple[line.Address, bytes]:
+        """The address and token of this shard's direct line (``memdist.line``; opened on
+        the first call) for workers on its node (``near``: a Unix socket) or on others
+        (TCP at this node's address): their ordered requests come through it, served as
+        ``handle_ordered`` serves them, without Ray's actor calls."""
         with self._listener_lock:
-            if self._listener is None:
-                self._listener = line.Listener(self._in_turn)
-            return self._listener.address, self._listener.token
+            if near not in self._listeners:
+                host = None if near else ray.util.get_node_ip_address()
+                self._listeners[near] = line.Listener(self._in_turn, host)
+            return self._listeners[near].address, self._listeners[near].token
 
     def where(self) -> dict[str, Any]:
         return {**super().where(), "node": ray.get_runtime_context().get_node_id()}

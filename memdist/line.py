@@ -1,21 +1,25 @@
-"""A direct line between a worker and a shard actor on its node: a Unix socket that
-carries the worker's ordered requests (lookups, backwards, hints, steps sent ahead) and
-their replies in place of Ray's actor calls.
+"""A direct line between a worker and a shard actor: a socket that carries the worker's
+ordered requests (lookups, backwards, hints, steps sent ahead) and their replies in
+place of Ray's actor calls.
 
 A Ray actor call and its reply took about 1.1 ms for 2 actors on the project's 2-core
 machine (Ray's own threads in the worker, the raylet and the actors share the cores
 with the shards' kernels); the same round trip through a socket took 35-45 us. A step
-of a table through shards makes three such round trips. The arrays of bulky requests
-still travel through shared memory (``memdist.shm``); the line carries their places,
-and small requests whole.
+of a table through shards makes three such round trips. To a shard on the worker's
+node the line is a Unix socket and the arrays of bulky requests travel through shared
+memory (``memdist.shm``; the line carries their places, and small requests whole); to
+a shard on another node it is a TCP connection carrying the arrays too, instead of
+Ray's object store.
 
-The socket's name is in Linux's abstract namespace: no file is left, and the name
-goes with the actor's process. The actor accepts only processes of its own user
-(``SO_PEERCRED``) that first send the token it handed out through Ray. Each
-connection has a reader thread, so a worker's sends never wait for the shard to finish
-an earlier request, and a server thread that answers the requests in the order sent;
-each reply carries its request's sequence number. Both threads yield their cores to the
-worker when it wants them (``yield_to_workers``).
+A Unix socket's name is in Linux's abstract namespace: no file is left, and the name
+goes with the actor's process; it admits only processes of the actor's own user
+(``SO_PEERCRED``). A TCP line listens on the node's address. Either way a caller must
+first send the token the actor handed out through Ray (16 random bytes, compared in
+constant time); a TCP line's token crosses the cluster's network as Ray's own traffic
+does, unencrypted. Each connection has a reader thread, so a worker's sends never wait
+for the shard to finish an earlier request, and a server thread that answers the
+requests in the order sent; each reply carries its request's sequence number. Both
+threads yield their cores to the worker when it wants them (``yield_to_workers``).
 """
 
 from __future__ import annotations
@@ -94,30 +98,48 @@ def yield_to_workers() -> None:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
+Address = str | tuple[str, int]  # a Unix socket's name, or a TCP line's (host, port)
+
+
+def _no_delay(sock: socket.socket) -> None:
+    """A TCP socket sends each message at once (no Nagle wait for a reply's ack)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class Listener:
     """A shard actor's end: accepts lines and answers each one's requests with
-    ``serve(body, worker, seq)`` in the order they came."""
+    ``serve(body, worker, seq)`` in the order they came. On a Unix socket, or on TCP at
+    ``host`` (any free port) when one is given."""
 
-    def __init__(self, serve: Callable[[Any, int, int], Any]) -> None:
+    def __init__(self, serve: Callable[[Any, int, int], Any], host: str | None = None) -> None:
         self.serve = serve
         self.token = secrets.token_bytes(TOKEN_BYTES)
-        self.address = f"\0memdist-line-{os.getpid()}-{uuid.uuid4().hex}"
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.bind(self.address)
+        self.address: Address
+        if host is None:
+            self.address = f"\0memdist-line-{os.getpid()}-{uuid.uuid4().hex}"
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.bind(self.address)
+        else:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self._sock = socket.create_server((host, 0), family=family)
+            self.address = (host, self._sock.getsockname()[1])
         self._sock.listen()
         threading.Thread(target=self._accept, name="memdist-line", daemon=True).start()
 
     def _accept(self) -> None:
         while True:
             conn, _ = self._sock.accept()
+            _no_delay(conn)
             threading.Thread(target=self._connected, args=(conn,), daemon=True).start()
 
     def _admitted(self, conn: socket.socket) -> bool:
-        _, uid, _ = PEERCRED.unpack(
-            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
-        )
-        if uid != os.getuid():
-            return False
+        if conn.family == socket.AF_UNIX:
+            _, uid, _ = PEERCRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEERCRED.size)
+            )
+            if uid != os.getuid():
+                return False
         conn.settimeout(HELLO_S)
         try:
             hello = _read_exact(conn, TOKEN_BYTES)
@@ -169,14 +191,28 @@ class Ticket:
     seq: int
 
 
-class Line:
-    """A worker's end of the line to one shard actor."""
+def _connect(address: Address, timeout_s: float) -> socket.socket:
+    if not isinstance(address, str):
+        sock = socket.create_connection(address, timeout=timeout_s)
+        _no_delay(sock)
+        return sock
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout_s)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
-    def __init__(self, address: str, token: bytes, timeout_s: float) -> None:
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+
+class Line:
+    """A worker's end of the line to one shard actor, at a ``Listener``'s address."""
+
+    def __init__(self, address: Address, token: bytes, timeout_s: float) -> None:
+        self.address = address
+        self._sock = _connect(address, timeout_s)
         try:
-            self._sock.settimeout(timeout_s)
-            self._sock.connect(address)
             self._sock.sendall(token)
         except BaseException:
             self._sock.close()

@@ -45,6 +45,7 @@ class TablesSpec:
     staleness: int
     optimizer: OptimizerSpec
     shared_memory: bool = True  # RayTransport's same-node path (memdist.shm)
+    direct_lines: bool = True  # RayTransport's sockets to the actors (memdist.line)
     rendezvous: list[Rendezvous] | None = None  # per table, for the collective transport
 
 
@@ -52,7 +53,8 @@ def _transport(spec: TablesSpec, table: int, worker: int) -> RayTransport | Coll
     actors = spec.actors[table]
     if spec.rendezvous is None:
         return RayTransport(actors, timeout_s=spec.timeout_s, worker=worker,
-                            shared_memory=spec.shared_memory)  # fmt: skip
+                            shared_memory=spec.shared_memory,
+                            direct_lines=spec.direct_lines)  # fmt: skip
     return CollectiveTransport(actors, spec.rendezvous[table], worker, timeout_s=spec.timeout_s)
 
 
@@ -202,6 +204,6 @@ def start_remote_tables(
         plans=group.plans, actors=actors_per_table, layers=len(mem.layers),
         shared=mem.shared_table, payload=sh.payload, timeout_s=sh.timeout_s,
         staleness=sh.staleness, optimizer=optimizer, rendezvous=rendezvous,
-        shared_memory=sh.shared_memory,
+        shared_memory=sh.shared_memory, direct_lines=sh.direct_lines,
     )  # fmt: skip
     return connect_tables(group.spec, 0), group

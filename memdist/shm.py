@@ -10,19 +10,19 @@ space reserved with ``posix_fallocate``, so running out is an error, never a SIG
 that the actor opens through ``/proc/<worker pid>/fd``. No file is left anywhere: the
 memory goes when the last process holding it lets go, however it ends. A request's
 arrays are copied into the request buffer and only their places (``ShmArray``) travel,
-with the reply buffer's, on the channel's direct line to the actor (``memdist.line``;
-through Ray where the line could not be opened); the actor copies them out, answers,
-and writes its reply's arrays into the reply buffer when they fit (else they travel
-whole, and the worker grows the buffer).
+with the reply buffer's, on the worker's direct line to the actor (``memdist.line``;
+through Ray where there is none); the actor copies them out, answers, and writes its
+reply's arrays into the reply buffer when they fit (else they travel whole, and the
+worker grows the buffer).
 
 One bulky request per shard is in flight through the buffers at a time; another goes
-through Ray's object store, as does everything after a buffer could not be made
-(memory short) or a reply did not come (the actor may still write it).
+whole (on the line, or through Ray's object store where there is none), as does every
+request after a buffer could not be made (memory short). After a reply did not come
+(the actor may still write it) the shard's requests go through Ray.
 """
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 import threading
@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from memdist.errors import ShardError
-from memdist.line import Line
 from memdist.wire import _Array, _each, _Fields
 
 ALIGN = 64
@@ -162,12 +161,10 @@ def take(obj: Any, buffer_at: Any) -> Any:
 
 
 class Channel:
-    """A worker's request and reply buffers for one shard actor on its node, and its
-    direct line to the actor (None where it could not be opened)."""
+    """A worker's request and reply buffers for one shard actor on its node."""
 
-    def __init__(self, node: str, line: Line | None = None) -> None:
+    def __init__(self, node: str) -> None:
         self.node = node
-        self.line = line
         self.request: Buffer | None = None
         self.reply: Buffer | None = None
         self.reply_wanted = MIN_BYTES
@@ -199,44 +196,13 @@ class Channel:
         return out
 
 
-def open_channels(actors: list[Any], timeout_s: float) -> list[Channel | None] | None:
-    """Per shard, a channel when its actor runs on this process's node; None where
-    shared memory cannot be had (no ``memfd_create``, a Ray client, an actor that does
-    not answer)."""
-    import ray
-
+def open_channels(nodes: list[str | None], own: str) -> list[Channel | None] | None:
+    """Per shard, a channel when its actor runs on this process's node (``nodes[s] ==
+    own``); None where shared memory cannot be had (no ``memfd_create``, a Ray client)."""
     if not hasattr(os, "memfd_create") or not os.path.isdir(f"/proc/{os.getpid()}/fd"):
         return None
-    try:
-        own = ray.get_runtime_context().get_node_id()
-        nodes = [w.get("node") for w in ray.get([a.where.remote() for a in actors],
-                                                timeout=timeout_s)]  # fmt: skip
-    except Exception:  # any failure here leaves the object store path, which reports it
-        return None
     channels = [Channel(own) if n == own else None for n in nodes]
-    for channel, line in zip(channels, open_lines(actors, channels, timeout_s), strict=True):
-        if channel is not None:
-            channel.line = line
     return channels if any(c is not None for c in channels) else None
-
-
-def open_lines(
-    actors: list[Any], channels: list[Channel | None], timeout_s: float
-) -> list[Line | None]:
-    """Per shard with a channel, a direct line to its actor; None where the actor offers
-    none or it cannot be reached (its requests then go through Ray's actor calls)."""
-    import ray
-
-    lines: list[Line | None] = [None] * len(actors)
-    try:
-        mine = [s for s, c in enumerate(channels) if c is not None]
-        offers = ray.get([actors[s].line.remote() for s in mine], timeout=timeout_s)
-    except Exception:  # an actor without lines, or one that failed: Ray's calls serve
-        return lines
-    for s, (address, token) in zip(mine, offers, strict=True):
-        with contextlib.suppress(OSError):  # unreachable: Ray's calls serve
-            lines[s] = Line(address, token, timeout_s)
-    return lines
 
 
 class Mapped:

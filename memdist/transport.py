@@ -10,16 +10,18 @@ transport collects replies (``collect``, its own part) the worker's idle OpenMP
 threads sleep instead of spinning on cores the shards may share (``Transport.parks``).
 
 - ``InProcessTransport``: shard servers in this process (one machine, tests).
-- ``RayTransport``: shard servers in Ray actors; requests and replies travel
-  through Ray's object store, except to actors on the worker's node: there the bulky
-  ones' arrays go through shared memory (``memdist.shm``) and the ordered requests
-  (lookups, backwards, hints, steps sent ahead) on a direct line (``memdist.line``).
+- ``RayTransport``: shard servers in Ray actors; the ordered requests (lookups,
+  backwards, hints, steps sent ahead) go on a direct line to each actor
+  (``memdist.line``: a Unix socket on the worker's node, TCP to others), the rest as
+  Ray's actor calls; the bulky ones' arrays go through shared memory (``memdist.shm``)
+  to actors on the worker's node, on the line to others.
 - ``memdist.collective.CollectiveTransport``: the per-step requests over a gloo
   group of memdist's own, the rest over Ray.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -28,7 +30,7 @@ from typing import Any
 
 from memdist.errors import MemdistError, ShardError, ShardTimeoutError
 from memdist.kernels import cpp_ops
-from memdist.line import Ticket
+from memdist.line import Line, Ticket
 from memdist.shm import Channel, open_channels
 from memdist.wire import (
     Backward,
@@ -107,24 +109,51 @@ class RayTransport(Transport):
     """Shard servers in Ray actors; each wait is bounded by ``timeout_s``. ``worker``'s
     lookups, backwards, hints and steps sent ahead (``wire.in_order``) are numbered per
     shard, so the actor serves them in the order they were sent (Ray does not promise
-    that for a threaded actor)."""
+    that for a threaded actor). ``shared_memory`` and ``direct_lines`` allow the
+    faster paths (``memdist.shm``, ``memdist.line``), opened at the first request; a
+    shard they cannot reach is served through Ray."""
 
     def __init__(self, actors: Sequence[Any], timeout_s: float = 60.0, worker: int = 0,
-                 shared_memory: bool = True) -> None:  # fmt: skip
+                 shared_memory: bool = True, direct_lines: bool = True) -> None:  # fmt: skip
         self.actors = list(actors)
         self.shards = len(self.actors)
         self.timeout_s = timeout_s
         self.worker = worker
         self._seq = [0] * self.shards
-        self._shared_memory = shared_memory  # until the channels are opened (first use)
-        self._channels: list[Channel | None] | None = None
+        self._allowed = (shared_memory, direct_lines)  # until opened (first use)
+        self._channels: list[Channel | None] = [None] * self.shards
+        self._lines: list[Line | None] = [None] * self.shards
+
+    def _open(self) -> None:
+        """Once: the channels to the actors on this node and the lines to all, as allowed."""
+        shared_memory, direct_lines = self._allowed
+        self._allowed = (False, False)
+        if not (shared_memory or direct_lines):
+            return
+        import ray
+
+        try:
+            own = ray.get_runtime_context().get_node_id()
+            nodes = [w.get("node") for w in ray.get([a.where.remote() for a in self.actors],
+                                                    timeout=self.timeout_s)]  # fmt: skip
+        except Exception:  # any failure here leaves Ray's path, which reports it
+            return
+        if shared_memory:
+            self._channels = open_channels(nodes, own) or self._channels
+        if direct_lines:
+            self._lines = open_lines(self.actors, [n == own for n in nodes], self.timeout_s)
 
     def channel(self, shard: int) -> Channel | None:
         """The shared-memory channel to ``shard`` when it runs on this node."""
-        if self._shared_memory and self._channels is None:
-            self._shared_memory = False  # opened once, whatever the outcome
-            self._channels = open_channels(self.actors, self.timeout_s)
-        return self._channels[shard] if self._channels is not None else None
+        if any(self._allowed):
+            self._open()
+        return self._channels[shard]
+
+    def line(self, shard: int) -> Line | None:
+        """The direct line to ``shard``, where one is open."""
+        if any(self._allowed):
+            self._open()
+        return self._lines[shard]
 
     def submit(self, shard: int, req: Request) -> Any:
         return self._send(shard, req, *self._prepare(shard, req))
@@ -136,16 +165,17 @@ class RayTransport(Transport):
         if isinstance(req, BULKY) and (ch := self.channel(shard)) is not None:
             try:
                 sent = ch.send(arrays)
-            except OSError:  # no memory for the buffer: Ray's path from now on
-                self._drop_channels([(shard, None, ch)])
+            except OSError:  # no memory for the buffer: the arrays go whole from now on
+                self._channels[shard] = None
                 sent = None
             if sent is not None:
                 return sent, ch
         return arrays, None
 
     def submit_all(self, reqs: Sequence[Request]) -> list[Any]:
-        """A lookup or backward that several shards get goes into Ray's object store once
-        and each actor reads it there (a 1 MB lookup to 2 column shards: ~10 -> ~8 ms).
+        """A lookup or backward that several shards reached through Ray get goes into Ray's
+        object store once and each actor reads it there (a 1 MB lookup to 2 column
+        shards: ~10 -> ~8 ms).
         Every request is ready (placed in shared memory) before the first goes out, so
         the shards get theirs back to back and begin together."""
         import ray
@@ -154,7 +184,8 @@ class RayTransport(Transport):
         stored: dict[int, Any] = {}  # id of a request -> its reference in the store
         ready: list[tuple[Any, Channel | None]] = []
         for shard, req in enumerate(reqs):
-            if isinstance(req, BULKY) and self.channel(shard) is None and sends[id(req)] > 1:
+            through_ray = self.channel(shard) is None and self.line(shard) is None
+            if isinstance(req, BULKY) and through_ray and sends[id(req)] > 1:
                 if id(req) not in stored:
                     stored[id(req)] = ray.put(to_arrays(req))
                 ready.append((stored[id(req)], None))
@@ -170,11 +201,11 @@ class RayTransport(Transport):
         if not in_order(req):
             return (shard, actor.handle_arrays.remote(sent), channel)
         seq, self._seq[shard] = self._seq[shard], self._seq[shard] + 1
-        if (ch := self.channel(shard)) is not None and ch.line is not None:
+        if (ln := self.line(shard)) is not None:
             try:
-                return (shard, ch.line.send(self.worker, seq, sent), channel)
+                return (shard, ln.send(self.worker, seq, sent), channel)
             except OSError:  # the actor's end is gone: Ray's call says how
-                self._drop_channels([(shard, None, ch)])
+                self._drop(shard)
         return (shard, actor.handle_ordered.remote(sent, self.worker, seq), channel)
 
     def collect(self, handles: Sequence[Any], what: str) -> list[Any]:
@@ -190,7 +221,9 @@ class RayTransport(Transport):
                 reply = (self._answer_of(ref, shard, what, deadline) if isinstance(ref, Ticket)
                          else self._reply_of(ref, ready_set, shard, what))  # fmt: skip
             except ShardError:
-                self._drop_channels(handles[i:])
+                for shard_left, ref_left, channel_left in handles[i:]:
+                    if channel_left is not None or isinstance(ref_left, Ticket):
+                        self._drop(shard_left)
                 raise
             out.append(from_arrays(channel.receive(reply) if channel is not None else reply))
         return out
@@ -223,12 +256,27 @@ class RayTransport(Transport):
             raise ShardError(f"memory shard {shard} failed during {what}: {cause}") from reply
         return reply
 
-    def _drop_channels(self, handles: Sequence[Any]) -> None:
-        """Shards whose reply did not arrive may still write into their reply buffers:
-        later requests to them go through Ray's object store."""
-        for shard, ref, channel in handles:
-            if self._channels is None or (channel is None and not isinstance(ref, Ticket)):
-                continue
-            dropped, self._channels[shard] = self._channels[shard], None
-            if dropped is not None and dropped.line is not None:
-                dropped.line.close()  # the actor still answers what it got, to no one
+    def _drop(self, shard: int) -> None:
+        """A shard whose reply did not arrive may still write into its reply buffer or
+        onto its line: its later requests go through Ray's calls and object store."""
+        dropped, self._lines[shard], self._channels[shard] = self._lines[shard], None, None
+        if dropped is not None:
+            dropped.close()  # the actor still answers what it got, to no one
+
+
+def open_lines(actors: list[Any], near: list[bool], timeout_s: float) -> list[Line | None]:
+    """Per shard, a direct line to its actor (a Unix socket where ``near``, TCP to another
+    node); None where the actor offers none or it cannot be reached (its requests then
+    go through Ray's actor calls)."""
+    import ray
+
+    lines: list[Line | None] = [None] * len(actors)
+    try:
+        offers = ray.get([a.line.remote(n) for a, n in zip(actors, near, strict=True)],
+                         timeout=timeout_s)  # fmt: skip
+    except Exception:  # an actor without lines, or one that failed: Ray's calls serve
+        return lines
+    for s, (address, token) in enumerate(offers):
+        with contextlib.suppress(OSError):  # unreachable: Ray's calls serve
+            lines[s] = Line(address, token, timeout_s)
+    return lines

@@ -1,6 +1,6 @@
-"""The direct line between a worker and a shard actor on its node (``memdist.line``):
-requests answered in order with their sequence numbers, the shard's errors carried
-back, and callers without the token turned away."""
+"""The direct line between a worker and a shard actor (``memdist.line``), on a Unix
+socket and on TCP: requests answered in order with their sequence numbers, the shard's
+errors carried back, and callers without the token turned away."""
 
 import os
 import threading
@@ -13,6 +13,14 @@ from memdist import line
 from memdist.errors import IndexOutOfRangeError, ShardError
 
 
+@pytest.fixture(params=["unix", "tcp"])
+def listen(request):
+    """A Listener on a Unix socket (a shard on the worker's node) or on TCP at loopback
+    (a shard on another node)."""
+    host = None if request.param == "unix" else "127.0.0.1"
+    return lambda serve: line.Listener(serve, host)
+
+
 def doubled(body, worker, seq):
     if isinstance(body, str):
         raise IndexOutOfRangeError(f"row {body} of worker {worker} is not in this region")
@@ -21,8 +29,8 @@ def doubled(body, worker, seq):
     return (worker, body * 2)
 
 
-def test_requests_are_answered_in_order_and_replies_found_by_their_number():
-    listener = line.Listener(doubled)
+def test_requests_are_answered_in_order_and_replies_found_by_their_number(listen):
+    listener = listen(doubled)
     ln = line.Line(listener.address, listener.token, timeout_s=10)
     big = torch.arange(1 << 20, dtype=torch.float32)  # 4 MB: more than a socket buffers
     tickets = [ln.send(3, seq, big + seq) for seq in range(5)]
@@ -33,8 +41,8 @@ def test_requests_are_answered_in_order_and_replies_found_by_their_number():
     ln.close()
 
 
-def test_a_shards_errors_come_back_on_the_line():
-    listener = line.Listener(doubled)
+def test_a_shards_errors_come_back_on_the_line(listen):
+    listener = listen(doubled)
     ln = line.Line(listener.address, listener.token, timeout_s=10)
     deadline = time.monotonic() + 30
     ok, exc = ln.receive(ln.send(1, 0, "77").seq, deadline)
@@ -44,8 +52,8 @@ def test_a_shards_errors_come_back_on_the_line():
     assert ln.receive(ln.send(1, 2, 21).seq, deadline) == (True, (1, 42))  # still serving
 
 
-def test_a_caller_without_the_token_is_turned_away_and_others_still_served():
-    listener = line.Listener(doubled)
+def test_a_caller_without_the_token_is_turned_away_and_others_still_served(listen):
+    listener = listen(doubled)
     stranger = line.Line(listener.address, b"x" * line.TOKEN_BYTES, timeout_s=10)
     stranger.send(0, 0, 1)
     with pytest.raises(ConnectionError):
@@ -54,12 +62,12 @@ def test_a_caller_without_the_token_is_turned_away_and_others_still_served():
     assert ln.receive(ln.send(0, 0, 1).seq, time.monotonic() + 10) == (True, (0, 2))
 
 
-def test_a_reply_that_does_not_come_times_out_at_the_deadline():
+def test_a_reply_that_does_not_come_times_out_at_the_deadline(listen):
     def slow(body, worker, seq):
         time.sleep(body)
         return body
 
-    listener = line.Listener(slow)
+    listener = listen(slow)
     ln = line.Line(listener.address, listener.token, timeout_s=10)
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):
@@ -68,8 +76,8 @@ def test_a_reply_that_does_not_come_times_out_at_the_deadline():
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
-def test_a_line_is_served_by_threads_that_yield_their_core_to_the_worker():
-    listener = line.Listener(lambda body, worker, seq: os.sched_getscheduler(0))
+def test_a_line_is_served_by_threads_that_yield_their_core_to_the_worker(listen):
+    listener = listen(lambda body, worker, seq: os.sched_getscheduler(0))
     ln = line.Line(listener.address, listener.token, timeout_s=10)
     assert ln.receive(ln.send(0, 0, None).seq, time.monotonic() + 10) == (True, os.SCHED_BATCH)
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's own thread is untouched

@@ -10,6 +10,7 @@ import ray
 import torch
 
 from memdist import line, shm, wire
+from memdist import transport as transport_module
 from memdist.cluster.actors import ShardActor, _ShardActor, start_shards, stop_shards
 from memdist.cluster.plan import make_plan
 from memdist.errors import ShardError, ShardTimeoutError
@@ -44,11 +45,12 @@ def ray_table(ray_local):
     """A 2-shard column table over Ray actors on this node, and its twin local table."""
     started = []
 
-    def build(rows=64, dim=8, shared_memory=True):
+    def build(rows=64, dim=8, shared_memory=True, direct_lines=True):
         plan = make_plan("column", rows, dim, 2)
         actors = start_shards(plan, OptimizerSpec(), seed=0)
         started.append(actors)
-        transport = RayTransport(actors, timeout_s=60, shared_memory=shared_memory)
+        transport = RayTransport(actors, timeout_s=60, shared_memory=shared_memory,
+                                 direct_lines=direct_lines)  # fmt: skip
         return RemoteTable(plan, transport, OptimizerSpec()), LocalTable(rows, dim, seed=0)
 
     yield build
@@ -68,10 +70,11 @@ def step_both(remote, local, idx, scores, dy):
 
 
 @pytest.mark.parametrize("shared_memory", [True, False])
+@pytest.mark.parametrize("direct_lines", [True, False])
 def test_lookups_backwards_and_steps_through_shared_memory_equal_a_local_table(
-    ray_table, shared_memory
+    ray_table, shared_memory, direct_lines
 ):
-    remote, local = ray_table(shared_memory=shared_memory)
+    remote, local = ray_table(shared_memory=shared_memory, direct_lines=direct_lines)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         idx, scores = torch.randint(0, 64, (32, 4), generator=g), torch.rand(32, 4, generator=g)
@@ -81,13 +84,17 @@ def test_lookups_backwards_and_steps_through_shared_memory_equal_a_local_table(
     torch.testing.assert_close(
         remote.read_rows(0, 64)["weight"], local.read_rows(0, 64)["weight"], rtol=1e-6, atol=1e-7
     )
+    lines = [remote.transport.line(s) for s in range(2)]
+    if direct_lines:
+        assert all(isinstance(ln.address, str) for ln in lines)  # Unix sockets: this node
+    else:
+        assert lines == [None, None]
     channels = [remote.transport.channel(s) for s in range(2)]
     if not shared_memory:
         assert channels == [None, None]
         return
     assert all(c is not None and c.request is not None and not c.busy for c in channels)
     assert all(os.path.exists(c.request.where.path) for c in channels)
-    assert all(c.line is not None for c in channels)
 
 
 def test_ordered_requests_go_on_the_lines_and_the_others_through_ray(ray_table):
@@ -116,7 +123,7 @@ def test_shards_whose_lines_cannot_be_reached_are_served_through_ray_calls(ray_t
     def refused(address, token, timeout_s):
         raise ConnectionRefusedError(111, "Connection refused")
 
-    monkeypatch.setattr(shm, "Line", refused)
+    monkeypatch.setattr(transport_module, "Line", refused)
     remote, local = ray_table()
     g = torch.Generator().manual_seed(6)
     for _ in range(2):
@@ -125,7 +132,8 @@ def test_shards_whose_lines_cannot_be_reached_are_served_through_ray_calls(ray_t
         assert torch.equal(y_r, y_l)
         torch.testing.assert_close(ds_r, ds_l, rtol=1e-6, atol=1e-7)
     channels = [remote.transport.channel(s) for s in range(2)]
-    assert all(c is not None and c.line is None and c.request is not None for c in channels)
+    assert all(c is not None and c.request is not None for c in channels)
+    assert [remote.transport.line(s) for s in range(2)] == [None, None]
 
 
 class _SilentOnItsLine(_ShardActor):
@@ -142,12 +150,13 @@ def test_a_shard_silent_on_its_line_times_out_and_is_named(ray_local):
               silent.remote(plan.regions[1], "column", 8, OptimizerSpec(), seed=0)]  # fmt: skip
     ray.get([a.ping.remote() for a in actors])  # both up; only requests on the line hang
     remote = RemoteTable(plan, RayTransport(actors, timeout_s=2), OptimizerSpec())
-    assert all(remote.transport.channel(s).line is not None for s in range(2))
+    assert all(remote.transport.line(s) is not None for s in range(2))
     t0 = time.monotonic()
     with pytest.raises(ShardTimeoutError, match="memory shard 1 did not answer lookup within 2 s"):
         remote.lookup(torch.randint(0, 64, (4, 3)), torch.rand(4, 3))
     assert time.monotonic() - t0 < 10
     assert remote.transport.channel(0) is not None and remote.transport.channel(1) is None
+    assert remote.transport.line(0) is not None and remote.transport.line(1) is None
     stop_shards(actors)
 
 
