@@ -5,6 +5,8 @@ requests go on TCP lines (``memdist.line``) with the arrays inline, no shared me
 the results equal the local table's, and a shard's failure is named and later
 requests go through Ray."""
 
+import time
+
 import pytest
 import ray
 import torch
@@ -103,3 +105,17 @@ def test_a_far_shards_error_is_named_and_its_later_requests_go_through_ray(far_t
         pending = remote.lookup_async(idx, scores)
         assert [isinstance(h[1], Ticket) for h in pending.handles] == [True, False]
         torch.testing.assert_close(pending.wait(), local.lookup(idx, scores), rtol=1e-6, atol=1e-6)
+
+
+def test_a_killed_far_shard_is_named_within_seconds(far_table):
+    remote, _ = far_table("row")
+    idx, scores = torch.randint(0, 256, (4, 3)), torch.rand(4, 3)
+    remote.lookup(idx, scores)
+    assert isinstance(remote.transport.line(1).address, tuple)
+    ray.kill(remote.transport.actors[1])
+    t0 = time.monotonic()
+    with pytest.raises(ShardError, match="memory shard 1 died during lookup"):
+        while time.monotonic() - t0 < 30:  # the dying process may answer for a moment
+            remote.lookup(idx, scores)
+            time.sleep(0.01)
+    assert time.monotonic() - t0 < 30
