@@ -41,19 +41,33 @@ from typing import Any
 
 from memdist.errors import ShardError
 
-HEADER = struct.Struct("<Q")  # the length of the pickled message that follows
+HEADER = struct.Struct("<QI")  # the pickle's length, and how many buffers follow it
+SIZE = struct.Struct("<Q")  # a buffer's length
 TOKEN_BYTES = 16
 HELLO_S = 10.0  # how long a new connection may take to send its token
 PEERCRED = struct.Struct("3i")  # pid, uid, gid
 LAST_LOOK_S = 1e-3
+MAX_PARTS = 512  # of one sendmsg (the system's limit is at least 1024)
 
 
 def send_message(sock: socket.socket, obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(HEADER.pack(len(data)) + data)
+    """``obj`` pickled, with the bytes of its arrays sent as they are (pickle protocol 5's
+    out-of-band buffers): no copy of an array into the pickle, nor of the pickle into a
+    framed message."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    head = HEADER.pack(len(data), len(raws)) + b"".join(SIZE.pack(r.nbytes) for r in raws)
+    parts = [memoryview(head), memoryview(data), *raws]
+    while parts:
+        sent = sock.sendmsg(parts[:MAX_PARTS])
+        while parts and sent >= parts[0].nbytes:
+            sent -= parts.pop(0).nbytes
+        if sent:
+            parts[0] = parts[0][sent:]
 
 
-def _read_exact(sock: socket.socket, n: int) -> bytes | None:
+def _read_exact(sock: socket.socket, n: int) -> bytearray | None:
     """``n`` bytes, or None when the peer closed before the first of them."""
     buf = bytearray(n)
     view, got = memoryview(buf), 0
@@ -64,18 +78,26 @@ def _read_exact(sock: socket.socket, n: int) -> bytes | None:
                 return None
             raise ConnectionError(f"the line closed {got} bytes into a {n}-byte message")
         got += k
-    return bytes(buf)
+    return buf
 
 
 def receive_message(sock: socket.socket) -> Any:
-    """The next message, or None when the peer closed the line between messages."""
-    header = _read_exact(sock, HEADER.size)
-    if header is None:
+    """The next message, or None when the peer closed the line between messages. Its
+    arrays keep the memory they were received into."""
+    head = _read_exact(sock, HEADER.size)
+    if head is None:
         return None
-    body = _read_exact(sock, HEADER.unpack(header)[0])
-    if body is None:
-        raise ConnectionError("the line closed between a message's length and its body")
-    return pickle.loads(body)
+    length, count = HEADER.unpack(head)
+    sizes = [length, *(n for (n,) in SIZE.iter_unpack(_read_rest(sock, SIZE.size * count)))]
+    got = [_read_rest(sock, n) for n in sizes]
+    return pickle.loads(got[0], buffers=got[1:])
+
+
+def _read_rest(sock: socket.socket, n: int) -> bytearray:
+    """``n`` bytes more of a message begun."""
+    if (buf := _read_exact(sock, n)) is None:
+        raise ConnectionError(f"the line closed in a message, before {n} bytes of it")
+    return buf
 
 
 def _sendable(exc: BaseException) -> BaseException:

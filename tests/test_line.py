@@ -41,6 +41,27 @@ def test_requests_are_answered_in_order_and_replies_found_by_their_number(listen
     ln.close()
 
 
+def test_arrays_of_any_layout_and_number_arrive_whole(listen):
+    """Arrays travel beside the pickle (out-of-band buffers), more of them than one
+    ``sendmsg`` takes; a view that is not contiguous goes inside the pickle."""
+    import numpy as np
+
+    listener = listen(lambda body, worker, seq: body)
+    ln = line.Line(listener.address, listener.token, timeout_s=10)
+    rng = np.random.default_rng(0)
+    many = [rng.random(k % 7) for k in range(line.MAX_PARTS + 100)]  # some empty
+    odd = {"strided": rng.random((64, 64))[::3, 1::2], "fortran": np.asfortranarray(rng.random((5, 9))),
+           "int16": rng.integers(-5, 5, 4097, dtype=np.int16), "scalar": np.float32(2.5)}  # fmt: skip
+    ok, (back_many, back_odd) = ln.receive(ln.send(0, 0, (many, odd)).seq, time.monotonic() + 30)
+    assert ok and len(back_many) == len(many)
+    assert all(np.array_equal(a, b) for a, b in zip(many, back_many, strict=True))
+    assert odd.keys() == back_odd.keys()
+    for key, value in odd.items():
+        assert np.array_equal(value, back_odd[key]) and value.dtype == back_odd[key].dtype
+    assert back_odd["fortran"].flags.f_contiguous
+    ln.close()
+
+
 def test_a_shards_errors_come_back_on_the_line(listen):
     listener = listen(doubled)
     ln = line.Line(listener.address, listener.token, timeout_s=10)
