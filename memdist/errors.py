@@ -39,3 +39,8 @@ class WorkerError(MemdistError):
 
 class BuildError(MemdistError):
     """A C++ extension could not be built or loaded in time (another build held it too long)."""
+
+
+class SlowPathWarning(UserWarning):
+    """A faster path that was asked for could not be had; memdist goes on with a slower
+    one (the same results), and says which and why."""

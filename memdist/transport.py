@@ -21,14 +21,14 @@ threads sleep instead of spinning on cores the shards may share (``Transport.par
 
 from __future__ import annotations
 
-import contextlib
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from memdist.errors import MemdistError, ShardError, ShardTimeoutError
+from memdist.errors import MemdistError, ShardError, ShardTimeoutError, SlowPathWarning
 from memdist.kernels import cpp_ops
 from memdist.line import Line, Ticket
 from memdist.shm import Channel, open_channels
@@ -136,7 +136,12 @@ class RayTransport(Transport):
             own = ray.get_runtime_context().get_node_id()
             nodes = [w.get("node") for w in ray.get([a.where.remote() for a in self.actors],
                                                     timeout=self.timeout_s)]  # fmt: skip
-        except Exception:  # any failure here leaves Ray's path, which reports it
+        except Exception as exc:  # any failure here leaves Ray's path, which reports it
+            warnings.warn(
+                f"memory shards' nodes unknown ({type(exc).__name__}: {exc}): every request "
+                "goes through Ray's actor calls and object store",
+                SlowPathWarning, stacklevel=2,
+            )  # fmt: skip
             return
         if shared_memory:
             self._channels = open_channels(nodes, own) or self._channels
@@ -274,9 +279,20 @@ def open_lines(actors: list[Any], near: list[bool], timeout_s: float) -> list[Li
     try:
         offers = ray.get([a.line.remote(n) for a, n in zip(actors, near, strict=True)],
                          timeout=timeout_s)  # fmt: skip
-    except Exception:  # an actor without lines, or one that failed: Ray's calls serve
+    except Exception as exc:  # an actor without lines, or one that failed: Ray's calls serve
+        _no_line("memory shards", exc)
         return lines
     for s, (address, token) in enumerate(offers):
-        with contextlib.suppress(OSError):  # unreachable: Ray's calls serve
+        try:
             lines[s] = Line(address, token, timeout_s)
+        except OSError as exc:  # unreachable (a firewall between nodes?): Ray's calls serve
+            _no_line(f"memory shard {s} at {address!r}", exc)
     return lines
+
+
+def _no_line(who: str, exc: BaseException) -> None:
+    warnings.warn(
+        f"{who}: no direct line ({type(exc).__name__}: {exc}); its ordered requests go "
+        "through Ray's actor calls (slower; shards.direct_lines)",
+        SlowPathWarning, stacklevel=3,
+    )  # fmt: skip

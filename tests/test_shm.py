@@ -13,7 +13,7 @@ from memdist import line, shm, wire
 from memdist import transport as transport_module
 from memdist.cluster.actors import ShardActor, _ShardActor, start_shards, stop_shards
 from memdist.cluster.plan import make_plan
-from memdist.errors import ShardError, ShardTimeoutError
+from memdist.errors import ShardError, ShardTimeoutError, SlowPathWarning
 from memdist.kernels import OptimizerSpec
 from memdist.remote import RemoteTable
 from memdist.transport import RayTransport
@@ -125,6 +125,8 @@ def test_shards_whose_lines_cannot_be_reached_are_served_through_ray_calls(ray_t
 
     monkeypatch.setattr(transport_module, "Line", refused)
     remote, local = ray_table()
+    with pytest.warns(SlowPathWarning, match="memory shard 1 at .*: no direct line .*refused"):
+        remote.transport.line(0)  # opened at the first use: each shard unreachable, said
     g = torch.Generator().manual_seed(6)
     for _ in range(2):
         idx, scores = torch.randint(0, 64, (16, 4), generator=g), torch.rand(16, 4, generator=g)
