@@ -232,7 +232,7 @@ class Line:
     """A worker's end of the line to one shard actor, at a ``Listener``'s address."""
 
     def __init__(self, address: Address, token: bytes, timeout_s: float) -> None:
-        self.address = address
+        self.address, self.timeout_s = address, timeout_s
         self._sock = _connect(address, timeout_s)
         try:
             self._sock.sendall(token)
@@ -242,7 +242,10 @@ class Line:
         self._replies: dict[int, tuple[bool, Any]] = {}
 
     def send(self, worker: int, seq: int, body: Any) -> Ticket:
-        self._sock.settimeout(None)  # the shard's reader drains the socket
+        """Sends request ``seq``; ``TimeoutError`` when the shard took none of it for
+        ``timeout_s`` (its reader drains the socket while it lives: a node cut off from
+        this one, whose TCP would otherwise retry for many minutes)."""
+        self._sock.settimeout(self.timeout_s)
         send_message(self._sock, (worker, seq, body))
         return Ticket(self, seq)
 

@@ -3,6 +3,7 @@ socket and on TCP: requests answered in order with their sequence numbers, the s
 errors carried back, and callers without the token turned away."""
 
 import os
+import socket
 import threading
 import time
 
@@ -94,6 +95,28 @@ def test_a_reply_that_does_not_come_times_out_at_the_deadline(listen):
     with pytest.raises(TimeoutError):
         ln.receive(ln.send(0, 0, 3.0).seq, t0 + 0.5)
     assert time.monotonic() - t0 < 2.5
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_a_send_to_a_shard_that_reads_nothing_times_out(kind):
+    """A shard cut off from the worker (a node unreachable, not a closed connection)
+    fails the send at the line's timeout instead of leaving the worker blocked in it."""
+    if kind == "unix":
+        deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deaf.bind(address := f"\0memdist-test-deaf-{os.getpid()}")
+    else:
+        deaf = socket.create_server(("127.0.0.1", 0))
+        address = deaf.getsockname()
+    deaf.listen()
+    held = []
+    threading.Thread(target=lambda: held.append(deaf.accept()), daemon=True).start()
+    ln = line.Line(address, b"t" * line.TOKEN_BYTES, timeout_s=1)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        ln.send(0, 0, bytes(64 << 20))  # more than both ends' socket buffers hold
+    assert time.monotonic() - t0 < 10
+    ln.close()
+    deaf.close()
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
