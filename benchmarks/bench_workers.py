@@ -8,7 +8,12 @@ workers waited on the shards (workers' timers), and the shards' kernel time (sha
 timers). The peer is one process with a local table, measured in the same run; every
 layout is reported as a ratio to it.
 
-    python benchmarks/bench_workers.py [--steps N] [--out DIR]
+With ``--far`` the shards run on another node than the worker: a two-node Ray cluster on
+this machine (``ray.cluster_utils.Cluster``, the second node offering ``memdist_shard``),
+one worker and 2 shards with the direct lines (TCP) and with Ray's actor calls
+(``shards.direct_lines=false``), each layout ``--rounds`` times in alternation.
+
+    python benchmarks/bench_workers.py [--steps N] [--far [--rounds R]] [--out DIR]
 """
 
 from __future__ import annotations
@@ -42,6 +47,13 @@ LAYOUTS = {
 }
 
 
+FAR_LAYOUTS = {
+    "local_table_1_process": ["shards.count=0"],
+    "1_worker_2_far_shards_direct_lines": ["shards.count=2", "shards.direct_lines=true"],
+    "1_worker_2_far_shards_ray_calls": ["shards.count=2", "shards.direct_lines=false"],
+}
+
+
 CACHE_COUNTERS = ("lookups", "cache_hits", "cache_misses", "prefetched", "prefetch_hits",
                   "prefetch_skipped", "evictions", "writebacks", "prefetch_ns", "store_bytes",
                   "process_disk_read_bytes")  # fmt: skip
@@ -65,7 +77,7 @@ def measure(name: str, overrides: list[str], common: list[str], warmup_steps: in
         "loss": final["loss"],
         "flops_per_token": final.get("flops_per_token"),
     }
-    if shards:
+    if cfg.shards.count:  # (a local table leaves its counters too, without shards' waits)
         seconds = final["tokens"] / final["tokens_per_s"]  # time spent in training steps
         out["memory_wait_share"] = statistics.mean(r["memory_wait_share"] for r in trains)
         out["shard_kernel_s"] = [s["kernel_ns"] / 1e9 for s in shards]
@@ -85,8 +97,9 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["layouts"]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    names = [r["layout"].replace("_shards_", " shards\n").replace("_", " ") for r in rows]
+    fig, ax = plt.subplots(figsize=(max(10, 1.9 * len(rows)), 4.5))
+    names = [r["layout"].replace("_shards_", " shards\n").replace("_", " ")
+             + (f"\nround {r['round']}" if "round" in r else "") for r in rows]  # fmt: skip
     tps = [r["tokens_per_s"] for r in rows]
     wait = [r.get("memory_wait_share", 0.0) * r["tokens_per_s"] for r in rows]
     ax.bar(names, tps, label="tokens/s")
@@ -105,24 +118,38 @@ def plot(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--far", action="store_true", help="shards on another node (2-node cluster)")
+    p.add_argument("--rounds", type=int, default=2, help="with --far: alternating rounds")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     import ray
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cluster = None
+    if args.far:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"include_dashboard": False})
+        cluster.add_node(num_cpus=0, resources={"memdist_shard": 4})  # start_shards puts them here
+        cluster.wait_for_nodes()
+    ray.init(address=cluster.address if cluster else "local", include_dashboard=False,
+             log_to_driver=False, configure_logging=False)  # fmt: skip
     warmup = max(1, args.steps // 6)
     # Same global batch (16 x 128 tokens) for every layout: 2 workers take 8 rows each.
     common = [f"train.steps={args.steps}", "train.max_minutes=null", "train.log_every=5",
               "eval.max_qa=16", "eval.ppl_batches=1"]  # fmt: skip
     started = time.time()
     layouts = []
-    for name, overrides in LAYOUTS.items():
-        if name.startswith("2_workers"):
-            overrides = overrides + ["data.batch_size=8"]
-        layouts.append(measure(name, overrides, common, warmup))
-    base = layouts[0]["tokens_per_s"]
-    for r in layouts:
-        r["ratio_to_local"] = r["tokens_per_s"] / base
+    for rnd in range(args.rounds if args.far else 1):
+        runs = []
+        for name, overrides in (FAR_LAYOUTS if args.far else LAYOUTS).items():
+            if name.startswith("2_workers"):
+                overrides = overrides + ["data.batch_size=8"]
+            runs.append(measure(name, overrides, common, warmup))
+            if args.far:
+                runs[-1]["round"] = rnd
+        for r in runs:  # against the local table of the same round
+            r["ratio_to_local"] = r["tokens_per_s"] / runs[0]["tokens_per_s"]
+        layouts += runs
     result = {
         "benchmark": "workers",
         "machine": machine(),
@@ -135,12 +162,15 @@ def main(argv: list[str] | None = None) -> dict:
             "seq_len": 128,
             "zero_stage": 0,
             "peer": "local_table_1_process",
+            "shards_on_another_node": args.far,
         },  # fmt: skip
         "layouts": layouts,
         "seconds": time.time() - started,
     }
     ray.shutdown()
-    return write(result, args.out, "workers", plot)
+    if cluster is not None:
+        cluster.shutdown()
+    return write(result, args.out, "workers_far" if args.far else "workers", plot)
 
 
 if __name__ == "__main__":
