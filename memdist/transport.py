@@ -276,16 +276,22 @@ def open_lines(actors: list[Any], near: list[bool], timeout_s: float) -> list[Li
     import ray
 
     lines: list[Line | None] = [None] * len(actors)
-    try:
-        offers = ray.get([a.line.remote(n) for a, n in zip(actors, near, strict=True)],
-                         timeout=timeout_s)  # fmt: skip
-    except Exception as exc:  # an actor without lines, or one that failed: Ray's calls serve
-        _no_line("memory shards", exc)
-        return lines
-    for s, (address, token) in enumerate(offers):
+    offers: dict[int, Any] = {}
+    for s, (actor, n) in enumerate(zip(actors, near, strict=True)):
+        try:
+            offers[s] = actor.line.remote(n)
+        except AttributeError as exc:  # an actor class without lines
+            _no_line(f"memory shard {s}", exc)
+    deadline = time.monotonic() + timeout_s
+    for s, offer in offers.items():
+        try:  # an actor that failed, or does not answer in time
+            address, token = ray.get(offer, timeout=max(deadline - time.monotonic(), 0.0))
+        except Exception as exc:
+            _no_line(f"memory shard {s}", exc)
+            continue
         try:
             lines[s] = Line(address, token, timeout_s)
-        except OSError as exc:  # unreachable (a firewall between nodes?): Ray's calls serve
+        except OSError as exc:  # unreachable (a firewall between nodes?)
             _no_line(f"memory shard {s} at {address!r}", exc)
     return lines
 

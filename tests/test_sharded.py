@@ -20,7 +20,13 @@ from memdist.cluster.actors import ShardActor, stop_shards
 from memdist.cluster.plan import make_plan, step_traffic_bytes
 from memdist.cluster.shard import KEPT_PER_WORKER, ShardServer
 from memdist.config import load_config
-from memdist.errors import ConfigError, IndexOutOfRangeError, ShardError, ShardTimeoutError
+from memdist.errors import (
+    ConfigError,
+    IndexOutOfRangeError,
+    ShardError,
+    ShardTimeoutError,
+    SlowPathWarning,
+)
 from memdist.kernels import OptimizerSpec
 from memdist.remote import RemoteTable, RowEntries
 from memdist.shards import start_remote_tables
@@ -166,6 +172,8 @@ def test_silent_shard_times_out_and_is_named(ray_local):
               StuckShard.remote(plan.regions[1], "row", 8, OptimizerSpec(), seed=0)]  # fmt: skip
     ray.get([a.ping.remote() for a in actors])  # both up; only the lookup hangs
     remote = RemoteTable(plan, RayTransport(actors, timeout_s=2), OptimizerSpec())
+    with pytest.warns(SlowPathWarning, match="memory shard 1: no direct line"):
+        assert remote.transport.line(0) is not None and remote.transport.line(1) is None
     t0 = time.time()
     with pytest.raises(ShardTimeoutError, match="memory shard 1 did not answer lookup within 2 s"):
         remote.lookup(torch.randint(0, 100, (4, 3)), torch.rand(4, 3))
