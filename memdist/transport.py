@@ -178,11 +178,11 @@ class RayTransport(Transport):
         return arrays, None
 
     def submit_all(self, reqs: Sequence[Request]) -> list[Any]:
-        """A lookup or backward that several shards reached through Ray get goes into Ray's
-        object store once and each actor reads it there (a 1 MB lookup to 2 column
-        shards: ~10 -> ~8 ms).
-        Every request is ready (placed in shared memory) before the first goes out, so
-        the shards get theirs back to back and begin together."""
+        """A lookup or backward that several shards get through Ray (no line, no shared
+        memory) goes into Ray's object store once and each actor reads it there (a 1 MB
+        lookup to 2 column shards: ~10 -> ~8 ms). Every request is ready (placed in
+        shared memory) before the first goes out, so the shards get theirs back to back
+        and begin together."""
         import ray
 
         sends = Counter(id(req) for req in reqs)
