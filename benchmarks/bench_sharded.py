@@ -6,8 +6,10 @@ Three measurements, one JSON object (machine, versions, config, results):
    RemoteTables with M shards (row and column plans; in-process, Ray and collective
    transports), as a ratio to the local table (``vs_local``: timed first and last,
    the faster; ``vs_local_interleaved``: the local table timed in alternation with each
-   layout, medians, which a machine shared with other tenants skews least); bytes
-   moved per token from the shards' own counters.
+   layout, medians, which a machine shared with other tenants skews least; also lower
+   quartiles and fastest passes); bytes moved per token from the shards' own counters;
+   CPU ms a step of the worker's process, of the shard actors' and of the local table's
+   (where the time goes when they share the cores). ``--repeats`` passes per layout.
 2. ``cache``: the same for one shard whose zarr-backed region is 4x its row cache,
    against the in-memory shard.
 3. ``model_steps``: a full training step of the small model (local table, SGD
@@ -21,7 +23,7 @@ Three measurements, one JSON object (machine, versions, config, results):
    nodes share this machine's cores and the TCP goes over loopback, so this measures
    what each path costs the processes, not a network.
 
-    python benchmarks/bench_sharded.py [--quick] [--big] [--out DIR]
+    python benchmarks/bench_sharded.py [--quick] [--big] [--repeats R] [--only PART] [--out DIR]
 """
 
 from __future__ import annotations
@@ -75,16 +77,40 @@ def time_table(table, batches, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_paired(table, peer, batches, repeats: int) -> tuple[list[float], list[float]]:
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes ``pids`` have used so far."""
+    import psutil
+
+    return sum(sum(psutil.Process(p).cpu_times()[:2]) for p in pids)
+
+
+def time_paired(table, peer, batches, repeats: int, shard_pids: list[int] | None = None):
     """Seconds of a pass of ``table`` and of ``peer``, alternating, after a warm-up pass
-    of each: on a machine shared with other tenants both see the same load."""
+    of each: on a machine shared with other tenants both see the same load. Also the CPU
+    seconds of this process (the worker: its threads, shards served in it) and of the
+    processes ``shard_pids`` over the passes of ``table``, and this process's over
+    ``peer``'s: where the time goes when they share the cores."""
     times: tuple[list[float], list[float]] = ([], [])
+    cpu = {"worker": 0.0, "shards": 0.0, "peer": 0.0}
+    pids = shard_pids or []
     for r in range(repeats + 1):
         for out, t in zip(times, (table, peer), strict=True):
+            own, shards = time.process_time(), cpu_seconds(pids)
             sec = one_pass(t, batches)
-            if r:
-                out.append(sec)
-    return times
+            if not r:
+                continue
+            out.append(sec)
+            if t is peer:
+                cpu["peer"] += time.process_time() - own
+            else:
+                cpu["worker"] += time.process_time() - own
+                cpu["shards"] += cpu_seconds(pids) - shards
+    return times, cpu
+
+
+def quartile(xs: list[float]) -> float:
+    """The lower quartile (the median where there are too few)."""
+    return statistics.quantiles(xs, n=4)[0] if len(xs) >= 4 else statistics.median(xs)
 
 
 def shard_bytes(table) -> int:
@@ -92,6 +118,8 @@ def shard_bytes(table) -> int:
 
 
 def bench_tables(rows, dim, tokens, bag, shard_counts, transports, repeats) -> list[dict]:
+    import ray
+
     batches = [workload(rows, tokens, bag, dim, seed) for seed in range(3)]
     n_tokens = tokens * len(batches)
     local = LocalTable(rows, dim, ADAM, seed=0)
@@ -112,8 +140,6 @@ def bench_tables(rows, dim, tokens, bag, shard_counts, transports, repeats) -> l
                     actors = start_shards(plan, ADAM, seed=0)
                     t = RayTransport(actors)
                     if transport == "collective":
-                        import ray
-
                         store = host_store()  # alive until the next table replaces it
                         rdv = Rendezvous(store.host, store.port, f"{kind}{m}", m, 1)
                         ray.get([a.serve_collective.remote(rdv, s) for s, a in enumerate(actors)])
@@ -123,15 +149,20 @@ def bench_tables(rows, dim, tokens, bag, shard_counts, transports, repeats) -> l
                         [ShardServer(r, kind, dim, ADAM, seed=0) for r in plan.regions]
                     )
                 table = RemoteTable(plan, t, ADAM)
-                mine, peer = time_paired(table, local, batches, repeats)
-                passes = repeats + 1
+                pids = [w["pid"] for w in ray.get([a.where.remote() for a in actors])]
+                (mine, peer), cpu = time_paired(table, local, batches, repeats, pids)
+                passes, steps = repeats + 1, repeats * len(batches)
                 out.append({
                     "impl": f"{transport}/{kind}", "shards": m,
                     "bytes_per_token": shard_bytes(table) / (n_tokens * passes),
                     # against the local table timed in alternation with it
                     "local_us_per_token_interleaved": statistics.median(peer) / n_tokens * 1e6,
                     "vs_local_interleaved": statistics.median(mine) / statistics.median(peer),
+                    "vs_local_interleaved_p25": quartile(mine) / quartile(peer),
                     "vs_local_interleaved_fastest": min(mine) / min(peer),
+                    # CPU ms a step (one batch): the worker's process, the shard actors'
+                    # (in-process shards count as the worker's), the local table's process
+                    "cpu_ms_per_step": {k: v / steps * 1e3 for k, v in cpu.items()},
                 })  # fmt: skip
                 secs.append(statistics.median(mine))
                 if actors:
@@ -316,6 +347,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--big", action="store_true", help="also a 16M-row table (8 GB of values)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--spin", type=int, default=None, help=spin.HELP)
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="passes over the batches per layout (default 5, --quick 2)",
+    )
     parts = ("tables", "cache", "model_steps", "far")
     p.add_argument("--only", choices=parts, action="append", help="run only these parts")
     args = p.parse_args(argv)
@@ -324,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     rows, dim, tokens, bag = 65536, 128, (512 if args.quick else 2048), 64
-    repeats = 2 if args.quick else 5
+    repeats = args.repeats or (2 if args.quick else 5)
     started = time.time()
     result = {
         "benchmark": "sharded",

@@ -59,12 +59,14 @@ def send_message(sock: socket.socket, obj: Any) -> None:
     raws = [b.raw() for b in buffers]
     head = HEADER.pack(len(data), len(raws)) + b"".join(SIZE.pack(r.nbytes) for r in raws)
     parts = [memoryview(head), memoryview(data), *raws]
-    while parts:
-        sent = sock.sendmsg(parts[:MAX_PARTS])
-        while parts and sent >= parts[0].nbytes:
-            sent -= parts.pop(0).nbytes
+    first = 0  # the first part not wholly sent
+    while first < len(parts):
+        sent = sock.sendmsg(parts[first : first + MAX_PARTS])
+        while first < len(parts) and sent >= parts[first].nbytes:
+            sent -= parts[first].nbytes
+            first += 1
         if sent:
-            parts[0] = parts[0][sent:]
+            parts[first] = parts[first][sent:]
 
 
 def _read_exact(sock: socket.socket, n: int) -> bytearray | None:
