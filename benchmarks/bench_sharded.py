@@ -292,9 +292,10 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result.get("tables", []) if r["shards"]]
+    cpu = [r for r in rows if "cpu_ms_per_step" in r]
     steps = result.get("model_steps", [])
     far = result.get("far", [])
-    panels = int(bool(rows)) + int(bool(steps)) + int(bool(far))
+    panels = int(bool(rows)) + int(bool(cpu)) + int(bool(steps)) + int(bool(far))
     if not panels:
         return
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
@@ -309,6 +310,20 @@ def plot(result: dict, path: Path) -> None:
         a.set_ylabel("lookup+backward+step time / local")
         a.legend()
         a.grid(True, alpha=0.3)
+    if cpu:  # where the CPU goes: worker and shards stacked, the local table beside
+        e = axes.pop(0)
+        at = range(len(cpu))
+        worker = [r["cpu_ms_per_step"]["worker"] for r in cpu]
+        shards = [r["cpu_ms_per_step"]["shards"] for r in cpu]
+        e.bar([x - 0.2 for x in at], worker, 0.4, label="worker's process")
+        e.bar([x - 0.2 for x in at], shards, 0.4, bottom=worker, label="shard actors")
+        e.bar([x + 0.2 for x in at], [r["cpu_ms_per_step"]["peer"] for r in cpu], 0.4,
+              label="local table (interleaved)")  # fmt: skip
+        e.set_xticks(list(at), [f"{r['impl']} {r['shards']}" for r in cpu], rotation=60,
+                     ha="right", fontsize=7)  # fmt: skip
+        e.set_ylabel("CPU ms a step")
+        e.legend(fontsize=7)
+        e.grid(True, axis="y", alpha=0.3)
     if steps:
         b = axes.pop(0)
         b.plot([r["rows"] for r in steps], [r["step_ms"] for r in steps], "o-")
