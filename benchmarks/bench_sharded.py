@@ -19,7 +19,8 @@ Three measurements, one JSON object (machine, versions, config, results):
 4. ``far``: 2 Ray shards (row and column plans) on another node than the worker, a
    two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``): their ordered
    requests on TCP lines (``shards.direct_lines``, the default) against Ray's actor
-   calls and object store, in alternation with each other and the local table. Both
+   calls and object store, in alternation with each other and the local table; and one
+   row shard there on 2 threads against 1 (``shards.threads_per_shard``). Both
    nodes share this machine's cores and the TCP goes over loopback, so this measures
    what each path costs the processes, not a network.
 
@@ -279,10 +280,35 @@ def bench_far(rows, dim, tokens, bag, repeats) -> list[dict]:
                     "vs_ray_calls": statistics.median(times[name]) / statistics.median(times["ray_calls"]),
                 })  # fmt: skip
                 stop_shards(started[name])
+        out += far_threads(rows, dim, batches, local, repeats)
     finally:
         ray.shutdown()
         cluster.shutdown()
     return out
+
+
+def far_threads(rows, dim, batches, local, repeats) -> list[dict]:
+    """One row shard on the other node with 2 threads (what ``shards.threads_per_shard``'s
+    default gives a shard alone on a memory node of 2 CPUs) and with 1 (the old
+    default), each alternating with the local table."""
+    from memdist.cluster.actors import start_shards, stop_shards
+
+    n_tokens = sum(idx.shape[0] for idx, _, _ in batches)
+    plan = make_plan("row", rows, dim, 1)
+    times: dict[int, tuple[list[float], list[float]]] = {}
+    for threads in (2, 1):
+        actors = start_shards(plan, ADAM, seed=0, threads=threads)
+        times[threads], _ = time_paired(RemoteTable(plan, RayTransport(actors), ADAM), local,
+                                        batches, repeats)  # fmt: skip
+        stop_shards(actors)
+    one = statistics.median(times[1][0])
+    return [{
+        "impl": f"ray/row/tcp_lines/{threads}-threads", "shards": 1, "threads": threads,
+        "us_per_token": statistics.median(mine) / n_tokens * 1e6,
+        "local_us_per_token_interleaved": statistics.median(peer) / n_tokens * 1e6,
+        "vs_local_interleaved": statistics.median(mine) / statistics.median(peer),
+        "vs_one_thread": statistics.median(mine) / one,
+    } for threads, (mine, peer) in times.items()]  # fmt: skip
 
 
 def plot(result: dict, path: Path) -> None:
@@ -294,7 +320,7 @@ def plot(result: dict, path: Path) -> None:
     rows = [r for r in result.get("tables", []) if r["shards"]]
     cpu = [r for r in rows if "cpu_ms_per_step" in r]
     steps = result.get("model_steps", [])
-    far = result.get("far", [])
+    far = [r for r in result.get("far", []) if r["shards"] == 2]
     panels = int(bool(rows)) + int(bool(cpu)) + int(bool(steps)) + int(bool(far))
     if not panels:
         return

@@ -32,8 +32,21 @@ from memdist.kernels import OptimizerSpec
 SHARD_RESOURCE = "memdist_shard"
 
 
+def node_threads() -> int:
+    """A shard's torch threads when none are set: on a memory node (one offering
+    ``memdist_shard``, kept for shards) its CPUs shared among the shards it takes;
+    elsewhere 1, the node's cores being its workers' too."""
+    here = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        offers = node.get("Resources", {})
+        if node.get("NodeID") == here and offers.get(SHARD_RESOURCE, 0) >= 1:
+            return max(1, int(offers.get("CPU", 1) // offers[SHARD_RESOURCE]))
+    return 1
+
+
 class _ShardActor(ShardServer):
-    """A ShardServer in its own process; torch uses ``threads`` intra-op threads there.
+    """A ShardServer in its own process; torch uses ``threads`` intra-op threads there
+    (None: ``node_threads``).
 
     Lookups, backwards, prefetch hints and steps sent ahead come through
     ``handle_ordered`` (the ``rows`` group, a few threads per worker; or the direct
@@ -42,13 +55,13 @@ class _ShardActor(ShardServer):
     control requests come through ``handle`` and run beside them.
     """
 
-    def __init__(self, *args: Any, threads: int = 1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, threads: int | None = 1, **kwargs: Any) -> None:
         import shutil
         import threading
 
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads if threads is not None else node_threads())
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
         store = kwargs.get("store_path")
         if restarted and store is not None:
@@ -104,7 +117,10 @@ class _ShardActor(ShardServer):
             return self._listeners[near].address, self._listeners[near].token
 
     def where(self) -> dict[str, Any]:
-        return {**super().where(), "node": ray.get_runtime_context().get_node_id()}
+        import torch
+
+        return {**super().where(), "node": ray.get_runtime_context().get_node_id(),
+                "threads": torch.get_num_threads()}  # fmt: skip
 
     def serve_collective(self, rendezvous: Any, rank: int) -> None:
         """Answer lookups, backwards and steps over the collective transport's group too
@@ -163,7 +179,7 @@ def start_shards(
     seed: int,
     gpus_per_shard: float = 0.0,
     cpus_per_shard: float = 0.0,
-    threads: int = 1,
+    threads: int | None = None,
     per_shard: list[dict[str, Any]] | None = None,
     workers: int = 1,
     max_restarts: int = 0,
@@ -173,12 +189,16 @@ def start_shards(
 ) -> list[Any]:
     """One ShardActor per region; returns the handles once every shard answered a ping.
 
+    ``threads``: each shard's torch threads; None: ``cpus_per_shard`` where it reserves
+    one or more, else ``node_threads`` (a memory node's CPUs, 1 elsewhere).
     ``per_shard[s]`` adds keyword arguments for shard s only (its store path, cache size).
     ``max_restarts``: how often Ray restarts a shard that died (on another node if its
     node is gone); a restarted shard holds its initial rows until a checkpoint is loaded
     into it. Requests in flight when it died fail (no retries): the run decides.
     """
     opts = shard_options(gpus_per_shard, cpus_per_shard, memory_nodes)
+    if threads is None and cpus_per_shard >= 1:
+        threads = int(cpus_per_shard)
     opts["max_concurrency"] = 2 * workers + 4  # barrier waiters + other workers' requests
     opts["max_restarts"] = max_restarts
     opts["max_task_retries"] = 0

@@ -190,7 +190,9 @@ class ShardsConfig:
     start_timeout_s: float = 900.0
     cpus_per_shard: float = 0.0  # Ray resources each shard actor reserves
     gpus_per_shard: float = 0.0
-    threads_per_shard: int = 1
+    # Torch threads in each shard; null: its reserved CPUs (cpus_per_shard >= 1), else
+    # all of a memory node's CPUs shared among the shards it takes, else 1.
+    threads_per_shard: int | None = None
     payload: str = "fp32"  # dtype of scores, outputs and gradients on the wire: fp32 | bf16 | fp16
     staleness: int = 0  # 1: a step's update may overlap the next step's lookups (not exact)
     prefetch: bool = False  # hint the next batch's rows to zarr-backed shards (exact)
@@ -650,6 +652,10 @@ def validate(cfg: RunConfig) -> None:
     _check(
         sh.payload in ("fp32", "bf16", "fp16"),
         f"shards.payload={sh.payload!r} must be fp32, bf16 or fp16",
+    )
+    _check(
+        sh.threads_per_shard is None or sh.threads_per_shard >= 1,
+        f"shards.threads_per_shard={sh.threads_per_shard} must be >= 1 or null (auto)",
     )
     _check(sh.timeout_s > 0, f"shards.timeout_s={sh.timeout_s} must be > 0")
     _check(sh.start_timeout_s > 0, f"shards.start_timeout_s={sh.start_timeout_s} must be > 0")

@@ -161,8 +161,10 @@ class RunReport:
                 else f"shard {record['shard']}"
             )
             node = f" node {record['node']}" if "node" in record else ""
+            threads = f" threads {record['threads']}" if "threads" in record else ""
             self.message(
-                f"{who}: host {record['host']}{node} pid {record['pid']} device {record['device']}"
+                f"{who}: host {record['host']}{node} pid {record['pid']} device "
+                f"{record['device']}{threads}"
             )
         elif kind == "start":
             self.message(json.dumps({k: v for k, v in record.items() if k != "kind"}))

@@ -56,6 +56,7 @@ def test_override_can_turn_memory_on_for_dense():
         ("train.steps=2.5", "train.steps=2.5 must be an integer"),
         ("cluster.workers=0", "cluster.workers=0 must be >= 1"),
         ("shards.staleness=2", "shards.staleness=2 must be 0 (synchronous) or 1"),
+        ("shards.threads_per_shard=0", "shards.threads_per_shard=0 must be >= 1 or null"),
         ("train.checkpoint.s3_max_attempts=0", "train.checkpoint.s3_max_attempts=0 must be >= 1"),
         ("model.memory.v_dim=64", None),  # allowed with swilu on
     ],

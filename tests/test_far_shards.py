@@ -33,7 +33,8 @@ def two_nodes():
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
     )
-    far = cluster.add_node(num_cpus=2, resources={SHARD_RESOURCE: 4})
+    # A memory node of 4 CPUs that takes 2 shards: each gets 2 threads (``node_threads``).
+    far = cluster.add_node(num_cpus=4, resources={SHARD_RESOURCE: 2})
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     cluster.wait_for_nodes()
     yield far.node_id
@@ -51,6 +52,7 @@ def far_table(two_nodes):
         started.append(actors)
         where = ray.get([a.where.remote() for a in actors])
         assert [w["node"] for w in where] == [two_nodes, two_nodes]  # not the worker's node
+        assert [w["threads"] for w in where] == [2, 2]  # the node's CPUs, shared
         transport = RayTransport(actors, timeout_s=60, direct_lines=direct_lines)
         return RemoteTable(plan, transport, ADAM), LocalTable(rows, dim, ADAM, seed=0)
 
@@ -119,3 +121,16 @@ def test_a_killed_far_shard_is_named_within_seconds(far_table):
             remote.lookup(idx, scores)
             time.sleep(0.01)
     assert time.monotonic() - t0 < 30
+
+
+def test_a_shard_takes_the_threads_it_is_given_or_reserves(two_nodes):
+    """Set threads win over the memory node's share; a shard reserving CPUs
+    (``cpus_per_shard``) gets as many threads."""
+    plan = make_plan("row", 64, 8, 1)
+    for kwargs, threads in (({"threads": 3}, 3), ({"cpus_per_shard": 1}, 1)):
+        actors = start_shards(plan, ADAM, seed=0, **kwargs)
+        try:
+            (where,) = ray.get([a.where.remote() for a in actors])
+            assert (where["node"], where["threads"]) == (two_nodes, threads), kwargs
+        finally:
+            stop_shards(actors)
