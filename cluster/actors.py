@@ -55,7 +55,7 @@ class _ShardActor(ShardServer):
     control requests come through ``handle`` and run beside them.
     """
 
-    def __init__(self, *args: Any, threads: int | None = 1, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, threads: int | None = None, **kwargs: Any) -> None:
         import shutil
         import threading
 
