@@ -1,6 +1,6 @@
 """Sharded memory benchmark: what shards cost against a local table, in the same run.
 
-Three measurements, one JSON object (machine, versions, config, results):
+Five measurements, one JSON object (machine, versions, config, results):
 
 1. ``tables``: lookup + backward + sparse step per token for a local table and for
    RemoteTables with M shards (row and column plans; in-process, Ray and collective
@@ -10,13 +10,15 @@ Three measurements, one JSON object (machine, versions, config, results):
    quartiles and fastest passes); bytes moved per token from the shards' own counters;
    CPU ms a step of the worker's process, of the shard actors' and of the local table's
    (where the time goes when they share the cores). ``--repeats`` passes per layout.
-2. ``cache``: the same for one shard whose zarr-backed region is 4x its row cache,
+2. ``clip``: 2 Ray shards with the values' gradient clipped: the norm's requests sent
+   behind the backward (the step announced, as training does) against at the step.
+3. ``cache``: the same for one shard whose zarr-backed region is 4x its row cache,
    against the in-memory shard.
-3. ``model_steps``: a full training step of the small model (local table, SGD
+4. ``model_steps``: a full training step of the small model (local table, SGD
    values) for tables of 64K, 1M (and with ``--big`` 16M) rows at equal FLOPs
    (``k_dim`` shrinks as the product keys grow): the step time should stay flat
    while parameters grow.
-4. ``far``: 2 Ray shards (row and column plans) on another node than the worker, a
+5. ``far``: 2 Ray shards (row and column plans) on another node than the worker, a
    two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``): their ordered
    requests on TCP lines (``shards.direct_lines``, the default) against Ray's actor
    calls and object store, in alternation with each other and the local table; and one
@@ -60,13 +62,16 @@ def workload(rows: int, tokens: int, bag: int, dim: int, seed: int = 0):
     return idx, scores, dy
 
 
-def one_pass(table, batches) -> float:
-    """Seconds of lookup + backward + step over the batches."""
+def one_pass(table, batches, announce: bool = True) -> float:
+    """Seconds of lookup + backward + step over the batches. ``announce``: the step is
+    announced before the backward, as ``memdist.step.train_step`` does (a remote table
+    then sends the step, or with clipping the gradient norm, behind the backward)."""
     t0 = time.perf_counter()
     for idx, scores, dy in batches:
         s = scores.clone().requires_grad_(True)
         y = table.lookup(idx, s)
-        table.expect_step()  # as memdist.step.train_step: the step follows this backward
+        if announce:
+            table.expect_step()
         y.backward(dy)
         table.step_async().wait()
     return time.perf_counter() - t0
@@ -173,6 +178,45 @@ def bench_tables(rows, dim, tokens, bag, shard_counts, transports, repeats) -> l
     out[0]["local_us_per_token_first_last"] = [t / n_tokens * 1e6 for t in local_sec]
     for row, sec in zip(out, [base, *secs], strict=True):
         row["us_per_token"], row["vs_local"] = sec / n_tokens * 1e6, sec / base
+    return out
+
+
+def bench_clip(rows, dim, tokens, bag, repeats) -> list[dict]:
+    """2 Ray shards under values' gradient clipping: the norm's requests sent behind the
+    backward (the step announced) against sent at the step (not announced), alternating
+    with each other and the local table (clipping too)."""
+    from memdist.cluster.actors import start_shards, stop_shards
+
+    spec = OptimizerSpec("adam", lr=1e-3, grad_clip=1.0)
+    batches = [workload(rows, tokens, bag, dim, seed) for seed in range(3)]
+    n_tokens = tokens * len(batches)
+    local = LocalTable(rows, dim, spec, seed=0)
+    out = []
+    for kind in ("row", "column"):
+        plan = make_plan(kind, rows, dim, 2)
+        ways = {"norm_behind_backward": True, "norm_at_step": False}
+        actors = {way: start_shards(plan, spec, seed=0) for way in ways}
+        tables = {way: RemoteTable(plan, RayTransport(actors[way]), spec) for way in ways}
+        times: dict[str, list[float]] = {way: [] for way in [*ways, "local"]}
+        for r in range(repeats + 1):  # the first round warms up
+            for way in times:
+                sec = (one_pass(local, batches) if way == "local" else
+                       one_pass(tables[way], batches, announce=ways[way]))  # fmt: skip
+                if r:
+                    times[way].append(sec)
+        both = [t.read_rows(0, 64) for t in tables.values()]
+        rows_equal = all(torch.equal(v, both[1][k]) for k, v in both[0].items())
+        peer, at_step = statistics.median(times["local"]), statistics.median(times["norm_at_step"])
+        for way in ways:
+            out.append({
+                "impl": f"ray/{kind}/{way}", "shards": 2,
+                "us_per_token": statistics.median(times[way]) / n_tokens * 1e6,
+                "local_us_per_token_interleaved": peer / n_tokens * 1e6,
+                "vs_local_interleaved": statistics.median(times[way]) / peer,
+                "vs_norm_at_step": statistics.median(times[way]) / at_step,
+                "rows_equal": rows_equal,
+            })  # fmt: skip
+            stop_shards(actors[way])
     return out
 
 
@@ -394,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="passes over the batches per layout (default 5, --quick 2)",
     )
-    parts = ("tables", "cache", "model_steps", "far")
+    parts = ("tables", "clip", "cache", "model_steps", "far")
     p.add_argument("--only", choices=parts, action="append", help="run only these parts")
     args = p.parse_args(argv)
     run = set(args.only or parts)
@@ -423,6 +467,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["tables"] = bench_tables(
             rows, dim, tokens, bag, [1, 2, 4], ["inprocess", "ray", "collective"], repeats
         )
+    if "clip" in run:
+        result["clip"] = bench_clip(rows, dim, tokens, bag, 4 * repeats)
     if "cache" in run:  # a quarter of the cached table must hold one step's rows
         result["cache"] = bench_cache(8 * tokens * bag, 64, tokens, bag, repeats)
     if "model_steps" in run:

@@ -22,7 +22,9 @@ When the loop said so first (``expect_step``, before the last micro-batch's back
 the step goes out right behind the backward of the last lookup still awaiting one, in
 the same order on every shard as if sent later, and ``step_async`` only collects it:
 one round trip a step fewer, and the update overlaps the rest of the backward too.
-Not with ``grad_clip`` (the step needs the summed gradient norm first) or staleness.
+With ``grad_clip`` the step needs the summed gradient norm first: the norm's request
+goes out there instead (in order, behind the backwards), so ``step_async`` finds the
+norms computed and sends the step with its factor. Not with staleness.
 
 Bounded staleness (``staleness=1``, off by default): ``step()`` sends the step and
 returns without waiting, and lookups may overtake it, so the next step's lookups
@@ -165,6 +167,13 @@ class RemoteLookup(PendingLookup):
         return _RemoteBag.apply(self.scores_NK, self)
 
 
+def _rescaled(scale: float, announced: float, sent: str) -> ConfigError:
+    return ConfigError(
+        f"step(grad_scale={scale}) after expect_step(grad_scale={announced}): the {sent} "
+        f"was sent with {announced} already; announce the scale the step uses"
+    )
+
+
 class _RemoteStep(PendingStep):
     def __init__(self, table: RemoteTable) -> None:
         self.table = table
@@ -208,6 +217,8 @@ class RemoteTable(ValueTable):
         self._backwards_due = 0  # lookups kept on the shards whose backward has not run
         self._expected: float | None = None  # grad_scale of the step ``expect_step`` announced
         self._sent_early: float | None = None  # grad_scale of a step sent behind a backward
+        # a gradient norm's requests sent behind a backward (grad_clip), and their grad_scale
+        self._norm_early: tuple[list[Any], float] | None = None
 
     def _wait(self, handles: list[Any], what: str) -> list[Any]:
         t0 = time.perf_counter()
@@ -268,8 +279,13 @@ class RemoteTable(ValueTable):
         handles = self.transport.submit_all(reqs)
         self._backwards_due -= 1
         if self._expected is not None and self._backwards_due == 0:  # the step's last gradient
-            self._sent_early, self._expected = self._expected, None
-            self._send_step(self._sent_early)
+            scale, self._expected = self._expected, None
+            if self.spec.grad_clip is None:
+                self._sent_early = scale
+                self._send_step(scale)
+            else:  # the step needs the norm: that goes now, the step when asked
+                norm = wire.GradNorm(scale, self.worker, ordered=True)
+                self._norm_early = (self.transport.submit_all([norm] * self.plan.shards), scale)
         parts = [p.float() for p in self._wait(handles, "backward")]
         if entries is not None:
             return entries.scatter(parts)
@@ -316,7 +332,7 @@ class RemoteTable(ValueTable):
         return _RemoteStep(self)
 
     def expect_step(self, grad_scale: float = 1.0) -> None:
-        if self.spec.grad_clip is None and not self.staleness:
+        if not self.staleness:
             self._expected = grad_scale
 
     def _begin_step(self, grad_scale: float) -> None:
@@ -326,17 +342,18 @@ class RemoteTable(ValueTable):
         if early is None:
             self._send_step(grad_scale)
         elif early != grad_scale:
-            raise ConfigError(
-                f"step(grad_scale={grad_scale}) after expect_step(grad_scale={early}): the "
-                f"step was sent with {early} already; announce the scale the step uses"
-            )
+            raise _rescaled(grad_scale, early, "step")
 
     def _send_step(self, grad_scale: float) -> None:
         self._settle()
         self._collect_prefetches()
         clip, grad_sq = 1.0, None
+        norm, self._norm_early = self._norm_early, None
         if self.spec.grad_clip is not None:
-            parts = self._each(wire.GradNorm(grad_scale, self.worker), "gradient norm")
+            if norm is not None and norm[1] != grad_scale:
+                raise _rescaled(grad_scale, norm[1], "gradient norm")
+            parts = (self._wait(norm[0], "gradient norm") if norm is not None else
+                     self._each(wire.GradNorm(grad_scale, self.worker), "gradient norm"))  # fmt: skip
             # Column shards hold column slices of the same rows, row shards disjoint rows:
             # either way the table's squared norm is the sum of the parts.
             grad_sq = math.fsum(parts)

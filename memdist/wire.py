@@ -110,6 +110,7 @@ class GradNorm:
 
     grad_scale: float
     worker: int = 0
+    ordered: bool = False  # served in the worker's order, after its earlier backwards
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,9 +214,10 @@ HOT = (Lookup, Backward, GradNorm, Step, Prefetch, KeptBackward)
 
 
 def in_order(req: Request) -> bool:
-    """Whether the shard serves ``req`` in its worker's order: ``ORDERED`` requests, and a
-    step sent ahead of the lookups that must see it (``Step.ordered``)."""
-    return isinstance(req, ORDERED) or (isinstance(req, Step) and req.ordered)
+    """Whether the shard serves ``req`` in its worker's order: ``ORDERED`` requests, a
+    step sent ahead of the lookups that must see it (``Step.ordered``), and a gradient
+    norm sent behind the backwards it must see (``GradNorm.ordered``)."""
+    return isinstance(req, ORDERED) or (isinstance(req, (Step, GradNorm)) and req.ordered)
 
 
 def to_tensors(req: Request) -> list[torch.Tensor]:
@@ -229,8 +231,8 @@ def to_tensors(req: Request) -> list[torch.Tensor]:
             return [packed, *parts, scores, *extra, *bags]
         case KeptBackward(lookup, dy):
             return [dy, torch.tensor([lookup])]
-        case GradNorm(scale):
-            return [torch.tensor([scale], dtype=torch.float64)]
+        case GradNorm(scale, _, ordered):
+            return [torch.tensor([scale, float(ordered)], dtype=torch.float64)]
         case Step(scale, _, clip, ordered):
             return [torch.tensor([scale, clip, float(ordered)], dtype=torch.float64)]
         case Prefetch(rows):
@@ -251,7 +253,8 @@ def from_tensors(kind: type, tensors: list[torch.Tensor], worker: int) -> Reques
     if kind is KeptBackward:
         return KeptBackward(int(tensors[1][0]), tensors[0], worker)
     if kind is GradNorm:
-        return GradNorm(float(tensors[0][0]), worker)
+        scale, ordered = tensors[0].tolist()
+        return GradNorm(scale, worker, bool(ordered))
     if kind is Step:
         scale, clip, ordered = tensors[0].tolist()
         return Step(scale, worker, clip, bool(ordered))

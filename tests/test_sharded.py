@@ -107,8 +107,11 @@ def test_training_matches_local_table(ray_local, transport, kind, shards):
         ["model.memory.layers=[0, 1]", "model.memory.shared_table=true"],
         ["train.grad_accum=2"],
         ["model.memory.value_optimizer=adagrad"],
+        # the norm's requests behind the backwards, over both transports' ordered paths
+        ["model.memory.value_grad_clip=1e-4", "train.grad_accum=2"],
+        ["model.memory.value_grad_clip=1e-4", "shards.transport=collective"],
     ],
-    ids=["shared-table", "grad-accum", "adagrad"],
+    ids=["shared-table", "grad-accum", "adagrad", "clip-ray", "clip-collective"],
 )
 def test_training_matches_local_table_variants(ray_local, extra):
     ref_losses, ref_values = run(tiny(*extra), steps=8)

@@ -409,22 +409,27 @@ def test_an_announced_step_goes_out_behind_the_last_backward(clip):
     """After ``expect_step`` a remote table sends its step right behind the backward of
     the last lookup awaiting one (not before), and ``step_async`` only collects it; the
     rows are those of a step sent the usual way. With clipping the step needs the norm
-    first: it waits for ``step_async`` as before."""
+    first: the norm's requests go out there instead, the step at ``step_async``."""
     spec = OptimizerSpec("adam", lr=0.05, grad_clip=clip)
     (early, transport), (plain, _) = _recorded(spec), _recorded(spec)
     first, last = _two_micro_batches(early, expect=0.5)
     _two_micro_batches(plain)
     assert "Step" not in first  # one lookup still awaited its backward
-    if clip is None:
-        assert last[-4:] == ["KeptBackward", "KeptBackward", "Step", "Step"]
-    else:
-        assert "Step" not in last
+    ahead = "Step" if clip is None else "GradNorm"
+    assert last[-4:] == ["KeptBackward", "KeptBackward", ahead, ahead]
     sent = len(transport.sent)
     got, want = early.step_async(0.5).wait(), plain.step_async(0.5).wait()
-    assert transport.sent[sent:] == ([] if clip is None else ["GradNorm"] * 2 + ["Step"] * 2)
+    assert transport.sent[sent:] == ([] if clip is None else ["Step"] * 2)
     assert (got.rows, got.grad_norm) == (want.rows, want.grad_norm)
     for key, value in plain.read_rows(0, ROWS).items():
         torch.testing.assert_close(early.read_rows(0, ROWS)[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_an_announced_norm_must_keep_its_scale():
+    table, _ = _recorded(OptimizerSpec("sgd", lr=0.05, grad_clip=0.05))
+    _two_micro_batches(table, expect=0.5)
+    with pytest.raises(ConfigError, match=r"the gradient norm was sent with 0.5 already"):
+        table.step_async(1.0)
 
 
 def test_an_announced_step_must_keep_its_scale():
