@@ -32,9 +32,11 @@ Five measurements, one JSON object (machine, versions, config, results):
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import spin  # first: --spin must be in the environment before torch loads
@@ -112,6 +114,18 @@ def time_paired(table, peer, batches, repeats: int, shard_pids: list[int] | None
                 cpu["worker"] += time.process_time() - own
                 cpu["shards"] += cpu_seconds(pids) - shards
     return times, cpu
+
+
+def alternating(passes: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Each pass's seconds over ``repeats`` rounds, taking turns within each round, after
+    a round that warms them up."""
+    times: dict[str, list[float]] = {name: [] for name in passes}
+    for r in range(repeats + 1):
+        for name, run in passes.items():
+            sec = run()
+            if r:
+                times[name].append(sec)
+    return times
 
 
 def quartile(xs: list[float]) -> float:
@@ -197,13 +211,10 @@ def bench_clip(rows, dim, tokens, bag, repeats) -> list[dict]:
         ways = {"norm_behind_backward": True, "norm_at_step": False}
         actors = {way: start_shards(plan, spec, seed=0) for way in ways}
         tables = {way: RemoteTable(plan, RayTransport(actors[way]), spec) for way in ways}
-        times: dict[str, list[float]] = {way: [] for way in [*ways, "local"]}
-        for r in range(repeats + 1):  # the first round warms up
-            for way in times:
-                sec = (one_pass(local, batches) if way == "local" else
-                       one_pass(tables[way], batches, announce=ways[way]))  # fmt: skip
-                if r:
-                    times[way].append(sec)
+        passes = {way: functools.partial(one_pass, tables[way], batches, announce)
+                  for way, announce in ways.items()}  # fmt: skip
+        times = alternating({**passes, "local": functools.partial(one_pass, local, batches)},
+                            repeats)  # fmt: skip
         both = [t.read_rows(0, 64) for t in tables.values()]
         rows_equal = all(torch.equal(v, both[1][k]) for k, v in both[0].items())
         peer, at_step = statistics.median(times["local"]), statistics.median(times["norm_at_step"])
@@ -306,12 +317,8 @@ def bench_far(rows, dim, tokens, bag, repeats) -> list[dict]:
             started = {name: start_shards(plan, ADAM, seed=0) for name in paths}
             tables = {name: RemoteTable(plan, RayTransport(started[name], direct_lines=lines), ADAM)
                       for name, lines in paths.items()}  # fmt: skip
-            times: dict[str, list[float]] = {name: [] for name in [*paths, "local"]}
-            for r in range(repeats + 1):  # alternating; the first round warms up
-                for name in times:
-                    sec = one_pass(local if name == "local" else tables[name], batches)
-                    if r:
-                        times[name].append(sec)
+            times = alternating({name: functools.partial(one_pass, t, batches)
+                                 for name, t in [*tables.items(), ("local", local)]}, repeats)  # fmt: skip
             peer = statistics.median(times["local"])
             for name in paths:
                 lines = [tables[name].transport.line(s) for s in range(2)]
