@@ -189,3 +189,20 @@ def test_a_crashed_worker_fails_the_run_with_a_clear_error(ray_local, tmp_path):
     assert len(errors) == 1 and isinstance(errors[0], WorkerError), errors
     assert "2 workers failed" in str(errors[0])
     assert not (tmp_path / "final.json").exists()
+
+
+def test_the_trainer_keeps_ray_trains_callbacks_but_the_placement_group_cleaner(ray_local):
+    """The cleaner's asks can go to another cluster's state API, and runs waited 12 s for
+    it after their workers were done (see ``trainer_class``). The test fails if Ray
+    renames the method the trainer overrides, or the callback it drops."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.callbacks import BackendSetupCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+
+    from memdist.workers import trainer_class
+
+    trainer = trainer_class()(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    kinds = {type(c) for c in trainer._create_default_callbacks()}
+    assert BackendSetupCallback in kinds and PlacementGroupCleanerCallback not in kinds
