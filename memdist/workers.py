@@ -58,13 +58,13 @@ def trainer_class() -> type:
         PlacementGroupCleanerCallback,
     )
 
-    class Trainer(TorchTrainer):
+    class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self) -> list[Any]:
             # Train v2's method; mypy reads TorchTrainer as v1's class, which has none.
             callbacks = super()._create_default_callbacks()  # type: ignore[misc]
             return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
 
-    return Trainer
+    return LeanTorchTrainer
 
 
 def worker_gpus(cfg: RunConfig) -> float:
