@@ -113,7 +113,9 @@ class _ShardActor(ShardServer):
         with self._listener_lock:
             if near not in self._listeners:
                 host = None if near else ray.util.get_node_ip_address()
-                self._listeners[near] = line.Listener(self._in_turn, host)
+                self._listeners[near] = line.Listener(
+                    self._in_turn, host, send_timeout_s=self.barrier_timeout_s
+                )
             return self._listeners[near].address, self._listeners[near].token
 
     def where(self) -> dict[str, Any]:

@@ -131,13 +131,39 @@ def _no_delay(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _give_up_after(sock: socket.socket, seconds: float) -> None:
+    """A send that the peer takes nothing of for ``seconds`` fails (``SO_SNDTIMEO``,
+    which leaves reads blocking); on TCP, so does a connection whose peer acknowledged
+    nothing sent for that long (``TCP_USER_TIMEOUT``), and an idle one is probed
+    (keepalive), so a reader learns of a peer whose node vanished without closing it."""
+    whole = int(seconds)
+    sock.setsockopt(
+        socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+        struct.pack("ll", whole, int((seconds - whole) * 1e6)),
+    )  # fmt: skip
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    with contextlib.suppress(AttributeError, OSError):  # not Linux: the system's defaults
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+        probe_s = max(1, int(seconds / 4))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, probe_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, probe_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+
+
 class Listener:
     """A shard actor's end: accepts lines and answers each one's requests with
     ``serve(body, worker, seq)`` in the order they came. On a Unix socket, or on TCP at
-    ``host`` (any free port) when one is given."""
+    ``host`` (any free port) when one is given. A reply the worker takes nothing of for
+    ``send_timeout_s`` (a worker hung, or its node cut off) ends the line: its later
+    requests are still served, their replies dropped, so the shard's turns go on."""
 
-    def __init__(self, serve: Callable[[Any, int, int], Any], host: str | None = None) -> None:
-        self.serve = serve
+    def __init__(
+        self, serve: Callable[[Any, int, int], Any], host: str | None = None,
+        send_timeout_s: float = 60.0,
+    ) -> None:  # fmt: skip
+        self.serve, self.send_timeout_s = serve, send_timeout_s
         self.token = secrets.token_bytes(TOKEN_BYTES)
         self.address: Address
         if host is None:
@@ -177,6 +203,7 @@ class Listener:
         with conn:
             if not self._admitted(conn):
                 return
+            _give_up_after(conn, self.send_timeout_s)
             todo: queue.SimpleQueue[Any] = queue.SimpleQueue()
             server = threading.Thread(target=self._answer, args=(conn, todo), daemon=True)
             server.start()
@@ -203,8 +230,10 @@ class Listener:
             if alive:
                 try:
                     send_message(conn, out)
-                except OSError:
+                except OSError:  # a reply half sent: the worker must not read on
                     alive = False
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass(frozen=True, slots=True)

@@ -119,6 +119,31 @@ def test_a_send_to_a_shard_that_reads_nothing_times_out(kind):
     deaf.close()
 
 
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_a_reply_the_worker_never_reads_ends_the_line_and_the_shards_turns_go_on(kind):
+    """A worker that takes none of a reply (hung, or its node cut off) does not hold the
+    shard's server thread: the send gives up at ``send_timeout_s``, the line is closed,
+    and the requests already received are still served."""
+    served = []
+
+    def big(body, worker, seq):
+        served.append(seq)
+        return torch.zeros(16 << 20)  # 64 MB: more than both ends' socket buffers hold
+
+    listener = line.Listener(big, None if kind == "unix" else "127.0.0.1", send_timeout_s=1.0)
+    ln = line.Line(listener.address, listener.token, timeout_s=10)
+    t0 = time.monotonic()
+    for seq in range(3):
+        ln.send(0, seq, None)
+    while len(served) < 3 and time.monotonic() - t0 < 20:
+        time.sleep(0.05)
+    assert served == [0, 1, 2]
+    assert 0.9 < time.monotonic() - t0 < 10  # one send waited its timeout, no more
+    with pytest.raises(ConnectionError):  # the half-sent reply is cut off, not completed
+        ln.receive(0, time.monotonic() + 10)
+    ln.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
 def test_a_line_is_served_by_threads_that_yield_their_core_to_the_worker(listen):
     listener = listen(lambda body, worker, seq: os.sched_getscheduler(0))
