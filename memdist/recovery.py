@@ -3,7 +3,7 @@
 Ray does the restarting: Ray Train's ``FailureConfig`` starts a new group of workers when
 one dies or raises, and Ray restarts a shard actor that died (``max_restarts``), on another
 node when its node is gone. What Ray cannot know is where the run stands, so a ``Ledger``
-actor (no CPU, beside the driver) keeps it: the last complete checkpoint of this run, and
+(in the run's desk, ``memdist.desk``, beside the driver) keeps it: the last complete checkpoint of this run, and
 why each attempt ended. A new attempt's workers ask the ledger where to start; all of them
 get the same checkpoint, which also sends every shard back to it (``Trainer._restore``
 loads the tables), so workers and shards hold the same step again. The steps after the
@@ -31,7 +31,7 @@ class Attempt:
 
 
 class Ledger:
-    """Where the run stands, for the attempts that follow a failure (a Ray actor)."""
+    """Where the run stands, for the attempts that follow a failure."""
 
     def __init__(self, resume: str | None) -> None:
         self.resume = resume
@@ -65,15 +65,6 @@ class Ledger:
                       for t, r in seen.items()) or "a worker or its node died"
             for seen in self.seen
         ]  # fmt: skip
-
-
-def start_ledger(cfg: RunConfig, scheduling_strategy: Any) -> Any:
-    import ray
-
-    actor = ray.remote(num_cpus=0)(Ledger)
-    return actor.options(scheduling_strategy=scheduling_strategy).remote(
-        cfg.train.checkpoint.resume
-    )
 
 
 def attempt_config(cfg: RunConfig, attempt: Attempt) -> RunConfig:

@@ -8,9 +8,10 @@ once every worker's row gradients arrived (scaled by 1/workers), so N workers tr
 the model one process would train on the same global batch.
 
 The driver (this process) owns the run folder: the lead worker streams its records
-through a Ray queue and hands back the final metrics and the backbone's state; the
-driver gathers the values from the shards itself. Workers want a GPU each when the
-cluster has GPUs (``cluster.gpus_per_worker``); who runs where is printed at start.
+through the run's desk (``memdist.desk``) and hands back the final metrics and the
+backbone's state; the driver gathers the values from the shards itself. Workers want a
+GPU each when the cluster has GPUs (``cluster.gpus_per_worker``); who runs where is
+printed at start.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch
 
 from memdist.assembly import unique_tables
 from memdist.config import RunConfig
+from memdist.desk import start_desk, take
 from memdist.errors import WorkerError
-from memdist.recovery import Attempt, RecoveryClock, attempt_config, describe, start_ledger
+from memdist.recovery import Attempt, RecoveryClock, attempt_config, describe
 from memdist.runlog import RunReport
 from memdist.shards import ShardGroup, TablesSpec, connect_tables, ensure_ray
 from memdist.trainer import Trainer, WorkerContext
@@ -33,7 +35,7 @@ from memdist.trainer import Trainer, WorkerContext
 
 def driver_node() -> Any:
     """A scheduling strategy that keeps an actor on this (the driver's) node: the run's
-    queues and ledger must not die with a worker's or a shard's node."""
+    desk must not die with a worker's or a shard's node."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -77,11 +79,11 @@ def worker_gpus(cfg: RunConfig) -> float:
 
 
 class StopSignal:
-    """The driver's SIGTERM or Ctrl-C as the lead worker sees it: a look at the stop
-    queue that never blocks a step (the answer to one look is read at a later step)."""
+    """The driver's SIGTERM or Ctrl-C as the lead worker sees it: a look at the run's
+    desk that never blocks a step (the answer to one look is read at a later step)."""
 
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
+    def __init__(self, desk: Any) -> None:
+        self.desk = desk
         self._pending: Any = None
         self._set = False
 
@@ -90,10 +92,10 @@ class StopSignal:
 
         if not self._set:
             if self._pending is None:
-                self._pending = self.queue.actor.qsize.remote()
+                self._pending = self.desk.stopping.remote()
             ready, _ = ray.wait([self._pending], timeout=0)
             if ready:
-                self._set, self._pending = ray.get(self._pending) > 0, None
+                self._set, self._pending = ray.get(self._pending), None
         return self._set
 
 
@@ -102,21 +104,20 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     spec: TablesSpec | None = config["spec"]
-    records, ledger = config["records"], config["ledger"]
+    desk = config["desk"]
     context = ray.train.get_context()
     ctx = WorkerContext(rank=context.get_world_rank(), world=context.get_world_size())
-    attempt: Attempt = ray.get(ledger.join.remote(ctx.rank))
+    attempt: Attempt = ray.get(desk.join.remote(ctx.rank))
     try:
-        _train_attempt(config["cfg"], attempt, spec, ctx, records, ledger, config["stop"])
+        _train_attempt(config["cfg"], attempt, spec, ctx, desk)
     except BaseException as exc:
-        ledger.failed.remote(attempt.number, ctx.rank, describe(exc))
+        desk.failed.remote(attempt.number, ctx.rank, describe(exc))
         raise
 
 
 def _train_attempt(
-    cfg: RunConfig, attempt: Attempt, spec: TablesSpec | None, ctx: WorkerContext,
-    records: Any, ledger: Any, stops: Any,
-) -> None:  # fmt: skip
+    cfg: RunConfig, attempt: Attempt, spec: TablesSpec | None, ctx: WorkerContext, desk: Any
+) -> None:
     """One worker's part of one attempt: after a failure, from the ledger's checkpoint."""
     import ray
 
@@ -132,8 +133,10 @@ def _train_attempt(
     def sink(record: dict[str, Any]) -> None:
         """To the driver; after a recovery each record says which attempt wrote it."""
         if record["kind"] == "checkpoint_done":  # where a later attempt would start
-            ledger.saved.remote(record["uri"], record["step"])
-        records.put({**record, "attempt": attempt.number} if attempt.number else record)
+            desk.saved.remote(record["uri"], record["step"])
+        ray.get(
+            desk.put.remote({**record, "attempt": attempt.number} if attempt.number else record)
+        )
 
     sink({"kind": "placement", "role": "worker", "worker": ctx.rank, "host": socket.gethostname(),
           "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
@@ -143,10 +146,10 @@ def _train_attempt(
               "cause": attempt.cause})  # fmt: skip
 
     remote = connect_tables(spec, ctx.rank) if spec is not None else None
-    stop = StopSignal(stops) if ctx.lead else bool  # the lead decides for all
+    stop = StopSignal(desk) if ctx.lead else bool  # the lead decides for all
     out = Trainer(cfg, remote, sink, ctx, stop_requested=stop).run()
     if out is not None:
-        records.put({"kind": "result", "final": out.final, "state": out.state})
+        ray.get(desk.put.remote({"kind": "result", "final": out.final, "state": out.state}))
 
 
 def train_with_workers(
@@ -159,16 +162,13 @@ def train_with_workers(
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig
-    from ray.util.queue import Empty, Queue
 
     ensure_ray(cfg.cluster.address)
     c = cfg.cluster
     gpus = worker_gpus(cfg)
     resources = {"CPU": c.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
     here = driver_node()  # the driver's helpers live and die with the driver's node
-    records = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    stops = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    ledger = start_ledger(cfg, here)
+    desk = start_desk(cfg, here)
     clock = RecoveryClock()
     stop_sent = False
     spec = group.spec if group is not None else None
@@ -177,9 +177,7 @@ def train_with_workers(
         train_loop_config={
             "cfg": cfg,
             "spec": spec,
-            "records": records,
-            "stop": stops,
-            "ledger": ledger,
+            "desk": desk,
         },  # fmt: skip
         scaling_config=ScalingConfig(
             num_workers=c.workers, use_gpu=gpus > 0, resources_per_worker=resources
@@ -204,26 +202,20 @@ def train_with_workers(
     result: dict[str, Any] | None = None
     while True:
         if stop is not None and stop.is_set() and not stop_sent:
-            stops.put_nowait(True)
+            desk.stop.remote()
             stop_sent = True
-        try:
-            record = records.get(timeout=0.5)
-        except Empty:
-            if thread.is_alive():
-                continue
-            if records.empty():
-                break
-            continue
-        if record["kind"] == "result":
-            result = record
-        else:
-            for out in clock.see(record):
-                report.handle(out)
+        done = not thread.is_alive()  # then what is still on the desk is the last
+        for record in take(desk, 0.0 if done else 0.5):
+            if record["kind"] == "result":
+                result = record
+            else:
+                for out in clock.see(record):
+                    report.handle(out)
+        if done:
+            break
     thread.join()
-    records.shutdown()
-    stops.shutdown()
-    causes = ray.get(ledger.history.remote())
-    ray.kill(ledger)
+    causes = ray.get(desk.history.remote())
+    ray.kill(desk)
     if "error" in outcome:
         tried = f" after {len(causes) - 1} restarts (cluster.max_failures={c.max_failures})"
         raise WorkerError(

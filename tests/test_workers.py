@@ -206,3 +206,32 @@ def test_the_trainer_keeps_ray_trains_callbacks_but_the_placement_group_cleaner(
     trainer = trainer_class()(lambda: None, scaling_config=ScalingConfig(num_workers=1))
     kinds = {type(c) for c in trainer._create_default_callbacks()}
     assert BackendSetupCallback in kinds and PlacementGroupCleanerCallback not in kinds
+
+
+def test_the_run_desk_hands_over_records_in_order_while_the_driver_waits(ray_local):
+    """The desk (one actor for the records, the stop request and the ledger): a ``put``
+    is served while the driver's ``take`` waits (its own concurrency group), the records
+    come in the order put, and the ledger's answers come through it."""
+    from memdist.desk import start_desk, take
+    from memdist.workers import driver_node
+
+    desk = start_desk(load_config("small"), driver_node())
+    t0 = time.monotonic()
+    waiting = desk.take.options(concurrency_group="take").remote(30.0)
+    time.sleep(0.5)
+    ray.get([desk.put.remote({"kind": "tick", "step": s}) for s in range(5)], timeout=20)
+    got = ray.get(waiting, timeout=30)
+    assert time.monotonic() - t0 < 20  # the put woke the wait; it did not run out
+    assert [r["step"] for r in got + take(desk, 0.0)] == [0, 1, 2, 3, 4]
+    assert take(desk, 0.2) == []
+    assert ray.get(desk.stopping.remote()) is False
+    desk.stop.remote()
+    assert ray.get(desk.stopping.remote()) is True
+    attempt = ray.get(desk.join.remote(0))
+    assert (attempt.number, attempt.resume) == (0, None)
+    desk.saved.remote("file:///ckpt/step-000004", 4)
+    desk.failed.remote(0, 1, "ShardError: shard 1 died")
+    again = ray.get(desk.join.remote(0))
+    assert (again.number, again.resume, again.step) == (1, "file:///ckpt/step-000004", 4)
+    assert again.cause == "worker 1: ShardError: shard 1 died"
+    ray.kill(desk)
