@@ -3,11 +3,12 @@
 Ray does the restarting: Ray Train's ``FailureConfig`` starts a new group of workers when
 one dies or raises, and Ray restarts a shard actor that died (``max_restarts``), on another
 node when its node is gone. What Ray cannot know is where the run stands, so a ``Ledger``
-(in the run's desk, ``memdist.desk``, beside the driver) keeps it: the last complete checkpoint of this run, and
-why each attempt ended. A new attempt's workers ask the ledger where to start; all of them
-get the same checkpoint, which also sends every shard back to it (``Trainer._restore``
-loads the tables), so workers and shards hold the same step again. The steps after the
-checkpoint are trained again: the final model is that of a run resumed from there.
+(in the run's desk, ``memdist.desk``, beside the driver) keeps it: the last complete
+checkpoint of this run, and why each attempt ended. A new attempt's workers ask the ledger
+where to start; all of them get the same checkpoint, which also sends every shard back to it
+(``Trainer._restore`` loads the tables), so workers and shards hold the same step again. The
+steps after the checkpoint are trained again: the final model is that of a run resumed from
+there.
 """
 
 from __future__ import annotations
