@@ -65,6 +65,27 @@ class Desk:
         return self._ledger.history()
 
 
+class Outbox:
+    """A worker's records on their way to the desk, in the order put: each is sent once
+    the one before it has arrived, so a step does not wait for its own record's round
+    trip (the next record does, a step later). ``flush`` waits for the last."""
+
+    def __init__(self, desk: Any) -> None:
+        self.desk = desk
+        self._last: Any = None  # the put in flight
+
+    def put(self, record: dict[str, Any]) -> None:
+        self.flush()
+        self._last = self.desk.put.remote(record)
+
+    def flush(self) -> None:
+        import ray
+
+        if self._last is not None:
+            last, self._last = self._last, None
+            ray.get(last)
+
+
 def start_desk(cfg: RunConfig, scheduling_strategy: Any) -> Any:
     """The run's desk, placed by ``scheduling_strategy`` (the driver's node)."""
     import ray

@@ -25,7 +25,7 @@ import torch
 
 from memdist.assembly import unique_tables
 from memdist.config import RunConfig
-from memdist.desk import start_desk, take
+from memdist.desk import Outbox, start_desk, take
 from memdist.errors import WorkerError
 from memdist.recovery import Attempt, RecoveryClock, attempt_config, describe
 from memdist.runlog import RunReport
@@ -129,14 +129,13 @@ def _train_attempt(
     elif cfg.train.threads is None:
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    outbox = Outbox(desk)
 
     def sink(record: dict[str, Any]) -> None:
         """To the driver; after a recovery each record says which attempt wrote it."""
         if record["kind"] == "checkpoint_done":  # where a later attempt would start
             desk.saved.remote(record["uri"], record["step"])
-        ray.get(
-            desk.put.remote({**record, "attempt": attempt.number} if attempt.number else record)
-        )
+        outbox.put({**record, "attempt": attempt.number} if attempt.number else record)
 
     sink({"kind": "placement", "role": "worker", "worker": ctx.rank, "host": socket.gethostname(),
           "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
@@ -149,7 +148,8 @@ def _train_attempt(
     stop = StopSignal(desk) if ctx.lead else bool  # the lead decides for all
     out = Trainer(cfg, remote, sink, ctx, stop_requested=stop).run()
     if out is not None:
-        ray.get(desk.put.remote({"kind": "result", "final": out.final, "state": out.state}))
+        outbox.put({"kind": "result", "final": out.final, "state": out.state})
+    outbox.flush()  # every record is on the desk before the worker's function returns
 
 
 def train_with_workers(

@@ -210,16 +210,19 @@ def test_the_trainer_keeps_ray_trains_callbacks_but_the_placement_group_cleaner(
 
 def test_the_run_desk_hands_over_records_in_order_while_the_driver_waits(ray_local):
     """The desk (one actor for the records, the stop request and the ledger): a ``put``
-    is served while the driver's ``take`` waits (its own concurrency group), the records
-    come in the order put, and the ledger's answers come through it."""
-    from memdist.desk import start_desk, take
+    is served while the driver's ``take`` waits (its own concurrency group), a worker's
+    records come in the order put, and the ledger's answers come through it."""
+    from memdist.desk import Outbox, start_desk, take
     from memdist.workers import driver_node
 
     desk = start_desk(load_config("small"), driver_node())
     t0 = time.monotonic()
     waiting = desk.take.options(concurrency_group="take").remote(30.0)
     time.sleep(0.5)
-    ray.get([desk.put.remote({"kind": "tick", "step": s}) for s in range(5)], timeout=20)
+    outbox = Outbox(desk)  # as a worker sends them: each once the one before arrived
+    for s in range(5):
+        outbox.put({"kind": "tick", "step": s})
+    outbox.flush()
     got = ray.get(waiting, timeout=30)
     assert time.monotonic() - t0 < 20  # the put woke the wait; it did not run out
     assert [r["step"] for r in got + take(desk, 0.0)] == [0, 1, 2, 3, 4]
