@@ -1,24 +1,26 @@
 """Sharded memory benchmark: what shards cost against a local table, in the same run.
 
-Five measurements, one JSON object (machine, versions, config, results):
+Six measurements, one JSON object (machine, versions, config, results):
 
 1. ``tables``: lookup + backward + sparse step per token for a local table and for
    RemoteTables with M shards (row and column plans; in-process, Ray and collective
-   transports), as a ratio to the local table (``vs_local``: timed first and last,
-   the faster; ``vs_local_interleaved``: the local table timed in alternation with each
+   transports), as a ratio to the local table (``vs_local``: timed first and last, the
+   faster; ``vs_local_interleaved``: the local table timed in alternation with each
    layout, medians, which a machine shared with other tenants skews least; also lower
    quartiles and fastest passes); bytes moved per token from the shards' own counters;
    CPU ms a step of the worker's process, of the shard actors' and of the local table's
    (where the time goes when they share the cores). ``--repeats`` passes per layout.
-2. ``clip``: 2 Ray shards with the values' gradient clipped: the norm's requests sent
+2. ``pin``: 2 Ray shards pinned to cores of their own (``shards.pin_cores``) against 2
+   that are not and the local table, taking turns (``5 x --repeats`` rounds).
+3. ``clip``: 2 Ray shards with the values' gradient clipped: the norm's requests sent
    behind the backward (the step announced, as training does) against at the step.
-3. ``cache``: the same for one shard whose zarr-backed region is 4x its row cache,
+4. ``cache``: the same for one shard whose zarr-backed region is 4x its row cache,
    against the in-memory shard.
-4. ``model_steps``: a full training step of the small model (local table, SGD
+5. ``model_steps``: a full training step of the small model (local table, SGD
    values) for tables of 64K, 1M (and with ``--big`` 16M) rows at equal FLOPs
    (``k_dim`` shrinks as the product keys grow): the step time should stay flat
    while parameters grow.
-5. ``far``: 2 Ray shards (row and column plans) on another node than the worker, a
+6. ``far``: 2 Ray shards (row and column plans) on another node than the worker, a
    two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``): their ordered
    requests on TCP lines (``shards.direct_lines``, the default) against Ray's actor
    calls and object store, in alternation with each other and the local table; and one
@@ -192,6 +194,38 @@ def bench_tables(rows, dim, tokens, bag, shard_counts, transports, repeats) -> l
     out[0]["local_us_per_token_first_last"] = [t / n_tokens * 1e6 for t in local_sec]
     for row, sec in zip(out, [base, *secs], strict=True):
         row["us_per_token"], row["vs_local"] = sec / n_tokens * 1e6, sec / base
+    return out
+
+
+def bench_pin(rows, dim, tokens, bag, repeats) -> list[dict]:
+    """``pin``: 2 Ray shards pinned to cores of their own (``shards.pin_cores``) against
+    2 that are not, both sets started, taking turns with the local table in one loop."""
+    from memdist.cluster.actors import pin_shards, start_shards, stop_shards
+
+    batches = [workload(rows, tokens, bag, dim, seed) for seed in range(3)]
+    n_tokens = tokens * len(batches)
+    local = LocalTable(rows, dim, ADAM, seed=0)
+    out = []
+    for kind in ("row", "column"):
+        plan = make_plan(kind, rows, dim, 2)
+        pinned, free = start_shards(plan, ADAM, seed=0), start_shards(plan, ADAM, seed=0)
+        cores = pin_shards(pinned)
+        tables = {"pinned": RemoteTable(plan, RayTransport(pinned), ADAM), "local": local,
+                  "free": RemoteTable(plan, RayTransport(free), ADAM)}  # fmt: skip
+        times = alternating({n: functools.partial(one_pass, t, batches) for n, t in tables.items()},
+                            repeats)  # fmt: skip
+        med = {n: statistics.median(v) for n, v in times.items()}
+        out.append({
+            "impl": f"ray/{kind}", "shards": 2, "cores": cores,
+            "us_per_token": {n: v / n_tokens * 1e6 for n, v in med.items()},
+            "pinned_vs_local": med["pinned"] / med["local"],
+            "free_vs_local": med["free"] / med["local"],
+            "pinned_vs_local_p25": quartile(times["pinned"]) / quartile(times["local"]),
+            "free_vs_local_p25": quartile(times["free"]) / quartile(times["local"]),
+            "pinned_vs_free": med["pinned"] / med["free"],
+        })  # fmt: skip
+        stop_shards(pinned)
+        stop_shards(free)
     return out
 
 
@@ -372,7 +406,8 @@ def plot(result: dict, path: Path) -> None:
     cpu = [r for r in rows if "cpu_ms_per_step" in r]
     steps = result.get("model_steps", [])
     far = [r for r in result.get("far", []) if r["shards"] == 2]
-    panels = int(bool(rows)) + int(bool(cpu)) + int(bool(steps)) + int(bool(far))
+    pin = result.get("pin", [])
+    panels = int(bool(rows)) + int(bool(cpu)) + int(bool(steps)) + int(bool(far)) + int(bool(pin))
     if not panels:
         return
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
@@ -428,6 +463,16 @@ def plot(result: dict, path: Path) -> None:
         c.set_ylabel("lookup+backward+step (us/token)")
         c.legend()
         c.grid(True, axis="y", alpha=0.3)
+    if pin:
+        d = axes.pop(0)
+        for i, key in enumerate(("free_vs_local", "pinned_vs_local")):
+            d.bar([k + (i - 0.5) * 0.4 for k in range(len(pin))], [r[key] for r in pin], 0.4,
+                  label=key.split("_")[0])  # fmt: skip
+        d.axhline(1.0, color="gray", lw=1, ls="--", label="local table")
+        d.set_xticks(range(len(pin)), [f"2 {r['impl'].split('/')[1]} shards" for r in pin])
+        d.set_ylabel("time / local table (medians, taking turns)")
+        d.legend()
+        d.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -445,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="passes over the batches per layout (default 5, --quick 2)",
     )
-    parts = ("tables", "clip", "cache", "model_steps", "far")
+    parts = ("tables", "pin", "clip", "cache", "model_steps", "far")
     p.add_argument("--only", choices=parts, action="append", help="run only these parts")
     args = p.parse_args(argv)
     run = set(args.only or parts)
@@ -474,6 +519,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["tables"] = bench_tables(
             rows, dim, tokens, bag, [1, 2, 4], ["inprocess", "ray", "collective"], repeats
         )
+    if "pin" in run:
+        result["pin"] = bench_pin(rows, dim, tokens, bag, 5 * repeats)
     if "clip" in run:
         result["clip"] = bench_clip(rows, dim, tokens, bag, 4 * repeats)
     if "cache" in run:  # a quarter of the cached table must hold one step's rows

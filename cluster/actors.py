@@ -16,7 +16,9 @@ before the lookups that must see it).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -122,7 +124,16 @@ class _ShardActor(ShardServer):
         import torch
 
         return {**super().where(), "node": ray.get_runtime_context().get_node_id(),
-                "threads": torch.get_num_threads()}  # fmt: skip
+                "threads": torch.get_num_threads(),
+                "cores": sorted(os.sched_getaffinity(0))}  # fmt: skip
+
+    def pin(self, cores: list[int]) -> list[int]:
+        """Every thread of this process on ``cores`` from now on (threads started later
+        inherit it); returns the cores this process may use."""
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                os.sched_setaffinity(int(tid), cores)
+        return sorted(os.sched_getaffinity(0))
 
     def serve_collective(self, rendezvous: Any, rank: int) -> None:
         """Answer lookups, backwards and steps over the collective transport's group too
@@ -240,6 +251,30 @@ def start_shards(
         stop_shards(actors)
         raise
     return actors
+
+
+def core_sets(places: list[dict[str, Any]]) -> list[list[int]]:
+    """Disjoint cores for shards sharing a node: ``places`` are their ``where()``s; the
+    shards of a node split the cores they may use into contiguous blocks, in order (more
+    shards than cores: one core each, round the node)."""
+    by_node: dict[Any, list[int]] = {}
+    for s, w in enumerate(places):
+        by_node.setdefault(w["node"], []).append(s)
+    out: list[list[int]] = [[] for _ in places]
+    for shards in by_node.values():
+        cores = places[shards[0]]["cores"]
+        k, n = len(shards), len(cores)
+        for j, s in enumerate(shards):
+            out[s] = cores[j * n // k : (j + 1) * n // k] if k <= n else [cores[j % n]]
+    return out
+
+
+def pin_shards(actors: list[Any]) -> list[list[int]]:
+    """Each shard's threads on cores of their own among the shards on its node
+    (``shards.pin_cores``): two shards on one node no longer share a core while another
+    stands idle, nor move between cores. A shard Ray restarts runs unpinned."""
+    cores = core_sets(ray.get([a.where.remote() for a in actors]))
+    return ray.get([a.pin.remote(c) for a, c in zip(actors, cores, strict=True)])
 
 
 def fill_stores(actors: list[Any], stall_timeout_s: float, poll_s: float = 2.0) -> None:

@@ -193,6 +193,11 @@ class ShardsConfig:
     # Torch threads in each shard; null: its reserved CPUs (cpus_per_shard >= 1), else
     # all of a memory node's CPUs shared among the shards it takes, else 1.
     threads_per_shard: int | None = None
+    # Each shard's threads on cores of their own among the shards on its node (none of
+    # two shards sharing a core while another idles); off: the system's scheduler moves
+    # them. For nodes whose cores these shards have to themselves: another run's pinned
+    # shards on the same node would take the same cores.
+    pin_cores: bool = False
     payload: str = "fp32"  # dtype of scores, outputs and gradients on the wire: fp32 | bf16 | fp16
     staleness: int = 0  # 1: a step's update may overlap the next step's lookups (not exact)
     prefetch: bool = False  # hint the next batch's rows to zarr-backed shards (exact)

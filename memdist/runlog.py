@@ -102,6 +102,17 @@ class RunLog:
 Sink = Callable[[dict[str, Any]], None]
 
 
+def _spans(cores: list[int]) -> str:
+    """Cores as runs: [0, 1, 2, 5] -> "0-2,5"."""
+    runs: list[list[int]] = []
+    for c in sorted(cores):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
 class RunReport:
     """The run folder and what the user sees: records from the (lead) worker are logged
     to ``metrics.jsonl`` and shown as a progress bar and lines on stderr.
@@ -162,9 +173,10 @@ class RunReport:
             )
             node = f" node {record['node']}" if "node" in record else ""
             threads = f" threads {record['threads']}" if "threads" in record else ""
+            cores = f" cores {_spans(record['cores'])}" if record.get("cores") else ""
             self.message(
                 f"{who}: host {record['host']}{node} pid {record['pid']} device "
-                f"{record['device']}{threads}"
+                f"{record['device']}{threads}{cores}"
             )
         elif kind == "start":
             self.message(json.dumps({k: v for k, v in record.items() if k != "kind"}))

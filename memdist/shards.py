@@ -188,6 +188,10 @@ def start_remote_tables(
         actors_per_table.append(actors)
     if sh.transport == "inprocess":
         return (tables if not mem.shared_table else [tables[0] for _ in mem.layers]), group
+    if sh.pin_cores:  # over every table's shards: they share the nodes' cores
+        from memdist.cluster.actors import pin_shards
+
+        pin_shards(group.actors)
     rendezvous = None
     if sh.transport == "collective":
         import ray

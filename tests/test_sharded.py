@@ -7,6 +7,7 @@ must give the same lookups, gradients, updates and training losses as a local ta
 """
 
 import math
+import os
 import time
 
 import pytest
@@ -110,8 +111,9 @@ def test_training_matches_local_table(ray_local, transport, kind, shards):
         # the norm's requests behind the backwards, over both transports' ordered paths
         ["model.memory.value_grad_clip=1e-4", "train.grad_accum=2"],
         ["model.memory.value_grad_clip=1e-4", "shards.transport=collective"],
+        ["model.memory.layers=[0, 1]", "shards.pin_cores=true"],  # 4 shards pinned
     ],
-    ids=["shared-table", "grad-accum", "adagrad", "clip-ray", "clip-collective"],
+    ids=["shared-table", "grad-accum", "adagrad", "clip-ray", "clip-collective", "pinned"],
 )
 def test_training_matches_local_table_variants(ray_local, extra):
     ref_losses, ref_values = run(tiny(*extra), steps=8)
@@ -133,6 +135,45 @@ def test_column_plan_with_adagrad_is_refused_and_never_chosen():
                    f"model.memory.value_optimizer={optimizer}")  # fmt: skip
         _, group = start_remote_tables(cfg)
         assert [p.kind for p in group.plans] == [kind]
+
+
+def test_shards_on_a_node_split_its_cores_in_blocks():
+    from memdist.cluster.actors import core_sets
+
+    def places(nodes: list[str], cores: dict[str, list[int]]) -> list[dict]:
+        return [{"node": n, "cores": cores[n]} for n in nodes]
+
+    eight = {"a": list(range(8)), "b": [4, 5, 6, 7]}
+    sets = core_sets(places(["a", "b", "a", "a", "b"], eight))
+    assert sets[1] + sets[4] == [4, 5, 6, 7] and sets[1] and sets[4]  # node b: 2 blocks
+    on_a = [sets[0], sets[2], sets[3]]
+    assert sorted(c for s in on_a for c in s) == list(range(8)) and all(on_a)
+    assert all(max(x) < min(y) for x, y in zip(on_a, on_a[1:], strict=False))  # in order
+    crowded = core_sets(places(["a"] * 5, {"a": [0, 1]}))
+    assert crowded == [[0], [1], [0], [1], [0]]  # more shards than cores: round the node
+
+
+def test_pinned_shard_actors_run_on_the_cores_they_were_given(ray_local):
+    from memdist.cluster.actors import pin_shards, start_shards
+
+    plan = make_plan("row", 64, 8, 2)
+    actors = start_shards(plan, OptimizerSpec("adam", lr=0.1), seed=0)
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+        got = pin_shards(actors)
+        places = ray.get([a.where.remote() for a in actors])
+        assert [p["cores"] for p in places] == got  # what where() reports from now on
+        assert all(c and set(c) <= set(allowed) for c in got)
+        if len(allowed) > 1:
+            assert not set(got[0]) & set(got[1])
+        # Threads started after pinning (a direct line's) run there too.
+        ray.get(actors[0].line.remote(True))
+        tids = ray.get(actors[0].__ray_call__.remote(
+            lambda actor: {t: sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}
+        ))  # fmt: skip
+        assert all(c == got[0] for c in tids.values()), tids
+    finally:
+        stop_shards(actors)
 
 
 @pytest.mark.parametrize("transport", ["ray", "collective"])
