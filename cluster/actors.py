@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from memdist.errors import ShardError
 from memdist.kernels import OptimizerSpec
 
 SHARD_RESOURCE = "memdist_shard"
+PINNABLE = hasattr(os, "sched_setaffinity")  # Linux: threads can be held to cores
 
 
 def node_threads() -> int:
@@ -125,11 +127,15 @@ class _ShardActor(ShardServer):
 
         return {**super().where(), "node": ray.get_runtime_context().get_node_id(),
                 "threads": torch.get_num_threads(),
-                "cores": sorted(os.sched_getaffinity(0))}  # fmt: skip
+                "cores": sorted(os.sched_getaffinity(0)) if PINNABLE else []}  # fmt: skip
 
     def pin(self, cores: list[int]) -> list[int]:
         """Every thread of this process on ``cores`` from now on (threads started later
         inherit it); returns the cores this process may use."""
+        if not PINNABLE:
+            raise ShardError(
+                f"shards.pin_cores=true needs Linux's CPU affinity; {sys.platform} has none"
+            )
         for tid in os.listdir("/proc/self/task"):
             with contextlib.suppress(ProcessLookupError):  # a thread that just ended
                 os.sched_setaffinity(int(tid), cores)
