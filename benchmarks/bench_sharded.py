@@ -142,9 +142,7 @@ def shard_bytes(table) -> int:
 def bench_tables(rows, dim, tokens, bag, shard_counts, transports, repeats) -> list[dict]:
     import ray
 
-    batches = [workload(rows, tokens, bag, dim, seed) for seed in range(3)]
-    n_tokens = tokens * len(batches)
-    local = LocalTable(rows, dim, ADAM, seed=0)
+    batches, n_tokens, local = with_peer(rows, dim, tokens, bag, ADAM)
     # The peer is timed first and again last, and the faster counts: one disturbed
     # measurement of it would skew every ratio below.
     local_sec = [time_table(local, batches, repeats)]
@@ -197,14 +195,18 @@ def bench_tables(rows, dim, tokens, bag, shard_counts, transports, repeats) -> l
     return out
 
 
+def with_peer(rows, dim, tokens, bag, spec):
+    """The 3 batches of a measurement, their tokens, and the local table (the peer)."""
+    batches = [workload(rows, tokens, bag, dim, seed) for seed in range(3)]
+    return batches, tokens * len(batches), LocalTable(rows, dim, spec, seed=0)
+
+
 def bench_pin(rows, dim, tokens, bag, repeats) -> list[dict]:
     """``pin``: 2 Ray shards pinned to cores of their own (``shards.pin_cores``) against
     2 that are not, both sets started, taking turns with the local table in one loop."""
     from memdist.cluster.actors import pin_shards, start_shards, stop_shards
 
-    batches = [workload(rows, tokens, bag, dim, seed) for seed in range(3)]
-    n_tokens = tokens * len(batches)
-    local = LocalTable(rows, dim, ADAM, seed=0)
+    batches, n_tokens, local = with_peer(rows, dim, tokens, bag, ADAM)
     out = []
     for kind in ("row", "column"):
         plan = make_plan(kind, rows, dim, 2)
@@ -236,9 +238,7 @@ def bench_clip(rows, dim, tokens, bag, repeats) -> list[dict]:
     from memdist.cluster.actors import start_shards, stop_shards
 
     spec = OptimizerSpec("adam", lr=1e-3, grad_clip=1.0)
-    batches = [workload(rows, tokens, bag, dim, seed) for seed in range(3)]
-    n_tokens = tokens * len(batches)
-    local = LocalTable(rows, dim, spec, seed=0)
+    batches, n_tokens, local = with_peer(rows, dim, tokens, bag, spec)
     out = []
     for kind in ("row", "column"):
         plan = make_plan(kind, rows, dim, 2)
@@ -340,9 +340,7 @@ def bench_far(rows, dim, tokens, bag, repeats) -> list[dict]:
     cluster.add_node(resources={SHARD_RESOURCE: 4})  # where start_shards places shards
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
     cluster.wait_for_nodes()
-    batches = [workload(rows, tokens, bag, dim, seed) for seed in range(3)]
-    n_tokens = tokens * len(batches)
-    local = LocalTable(rows, dim, ADAM, seed=0)
+    batches, n_tokens, local = with_peer(rows, dim, tokens, bag, ADAM)
     out = []
     try:
         for kind in ("row", "column"):
